@@ -1,0 +1,23 @@
+"""Turning a checkpoint directory into a ready `TorchEngine` (the in-memory build)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..builder.checkpoint import load_checkpoint
+from ..builder.convert import convert_checkpoint, resolve_dtype
+from .engine import TorchEngine
+from .model import Transformer
+
+
+def engine_from_checkpoint(path: str | Path, dtype: str = "fp32", use_lora: bool = True,
+                           max_batch_size: int = 64, max_seq_len: int = 4096,
+                           device: str | torch.device = "cpu") -> TorchEngine:
+    """Validate, convert and place a checkpoint's weights; returns the torch engine."""
+    checkpoint = load_checkpoint(path, with_lora=use_lora)
+    weights = convert_checkpoint(checkpoint, resolve_dtype(dtype), use_lora=use_lora)
+    lora_scale = checkpoint.lora.scale if (use_lora and checkpoint.lora) else 0.0
+    model = Transformer(checkpoint.config, weights, lora_scale).to(device)
+    return TorchEngine(model, max_batch_size, max_seq_len, checkpoint.tokenizer_path)

@@ -1,0 +1,145 @@
+"""The network of DESIGN.md section 1 in plain PyTorch: the reference every fast path is checked against.
+
+Ministral-3 decoder blocks (RMSNorm in fp32, GQA attention with YaRN RoPE and the Llama-4 query scale,
+SwiGLU MLP), a final RMSNorm and the untied `diffusion_head`. Weights come in the converted layout of
+`builder/convert.py` (fused qkv and gate_up). Two entry points:
+
+* `forward_chunk` - the engine's step: a chunk of new tokens per sequence against the KV cache, with a
+  causal or bidirectional mask inside the chunk, writing the chunk's K/V or not.
+* `forward_masked` - a whole sequence with an arbitrary boolean attention mask and no cache, differentiable;
+  used by training and as an independent check of the cached path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..builder.config import ModelConfig
+from .attention import attend
+from .kv_cache import KVCache
+from .rope import Rotary, apply_rotary
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in fp32, cast back before the weight multiplies (as the checkpoints expect)."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.to(x.dtype)
+
+
+class Transformer:
+    """Holds converted weights on one device and runs forwards; stateless apart from the weights."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], lora_scale: float = 0.0) -> None:
+        self.config = config
+        self.w = weights
+        self.dtype = weights["embed"].dtype
+        self.device = weights["embed"].device
+        self.has_lora = "layers.0.lora_a" in weights
+        self.lora_scale = lora_scale
+        self.rotary = Rotary(config, self.device)
+        self.q_dim = config.num_attention_heads * config.head_dim
+        self.kv_dim = config.num_key_value_heads * config.head_dim
+        self.scale = config.head_dim ** -0.5
+
+    def to(self, device: torch.device | str) -> Transformer:
+        self.w = {k: v.to(device) for k, v in self.w.items()}
+        self.device = torch.device(device)
+        self.rotary.to(device)
+        return self
+
+    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_hidden_layers, num_slots, max_len, c.num_key_value_heads, c.head_dim,
+                       self.dtype, self.device)
+
+    # -- pieces shared by both entry points -------------------------------------------------------------
+    def _qkv(self, i: int, h: torch.Tensor, positions: torch.Tensor):
+        c = self.config
+        x = rms_norm(h, self.w[f"layers.{i}.attn_norm"], c.rms_norm_eps)
+        q, k, v = F.linear(x, self.w[f"layers.{i}.qkv"]).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        batch, length = h.shape[:2]
+        q = q.view(batch, length, c.num_attention_heads, c.head_dim)
+        k = k.view(batch, length, c.num_key_value_heads, c.head_dim)
+        v = v.view(batch, length, c.num_key_value_heads, c.head_dim)
+        cos, sin = self.rotary.cos_sin(positions, h.dtype)
+        q = apply_rotary(q, cos, sin) * self.rotary.query_scale(positions, h.dtype)
+        k = apply_rotary(k, cos, sin)
+        return q, k, v
+
+    def _attn_out(self, i: int, h: torch.Tensor, attn: torch.Tensor, lora: bool | torch.Tensor) -> torch.Tensor:
+        """o_proj, plus the LoRA delta where `lora` is True (a bool, or a [B, N] mask of positions)."""
+        flat = attn.reshape(*attn.shape[:2], self.q_dim)
+        out = F.linear(flat, self.w[f"layers.{i}.o"])
+        if isinstance(lora, torch.Tensor) or lora:
+            delta = F.linear(F.linear(flat, self.w[f"layers.{i}.lora_a"]), self.w[f"layers.{i}.lora_b"])
+            delta = delta * self.lora_scale
+            out = out + (delta * lora[..., None].to(delta.dtype) if isinstance(lora, torch.Tensor) else delta)
+        return h + out
+
+    def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(h, self.w[f"layers.{i}.mlp_norm"], self.config.rms_norm_eps)
+        gate, up = F.linear(x, self.w[f"layers.{i}.gate_up"]).chunk(2, dim=-1)
+        return h + F.linear(F.silu(gate) * up, self.w[f"layers.{i}.down"])
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        x = rms_norm(h, self.w["norm"], self.config.rms_norm_eps)
+        return F.linear(x, self.w["head"]).float()
+
+    # -- the engine step --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward_chunk(self, tokens: torch.Tensor, chunk_lens: torch.Tensor, slots: torch.Tensor,
+                      cache: KVCache, mask_kind: int, write_kv: bool, lora: bool = False,
+                      last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, V] at each sequence's last valid token) for a chunk of new tokens.
+
+        Sequence b's chunk sits at positions cache.lens[slots[b]] + t; with `write_kv` its K/V are stored
+        and the slot's length advances by chunk_lens[b]. Padding rows (t >= chunk_lens[b]) give garbage
+        logits that callers ignore.
+        """
+        if lora and not self.has_lora:
+            raise ValueError("this model has no LoRA adapter")
+        slots = slots.to(self.device, torch.long)
+        chunk_lens = chunk_lens.to(self.device, torch.int32)
+        cache_lens = cache.lens[slots]
+        length = tokens.shape[1]
+        positions = cache_lens[:, None].long() + torch.arange(length, device=self.device)
+        h = F.embedding(tokens.to(self.device), self.w["embed"])
+        for i in range(self.config.num_hidden_layers):
+            q, k, v = self._qkv(i, h, positions)
+            attn = attend(q, k, v, cache.k[i], cache.v[i], slots, cache_lens, chunk_lens, mask_kind,
+                          write_kv, self.scale)
+            h = self._attn_out(i, h, attn, lora)
+            h = self._mlp(i, h)
+        if write_kv:
+            cache.lens[slots] = cache_lens + chunk_lens
+        if last_only:
+            index = (chunk_lens.long() - 1).clamp(min=0)
+            h = h[torch.arange(h.shape[0], device=self.device), index][:, None]
+            return self._logits(h)[:, 0]
+        return self._logits(h)
+
+    # -- whole sequences, any mask ----------------------------------------------------------------------
+    def forward_masked(self, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,
+                       lora: bool | torch.Tensor = False) -> torch.Tensor:
+        """Logits [B, N, V] where query i may attend to key j iff allowed[b, i, j]; no cache, differentiable.
+
+        `lora` may be a [B, N] bool mask: the adapter then applies at those positions only (a draft block
+        over a prefix whose K/V were computed without it).
+        """
+        c = self.config
+        group = c.num_attention_heads // c.num_key_value_heads
+        h = F.embedding(tokens, self.w["embed"])
+        bias = torch.zeros(allowed.shape, dtype=torch.float32, device=h.device)
+        bias = bias.masked_fill(~allowed, float("-inf"))[:, None]
+        for i in range(c.num_hidden_layers):
+            q, k, v = self._qkv(i, h, positions)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+            scores = torch.matmul(q, k.transpose(-1, -2)).float() * self.scale + bias
+            attn = torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v).transpose(1, 2)
+            h = self._attn_out(i, h, attn, lora)
+            h = self._mlp(i, h)
+        return self._logits(h)

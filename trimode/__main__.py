@@ -1,0 +1,5 @@
+"""`python -m trimode` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,5 @@
+"""`trimode bench`: measure the modes side by side."""
+
+from __future__ import annotations
+
+COMMANDS: list = []

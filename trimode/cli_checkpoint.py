@@ -1,0 +1,119 @@
+"""`trimode inspect` and `trimode random-checkpoint`."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from .builder.checkpoint import expected_shapes, load_checkpoint
+from .builder.presets import PRESETS, SIZE_FIELDS
+from .builder.random_checkpoint import make_config, write_random_checkpoint
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+def checkpoint_summary(path: Path) -> dict:
+    ckpt = load_checkpoint(path)
+    c = ckpt.config
+    return {
+        "path": str(path),
+        "model_type": "nemotron_labs_diffusion",
+        "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "intermediate_size": c.intermediate_size,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "vocab_size": c.vocab_size,
+        "rope": {"type": c.rope.rope_type, "theta": c.rope.rope_theta, "factor": c.rope.factor,
+                 "original_max_position_embeddings": c.rope.original_max_position_embeddings},
+        "special_tokens": {"bos": c.bos_token_id, "eos": c.eos_token_id, "mask": c.mask_token_id},
+        "block_size": c.block_size,
+        "parameters": ckpt.num_parameters,
+        "bytes_per_dtype": ckpt.bytes_per_dtype(),
+        "kv_bytes_per_token": c.kv_bytes_per_token,
+        "tokenizer": ckpt.tokenizer_path is not None,
+        "lora": None if ckpt.lora is None else {"rank": ckpt.lora.rank, "alpha": ckpt.lora.alpha},
+    }
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def inspect_command(path: Path, as_json: bool) -> None:
+    """Validate a checkpoint and summarize it: config, parameters, bytes per dtype, KV bytes per token."""
+    info = checkpoint_summary(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    rows = [
+        ("checkpoint", info["path"]),
+        ("layers", info["num_hidden_layers"]),
+        ("hidden / intermediate", f"{info['hidden_size']} / {info['intermediate_size']}"),
+        ("heads / kv heads / head dim",
+         f"{info['num_attention_heads']} / {info['num_key_value_heads']} / {info['head_dim']}"),
+        ("vocabulary", info["vocab_size"]),
+        ("rope", f"{info['rope']['type']} theta={info['rope']['theta']:g} factor={info['rope']['factor']:g} "
+                 f"original={info['rope']['original_max_position_embeddings']}"),
+        ("bos / eos / mask", "{bos} / {eos} / {mask}".format(**info["special_tokens"])),
+        ("block size", info["block_size"]),
+        ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e9:.3f} B)"),
+        ("bytes per dtype", ", ".join(f"{k}: {human_bytes(v)}" for k, v in info["bytes_per_dtype"].items())),
+        ("KV cache per token", human_bytes(info["kv_bytes_per_token"])),
+        ("tokenizer", "tokenizer.json" if info["tokenizer"] else "none"),
+        ("LoRA adapter", "none" if info["lora"] is None else
+         f"rank {info['lora']['rank']}, alpha {info['lora']['alpha']:g} (o_proj, draft passes only)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
+def _size_options(func):
+    for field in reversed(SIZE_FIELDS):
+        func = click.option(f"--{field.replace('_', '-')}", field, type=click.IntRange(min=1), default=None,
+                            help=f"Override the preset's {field}.")(func)
+    return func
+
+
+@click.command("random-checkpoint")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
+              help="Model shape: tiny for tests, or a released model's real shape.")
+@_size_options
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed of the weights.")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True)
+@click.option("--shard-size-mb", type=click.IntRange(min=1), default=None,
+              help="Shard the weights above this size (default 5 GiB).")
+@click.option("--with-lora", is_flag=True, help="Also write a random linear_spec_lora/ adapter.")
+@click.option("--lora-rank", type=click.IntRange(min=1), default=None,
+              help="Adapter rank (default 128 for real presets, 8 for tiny).")
+@click.option("--force", is_flag=True, help="Write into OUT even if it is not empty.")
+def random_checkpoint_command(out: Path, preset: str, seed: int, dtype: str, shard_size_mb: int | None,
+                              with_lora: bool, lora_rank: int | None, force: bool, **sizes) -> None:
+    """Write a checkpoint in the real Hugging Face format with random weights (for tests and benchmarks)."""
+    if out.exists() and any(out.iterdir()) and not force:
+        raise click.UsageError(f"{out} exists and is not empty (use --force to write into it)")
+    config = make_config(PRESETS[preset], dtype, sizes)
+    rank = (lora_rank or (8 if preset == "tiny" else 128)) if with_lora else None
+    total = sum(math.prod(s) for s in expected_shapes(config).values())
+    itemsize = 4 if dtype == "fp32" else 2
+    with tqdm(total=total * itemsize, unit="B", unit_scale=True, desc="writing weights",
+              disable=total * itemsize < 64 * 1024**2) as bar:
+        write_random_checkpoint(out, config, seed=seed, dtype=dtype,
+                                shard_bytes=shard_size_mb * 1024**2 if shard_size_mb else None,
+                                lora_rank=rank, progress=bar.update)
+    click.echo(f"wrote {preset} checkpoint to {out} ({total:,} parameters, {dtype})")
+
+
+COMMANDS = [inspect_command, random_checkpoint_command]

@@ -1,0 +1,5 @@
+"""`trimode triton-repo` and `trimode serve`: Triton Inference Server."""
+
+from __future__ import annotations
+
+COMMANDS: list = []
