@@ -6,8 +6,7 @@ import sys
 
 import click
 
-from . import __version__
-from . import cli_bench, cli_build, cli_checkpoint, cli_generate, cli_serve
+from . import __version__, cli_bench, cli_build, cli_checkpoint, cli_generate, cli_serve
 from .cli_errors import USER_ERRORS
 
 

@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from .builder.errors import CheckpointError
 from .runtime.engine import CapacityError
+from .runtime.generate import RequestError
 
-USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, CapacityError)
+USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, CapacityError, RequestError)
