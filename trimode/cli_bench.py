@@ -1,5 +1,151 @@
-"""`trimode bench`: measure the modes side by side."""
+"""`trimode bench`: measure the modes (and, with --peers, the baselines) side by side in one process."""
 
 from __future__ import annotations
 
-COMMANDS: list = []
+import json
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import click
+import torch
+
+from .cli_generate import default_model
+from .runtime.bench import bench_modes, run_once
+from .runtime.engine_loader import open_engine
+from .runtime.generate import MODES, GenerationConfig, RequestError, validate_request
+
+
+def make_prompts(engine, count: int, length: int, seed: int, prompt_file: Path | None) -> list[list[int]]:
+    """Prompts from a JSON list of strings (needs a tokenizer) or random ids of a fixed length."""
+    if prompt_file is not None:
+        texts = json.loads(prompt_file.read_text())
+        if engine.tokenizer_path is None:
+            raise click.UsageError("--prompts-file needs an engine with tokenizer.json")
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(engine.tokenizer_path))
+        texts = [t if isinstance(t, str) else t["prompt"] for t in texts][:count]
+        return [tokenizer.encode(t).ids for t in texts]
+    gen = torch.Generator().manual_seed(seed)
+    special = {engine.config.eos_token_id, engine.config.mask_token_id}
+    prompts = []
+    for _ in range(count):
+        ids = torch.randint(0, engine.config.vocab_size, (length,), generator=gen).tolist()
+        prompts.append([t if t not in special else 1 for t in ids])
+    return prompts
+
+
+def peer_report(model_path: Path, engine, prompts: list[list[int]], configs: dict[str, GenerationConfig],
+                runs: int) -> dict:
+    """transformers' generate and the dynamic-cache reference loops, one prompt at a time, vs ours."""
+    from .runtime.peers import DynamicCacheEngine, HFGenerate
+
+    report: dict = {}
+    new_tokens = configs["ar"].max_new_tokens
+    if (model_path / "config.json").is_file():
+        hf = HFGenerate(model_path)
+        hf(prompts[0], new_tokens)  # warm-up
+        times, same = [], True
+        for _ in range(runs):
+            start = time.perf_counter()
+            outs = [hf(p, new_tokens) for p in prompts]
+            times.append(time.perf_counter() - start)
+        ours = [run_once(engine, [p], configs["ar"])["outputs"][0] for p in prompts]
+        same = all(o[: len(h)] == h[: len(o)] for o, h in zip(ours, outs, strict=True))
+        report["hf_generate"] = {"tokens_per_s": round(sum(len(o) for o in outs) / sorted(times)[len(times) // 2], 2),
+                                 "greedy_tokens_match_ours": same}
+    dynamic = DynamicCacheEngine(engine.model, 1, engine.max_seq_len, engine.tokenizer_path)
+    for name, config in configs.items():
+        ours_t, theirs_t = [], []
+        for _ in range(runs):
+            for target, sink in ((engine, ours_t), (dynamic, theirs_t)):
+                start = time.perf_counter()
+                tokens = sum(len(run_once(target, [p], config)["outputs"][0]) for p in prompts)
+                sink.append(tokens / (time.perf_counter() - start))
+        ours_med, theirs_med = sorted(ours_t)[runs // 2], sorted(theirs_t)[runs // 2]
+        report[f"reference_loops_{name}"] = {"tokens_per_s": round(theirs_med, 2),
+                                             "ours_batch1_tokens_per_s": round(ours_med, 2),
+                                             "ratio_ours_over_reference": round(ours_med / theirs_med, 3)}
+    if "hf_generate" in report:
+        base = report["hf_generate"]["tokens_per_s"]
+        for name in configs:
+            report[f"ours_{name}_over_hf_generate"] = round(
+                report[f"reference_loops_{name}"]["ours_batch1_tokens_per_s"] / base, 3)
+    return report
+
+
+def print_table(report: dict) -> None:
+    header = (f"{'mode':<16}{'tokens':>8}{'fwd':>7}{'tok/fwd':>9}{'tok/s':>10}{'x AR':>7}{'TTFT ms':>10}"
+              "  step ms (median/p90)")
+    click.echo(header)
+    for name, row in report["modes"].items():
+        steps = ", ".join(f"{k} {v['median']:.2f}/{v['p90']:.2f}" for k, v in row["step_latency_ms"].items())
+        click.echo(f"{name:<16}{row['tokens']:>8}{row['forwards']:>7}{row['tokens_per_forward']:>9.2f}"
+                   f"{row['tokens_per_s']:>10.1f}{row.get('speedup_vs_ar') or 0:>7.2f}{row['ttft_ms']:>10.2f}  {steps}")
+
+
+@click.command("bench")
+@click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
+              help="Engine or checkpoint directory (default: the shipped demo model).")
+@click.option("--modes", default="ar,diffusion,spec", show_default=True, help="Comma-separated modes to compare.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Prompts per batch.")
+@click.option("--prompt-length", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Length of random prompts.")
+@click.option("--prompts-file", type=click.Path(exists=True, path_type=Path), default=None,
+              help="JSON list of prompt strings (or {prompt: ...}) instead of random ids.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--block-length", type=click.IntRange(min=2), default=None, help="Default: the model's block_size.")
+@click.option("--threshold", type=float, default=None, help="Diffusion commit threshold.")
+@click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Measured runs (median).")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--peers", is_flag=True, help="Also measure transformers' generate and the reference-style loops.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print only the JSON report.")
+@click.option("--output", type=click.Path(path_type=Path), default=None, help="Also write the JSON report here.")
+def bench_command(model_path: Path | None, modes: str, batch_size: int, prompt_length: int,
+                  prompts_file: Path | None, max_new_tokens: int, block_length: int | None,
+                  threshold: float | None, runs: int, warmup: int, dtype: str, peers: bool, seed: int,
+                  as_json: bool, output: Path | None) -> None:
+    """Measure forwards, tokens/forward, tokens/s, time to first token and step latency per mode."""
+    model_path = model_path or default_model()
+    if model_path is None:
+        raise click.UsageError("no --model given and no demo model is installed")
+    names = [m.strip() for m in modes.split(",") if m.strip()]
+    unknown = [m for m in names if m not in MODES]
+    if unknown:
+        raise click.UsageError(f"unknown mode(s) {', '.join(unknown)} (choose from {', '.join(MODES)})")
+    engine = open_engine(model_path, dtype=dtype)
+    length = block_length or engine.config.block_size
+    new_tokens = -(-max_new_tokens // length) * length  # diffusion needs whole blocks; same budget for all
+    configs = {m: GenerationConfig(mode=m, max_new_tokens=new_tokens, block_length=length,
+                                   threshold=threshold if m == "diffusion" else None) for m in names}
+    prompts = make_prompts(engine, batch_size, prompt_length, seed, prompts_file)
+    for config in configs.values():
+        try:
+            validate_request(engine, prompts, config)
+        except RequestError as exc:
+            raise click.UsageError(str(exc)) from None
+    report = {
+        "model": str(model_path), "date": date.today().isoformat(), "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+        "device": str(getattr(engine, "device", "cpu")), "dtype": dtype, "batch_size": batch_size,
+        "prompt_lengths": [len(p) for p in prompts], "max_new_tokens": new_tokens, "block_length": length,
+        "runs": runs, "warmup": warmup,
+        "modes": bench_modes(engine, prompts, configs, runs=runs, warmup=warmup),
+    }
+    if peers:
+        if "ar" not in configs:
+            configs = {"ar": GenerationConfig(mode="ar", max_new_tokens=new_tokens, block_length=length), **configs}
+        report["peers"] = peer_report(Path(model_path), engine, prompts, configs, runs)
+    text = json.dumps(report, indent=2)
+    if output:
+        output.write_text(text + "\n")
+    if not as_json:
+        print_table(report)
+    click.echo(text)
+
+
+COMMANDS = [bench_command]

@@ -1,0 +1,125 @@
+"""Measuring the generation modes side by side in one process.
+
+Machines here are shared and noisy, so absolute numbers wander; ratios between modes measured in the same
+process, interleaved run by run, are what the reports compare. Each mode gets warm-up runs, then several
+measured runs; medians are reported. Step latencies come from timing every engine call (prefill, decode,
+draft, verify) through a thin proxy, so they cover exactly what a forward costs, loop overhead excluded.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .engine import StepEngine
+from .generate import GenerationConfig, generate
+
+
+class TimedEngine:
+    """Forwards every step to `engine` and records its wall time per step kind."""
+
+    STEPS = ("prefill", "decode", "draft", "verify")
+
+    def __init__(self, engine: StepEngine) -> None:
+        self._engine = engine
+        self.times: dict[str, list[float]] = defaultdict(list)
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self._engine, name)
+        if name not in self.STEPS:
+            return target
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = target(*args, **kwargs)
+            if isinstance(out, torch.Tensor) and out.is_cuda:
+                torch.cuda.synchronize(out.device)
+            self.times[name].append(time.perf_counter() - start)
+            return out
+
+        return timed
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+@dataclass
+class ModeRuns:
+    """Raw measurements of one mode over the measured runs."""
+
+    tokens_per_s: list[float] = field(default_factory=list)
+    ttft_s: list[float] = field(default_factory=list)
+    forwards: list[int] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    steps: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    outputs: list[list[list[int]]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        total_tokens = statistics.median(self.tokens)
+        forwards = statistics.median(self.forwards)
+        prefill_forwards = len(self.outputs) or 1  # one prefill per sequence
+        return {
+            "tokens": total_tokens,
+            "forwards": forwards,
+            "tokens_per_forward": round(total_tokens / max(forwards - prefill_forwards, 1), 3),
+            "tokens_per_s": round(statistics.median(self.tokens_per_s), 2),
+            "ttft_ms": round(1000 * statistics.median(self.ttft_s), 3),
+            "step_latency_ms": {kind: {"median": round(1000 * statistics.median(v), 3),
+                                       "p90": round(1000 * percentile(v, 0.9), 3), "count": len(v)}
+                                for kind, v in sorted(self.steps.items())},
+        }
+
+
+def run_once(engine: StepEngine, prompts: list[list[int]], config: GenerationConfig) -> dict[str, Any]:
+    """One generate() call with its timings: elapsed, time to first token, step times, outputs."""
+    timed = TimedEngine(engine)
+    first: list[float] = []
+    start = time.perf_counter()
+
+    def on_tokens(index: int, new: list[int]) -> None:
+        if not first:
+            first.append(time.perf_counter() - start)
+
+    results = generate(timed, prompts, config, on_tokens=on_tokens)  # type: ignore[arg-type]
+    elapsed = time.perf_counter() - start
+    return {"elapsed": elapsed, "ttft": first[0] if first else elapsed, "steps": timed.times,
+            "tokens": sum(len(r.tokens) for r in results),
+            "forwards": sum(r.forwards for r in results), "outputs": [r.tokens for r in results]}
+
+
+def bench_modes(engine: StepEngine, prompts: list[list[int]], configs: dict[str, GenerationConfig],
+                runs: int = 3, warmup: int = 1) -> dict[str, Any]:
+    """Median metrics per named config; runs are interleaved across configs so drift hits all alike."""
+    measured = {name: ModeRuns() for name in configs}
+    for iteration in range(warmup + runs):
+        for name, config in configs.items():
+            once = run_once(engine, prompts, config)
+            if iteration < warmup:
+                continue
+            rec = measured[name]
+            rec.tokens_per_s.append(once["tokens"] / once["elapsed"])
+            rec.ttft_s.append(once["ttft"])
+            rec.forwards.append(once["forwards"])
+            rec.tokens.append(once["tokens"])
+            rec.outputs = once["outputs"]
+            for kind, values in once["steps"].items():
+                rec.steps[kind].extend(values)
+    report: dict[str, Any] = {name: rec.summary() for name, rec in measured.items()}
+    if "ar" in measured:
+        base = report["ar"]["tokens_per_s"]
+        for name in report:
+            report[name]["speedup_vs_ar"] = round(report[name]["tokens_per_s"] / base, 3) if base else None
+        for name, rec in measured.items():
+            if configs[name].mode == "spec" and configs[name].temperature == 0:
+                report[name]["matches_ar"] = rec.outputs == measured["ar"].outputs
+    return report

@@ -1,0 +1,116 @@
+"""Baselines we measure ourselves against, on the same weights, in the same process.
+
+* `HFGenerate`: Hugging Face transformers' `Ministral3ForCausalLM.generate` (greedy, its own KV cache) - the
+  ordinary way to run these weights causally.
+* `DynamicCacheEngine`: the step kinds with the cache handled the way the public reference code handles
+  Hugging Face's DynamicCache - K/V grown by concatenation every causal pass, cropped by slicing on rollback,
+  batch size 1 - so our generation loops on it are a like-for-like baseline for the preallocated cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..builder.checkpoint import load_checkpoint
+from ..plugins.reference import block_attention_reference
+from .engine import TorchEngine
+
+
+def transformers_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """Ministral3ForCausalLM holding the checkpoint's weights (encoder. -> model., diffusion_head -> lm_head)."""
+    from transformers import Ministral3Config, Ministral3ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # it warns that factor != max/original positions; YaRN uses the factor
+
+    ckpt = load_checkpoint(checkpoint_dir, with_lora=False)
+    c = ckpt.config
+    rope = {"rope_type": c.rope.rope_type, "rope_theta": c.rope.rope_theta, "factor": c.rope.factor,
+            "original_max_position_embeddings": c.rope.original_max_position_embeddings,
+            "beta_fast": c.rope.beta_fast, "beta_slow": c.rope.beta_slow, "mscale": c.rope.mscale,
+            "mscale_all_dim": c.rope.mscale_all_dim, "llama_4_scaling_beta": c.rope.llama_4_scaling_beta}
+    config = Ministral3Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=False, rope_parameters=rope,
+        bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.eos_token_id)
+    config._attn_implementation = "sdpa"
+    model = Ministral3ForCausalLM(config).eval()
+    weights = {n.replace("encoder.", "model.", 1).replace("diffusion_head", "lm_head"): t.to(dtype)
+               for n, t in ckpt.weights.items()}
+    model.load_state_dict(weights, strict=False)
+    return model.to(dtype)
+
+
+class HFGenerate:
+    """Greedy `generate()` of transformers for exactly `max_new_tokens` tokens per prompt (batch 1)."""
+
+    def __init__(self, checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        self.model = transformers_model(checkpoint_dir, dtype)
+
+    @torch.inference_mode()
+    def __call__(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        ids = torch.tensor([prompt])
+        out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  min_new_tokens=max_new_tokens, do_sample=False, use_cache=True)
+        return out[0, len(prompt):].tolist()
+
+
+class DynamicCache:
+    """Per-layer K/V [len, Hkv, D] grown by torch.cat; `lens` mirrors KVCache's interface for one slot."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.k: list[torch.Tensor | None] = [None] * num_layers
+        self.v: list[torch.Tensor | None] = [None] * num_layers
+        self.lens = torch.zeros(1, dtype=torch.int32)
+        self.max_len = 1 << 30
+
+    def length(self, slot: int) -> int:
+        return int(self.lens[0])
+
+    def rollback(self, slots: list[int], lengths: list[int]) -> None:
+        new = int(lengths[0])
+        self.k = [None if t is None else t[:new] for t in self.k]
+        self.v = [None if t is None else t[:new] for t in self.v]
+        self.lens[0] = new
+
+
+class DynamicCacheEngine(TorchEngine):
+    """The torch engine's math with a concatenating cache; batch size 1 like the public reference code."""
+
+    backend = "torch-dynamic-cache"
+
+    def new_cache(self, num_slots: int) -> DynamicCache:  # type: ignore[override]
+        if num_slots != 1:
+            raise ValueError("the reference-style baseline runs one sequence at a time")
+        return DynamicCache(self.config.num_hidden_layers)
+
+    @torch.inference_mode()
+    def _run(self, cache, slots, tokens, chunk_lens, mask_kind, write_kv, lora, last_only):  # type: ignore[override]
+        model, c = self.model, self.config
+        past = int(cache.lens[0])
+        length = int(chunk_lens[0])
+        tokens = tokens[:, :length]
+        positions = past + torch.arange(length)[None]
+        h = torch.nn.functional.embedding(tokens, model.w["embed"])
+        for i in range(c.num_hidden_layers):
+            q, k, v = model._qkv(i, h, positions)
+            if cache.k[i] is None:
+                cache.k[i] = k.new_zeros(0, *k.shape[2:])
+                cache.v[i] = v.new_zeros(0, *v.shape[2:])
+            attn = block_attention_reference(
+                q, k, v, cache.k[i][None], cache.v[i][None], torch.zeros(1, dtype=torch.long),
+                torch.tensor([past]), torch.tensor([length]), mask_kind, False, model.scale)
+            if write_kv:
+                cache.k[i] = torch.cat([cache.k[i], k[0]])
+                cache.v[i] = torch.cat([cache.v[i], v[0]])
+            h = model._attn_out(i, h, attn, lora)
+            h = model._mlp(i, h)
+        if write_kv:
+            cache.lens[0] = past + length
+        logits = model._logits(h[:, -1:] if last_only else h)
+        return logits[:, 0] if last_only else logits
+
