@@ -20,6 +20,10 @@ test:
 test-integration:
 	$(PYTHON) -m pytest -q -m integration; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc
 
+# On a machine with a GPU: build the plugin, check the kernel and the GPU engine, time the 8B shape.
+device-check: plugins
+	$(PYTHON) benchmarks/device_check.py
+
 lint:
 	$(PYTHON) -m ruff check .
 
