@@ -12,6 +12,7 @@ Prints a table and writes JSON to $OUT/device_check.json (or ./device_check.json
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -34,53 +35,56 @@ from trimode.runtime.model import Transformer
 REPORT: dict = {"kernel": [], "engine": {}, "timing": {}}
 
 
+KERNEL_CASES = [  # (batch, chunk, chunk_lens, cache_lens)
+    (1, 1, [1], [0]), (3, 1, [1, 1, 1], [5, 300, 3000]), (2, 32, [32, 32], [0, 1000]),
+    (3, 32, [32, 7, 1], [17, 64, 2500]), (2, 77, [77, 40], [0, 129]),
+]
+
+
+def check_kernel_case(op, gen: torch.Generator, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int,
+                      mask_kind: int, write_kv: bool, case: tuple) -> float:
+    """Relative error of the kernel vs the fp32 reference on one case; asserts the cache contract."""
+    batch, chunk, chunk_lens, cache_lens = case
+
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device="cuda").to(dtype)
+
+    q = rnd(batch, chunk, heads, head_dim)
+    k, v = rnd(batch, chunk, kv_heads, head_dim), rnd(batch, chunk, kv_heads, head_dim)
+    kc, vc = rnd(batch + 2, 4096, kv_heads, head_dim), rnd(batch + 2, 4096, kv_heads, head_dim)
+    slots = torch.arange(batch, device="cuda", dtype=torch.int32).flip(0) + 1
+    cl = torch.tensor(cache_lens, device="cuda", dtype=torch.int32)
+    nl = torch.tensor(chunk_lens, device="cuda", dtype=torch.int32)
+    kc_before = kc.clone()
+    want = block_attention_reference(q.float(), k.float(), v.float(), kc.float(), vc.float(), slots, cl, nl,
+                                     mask_kind, False, head_dim ** -0.5)
+    got = op.block_attention(q, k, v, kc, vc, slots, cl, nl, mask_kind, write_kv, head_dim ** -0.5)
+    torch.cuda.synchronize()
+    err = 0.0
+    for b in range(batch):
+        n, slot, p = chunk_lens[b], int(slots[b]), cache_lens[b]
+        err = max(err, float((got[b, :n].float() - want[b, :n]).norm() / want[b, :n].norm()))
+        assert torch.isfinite(got[b, :n]).all(), "non-finite output"
+        assert (got[b, n:] == 0).all(), "padding rows not zeroed"
+        if write_kv:
+            assert torch.equal(kc[slot, p:p + n], k[b, :n]), "cache write wrong"
+            assert torch.equal(kc[slot, :p], kc_before[slot, :p]), "cache prefix touched"
+    if not write_kv:
+        assert torch.equal(kc, kc_before), "cache written without write_kv"
+    return err
+
+
 def kernel_checks() -> None:
     from trimode.plugins import torch_op
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    cases = [  # (batch, chunk, chunk_lens, cache_lens)
-        (1, 1, [1], [0]), (3, 1, [1, 1, 1], [5, 300, 3000]), (2, 32, [32, 32], [0, 1000]),
-        (3, 32, [32, 7, 1], [17, 64, 2500]), (2, 77, [77, 40], [0, 129]),
-    ]
     worst: dict[str, float] = {}
-    for dtype in (torch.bfloat16, torch.float16):
-        for heads, kv_heads in ((8, 8), (8, 2), (32, 8)):
-            for head_dim in (64, 128):
-                for mask_kind in (0, 1):
-                    for write_kv in (False, True):
-                        for batch, chunk, chunk_lens, cache_lens in cases:
-                            slots_total, max_len = batch + 2, 4096
-                            def rnd(*shape):
-                                return torch.randn(*shape, generator=gen, device="cuda").to(dtype)
-                            q = rnd(batch, chunk, heads, head_dim)
-                            k, v = rnd(batch, chunk, kv_heads, head_dim), rnd(batch, chunk, kv_heads, head_dim)
-                            kc, vc = rnd(slots_total, max_len, kv_heads, head_dim), rnd(slots_total, max_len,
-                                                                                          kv_heads, head_dim)
-                            slots = torch.arange(batch, device="cuda", dtype=torch.int32).flip(0) + 1
-                            cl = torch.tensor(cache_lens, device="cuda", dtype=torch.int32)
-                            nl = torch.tensor(chunk_lens, device="cuda", dtype=torch.int32)
-                            kc_ref, vc_ref = kc.clone(), vc.clone()
-                            want = block_attention_reference(q.float(), k.float(), v.float(), kc_ref.float(),
-                                                             vc_ref.float(), slots, cl, nl, mask_kind, False,
-                                                             head_dim ** -0.5)
-                            got = torch_op.block_attention(q, k, v, kc, vc, slots, cl, nl, mask_kind, write_kv,
-                                                           head_dim ** -0.5)
-                            torch.cuda.synchronize()
-                            err = 0.0
-                            for b in range(batch):
-                                n = chunk_lens[b]
-                                diff = (got[b, :n].float() - want[b, :n]).norm() / want[b, :n].norm()
-                                err = max(err, float(diff))
-                                assert torch.isfinite(got[b, :n]).all(), "non-finite output"
-                                assert (got[b, n:] == 0).all(), "padding rows not zeroed"
-                                slot, p = int(slots[b]), cache_lens[b]
-                                if write_kv:
-                                    assert torch.equal(kc[slot, p:p + n], k[b, :n]), "cache write wrong"
-                                    assert torch.equal(kc[slot, :p], kc_ref[slot, :p]), "cache prefix touched"
-                                else:
-                                    assert torch.equal(kc, kc_ref), "cache written without write_kv"
-                            key = f"{str(dtype)[6:]} mask{mask_kind} gqa{heads // kv_heads} d{head_dim}"
-                            worst[key] = max(worst.get(key, 0.0), err)
+    grid = itertools.product((torch.bfloat16, torch.float16), ((8, 8), (8, 2), (32, 8)), (64, 128), (0, 1),
+                             (False, True), KERNEL_CASES)
+    for dtype, (heads, kv_heads), head_dim, mask_kind, write_kv, case in grid:
+        err = check_kernel_case(torch_op, gen, dtype, heads, kv_heads, head_dim, mask_kind, write_kv, case)
+        key = f"{str(dtype)[6:]} mask{mask_kind} gqa{heads // kv_heads} d{head_dim}"
+        worst[key] = max(worst.get(key, 0.0), err)
     for key, err in sorted(worst.items()):
         ok = err < 2e-2
         REPORT["kernel"].append({"case": key, "max_rel_err": err, "ok": ok})
@@ -146,10 +150,10 @@ def timing_8b(context: int = 1024, block: int = 32) -> None:
     config = make_config(PRESETS["8b"], "bf16", {})
     model = Transformer(config, random_weights(config, torch.bfloat16, "cuda"))
     weight_bytes = sum(t.numel() * t.element_size() for t in model.w.values())
-    big = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    copy_s = statistics.median(timed(lambda: big.clone(), 5))
-    bandwidth = 2 * big.numel() / copy_s  # read + write
-    del big
+    buffer = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    target = torch.empty_like(buffer)
+    copy_s = statistics.median(timed(lambda: target.copy_(buffer), 5))
+    bandwidth = 2 * buffer.numel() / copy_s  # read + write
     floor_ms = 1000 * weight_bytes / bandwidth
     eager = TorchEngine(model, max_batch_size=1, max_seq_len=context + 512)
     graphs = GraphEngine(model, max_batch_size=1, max_seq_len=context + 512)
