@@ -5,15 +5,30 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..builder.errors import CheckpointError
+from ..builder.manifest import MANIFEST_FILE
 from .engine import StepEngine
+from .engine_files import load_engine
 from .loader import engine_from_checkpoint
+
+CHECKPOINT_MAX_BATCH = 64
+CHECKPOINT_MAX_SEQ = 4096
 
 
 def open_engine(path: str | Path, *, dtype: str = "fp32", use_lora: bool = True, verify: bool = False,
-                device: str = "cpu", max_batch_size: int = 64, max_seq_len: int = 4096) -> StepEngine:
-    """An engine ready for the generation modes; a checkpoint directory is built in memory."""
+                device: str = "cpu", max_batch_size: int | None = None, max_seq_len: int | None = None
+                ) -> StepEngine:
+    """An engine ready for the generation modes.
+
+    An engine directory (has manifest.json) opens with its own backend, dtype and built limits (`dtype` is
+    ignored; smaller limits may be asked for, larger ones are a CapacityError; `verify` checks every file's
+    SHA-256). A checkpoint directory (has config.json) is converted in memory at `dtype`.
+    """
     root = Path(path)
+    if (root / MANIFEST_FILE).is_file():
+        return load_engine(root, use_lora=use_lora, verify=verify, device=device, max_batch_size=max_batch_size,
+                           max_seq_len=max_seq_len)
     if (root / "config.json").is_file():
-        return engine_from_checkpoint(root, dtype=dtype, use_lora=use_lora, max_batch_size=max_batch_size,
-                                      max_seq_len=max_seq_len, device=device)
+        return engine_from_checkpoint(root, dtype=dtype, use_lora=use_lora,
+                                      max_batch_size=max_batch_size or CHECKPOINT_MAX_BATCH,
+                                      max_seq_len=max_seq_len or CHECKPOINT_MAX_SEQ, device=device)
     raise CheckpointError(root, "neither an engine (manifest.json) nor a checkpoint (config.json)")

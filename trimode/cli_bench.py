@@ -56,6 +56,9 @@ def peer_report(model_path: Path, engine, prompts: list[list[int]], configs: dic
         same = all(o[: len(h)] == h[: len(o)] for o, h in zip(ours, outs, strict=True))
         report["hf_generate"] = {"tokens_per_s": round(sum(len(o) for o in outs) / sorted(times)[len(times) // 2], 2),
                                  "greedy_tokens_match_ours": same}
+    if not hasattr(engine, "model"):  # graph backends (onnx, tensorrt) hold no torch model to share
+        report["reference_loops"] = "skipped: the reference-style loops need a torch engine or a checkpoint"
+        return report
     dynamic = DynamicCacheEngine(engine.model, 1, engine.max_seq_len, engine.tokenizer_path)
     for name, config in configs.items():
         ours_t, theirs_t = [], []

@@ -1,0 +1,329 @@
+"""ONNX export: ONE graph that serves every step kind (prefill, decode, draft, verify).
+
+The graph is built node by node with `onnx.helper` straight from the converted weights, not traced: every
+name and every byte is fixed by the config and the weights, so the export is deterministic, and weights are
+streamed into one external-data file a tensor at a time (no 2 GiB protobuf limit, no second copy in
+memory). The graph has no state: the caller owns the KV cache, passes it in, and writes the returned K/V
+of causal chunks into it itself (no in-place updates inside the graph).
+
+Graph inputs (B batch, T chunk, L cache positions, N logit rows; dims are symbolic):
+
+    input_ids   [B, T] int64     chunk tokens (rows t >= chunk_lens[b] are padding)
+    positions   [B, T] int64     absolute position of each chunk token (cache_lens[b] + t for every step kind)
+    cache_lens  [B]    int32     valid cached positions of each sequence
+    chunk_lens  [B]    int32     valid chunk tokens of each sequence
+    mask_kind   [1]    int32     0 causal (prefill/decode/verify) | 1 bidirectional block (draft)
+    logit_index [B, N] int64     chunk rows whose logits are wanted (last token only for prefill/decode)
+    use_lora    [1]    int32     1: add the draft adapter's delta to o_proj (present only with an adapter)
+    k_cache.{i}, v_cache.{i}  [B, L, Hkv, D] (serving dtype), one pair per layer i; row b is sequence b's
+                cache, positions >= cache_lens[b] are never read
+
+Graph outputs:
+
+    logits  [B, N, V] float32
+    new_k, new_v  [layers, B, T, Hkv, D] (serving dtype): the chunk's keys (RoPE applied) and values
+
+Per-layer caches (rather than one [layers, ...] tensor) let TensorRT bind each input to a slice of one
+preallocated cache without a copy.
+
+The attention node contract (one node per layer, implemented by `plugins/reference.py` semantics in
+onnxruntime and by the C++/CUDA plugin in TensorRT):
+
+    op_type  "BlockAttention"
+    domain   "ai.onnx.contrib" for onnxruntime-extensions; for TensorRT the op is resolved by name in the
+             plugin registry, so the export uses domain "trimode" and adds the string attributes
+             plugin_namespace="trimode" and plugin_version="1"
+    inputs   q [B, T, Hq, D], k_new [B, T, Hkv, D], v_new [B, T, Hkv, D], k_cache [B, L, Hkv, D],
+             v_cache [B, L, Hkv, D], cache_lens [B] int32, chunk_lens [B] int32, mask_kind [1] int32
+    attrs    num_heads (int), num_kv_heads (int), head_dim (int), scale (float: head_dim ** -0.5)
+    output   [B, T, Hq, D], same dtype as q: query t < chunk_lens[b] of row b attends to cached positions
+             0..cache_lens[b]-1 and to chunk keys j < chunk_lens[b] with j <= t (causal) or any j
+             (bidirectional); rows t >= chunk_lens[b] are zero; softmax in fp32. Slot s of the reference
+             contract is row b here (the caller hands each row its own cache); the node never writes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from .. import __version__
+from ..runtime.rope import inverse_frequencies
+from .checkpoint import Checkpoint, LoraAdapter
+from .config import ModelConfig
+from .convert import converted_names, iter_converted
+from .engine_weights import tensor_bytes
+from .manifest import FileEntry, HashingWriter
+
+OPSET = 17
+IR_VERSION = 8
+ORT_DOMAIN = "ai.onnx.contrib"
+TRT_DOMAIN = "trimode"
+ATTENTION_OP = "BlockAttention"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+DATA_ALIGNMENT = 4096  # page-aligned offsets, so runtimes may memory-map the weights
+
+INPUT_IDS, POSITIONS, CACHE_LENS, CHUNK_LENS = "input_ids", "positions", "cache_lens", "chunk_lens"
+MASK_KIND, LOGIT_INDEX, USE_LORA = "mask_kind", "logit_index", "use_lora"
+LOGITS, NEW_K, NEW_V = "logits", "new_k", "new_v"
+ONNX_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
+               torch.bfloat16: TensorProto.BFLOAT16}
+
+Progress = Callable[[int], None]
+
+
+def k_cache_name(layer: int) -> str:
+    return f"k_cache.{layer}"
+
+
+def v_cache_name(layer: int) -> str:
+    return f"v_cache.{layer}"
+
+
+@dataclass(frozen=True)
+class AttentionNode:
+    """Where the attention op is looked up: an onnxruntime custom-op domain, or TensorRT's plugin registry."""
+
+    domain: str = ORT_DOMAIN
+    plugin_namespace: str | None = None
+    plugin_version: str | None = None
+
+    @classmethod
+    def for_tensorrt(cls, namespace: str = TRT_DOMAIN, version: str = "1") -> AttentionNode:
+        return cls(domain=TRT_DOMAIN, plugin_namespace=namespace, plugin_version=version)
+
+
+def _transposed(name: str) -> bool:
+    """2-D weights are stored [in, out] for MatMul; the embedding stays [vocab, hidden] for Gather."""
+    return name != "embed" and not name.endswith("norm")
+
+
+class _GraphBuilder:
+    """Collects nodes and initializers with deterministic, readable names."""
+
+    def __init__(self, dtype: int) -> None:
+        self.dtype = dtype
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._count = 0
+
+    def op(self, op_type: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "",
+           **attrs: object) -> list[str]:
+        self._count += 1
+        out = [name] if outputs == 1 else [f"{name}.{k}" for k in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, out, name=f"n{self._count}.{name}", domain=domain,
+                                           **attrs))
+        return out
+
+    def one(self, op_type: str, inputs: list[str], name: str, **attrs: object) -> str:
+        return self.op(op_type, inputs, name, **attrs)[0]
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(value, name))
+        return name
+
+    def scalar(self, name: str, value: float, dtype: int) -> str:
+        """A 0-d constant of an ONNX dtype (bf16 via helper, which numpy cannot represent)."""
+        self.initializers.append(helper.make_tensor(name, dtype, [], [value]))
+        return name
+
+    def cast(self, x: str, to: int, name: str, current: int) -> str:
+        return x if to == current else self.one("Cast", [x], name, to=to)
+
+
+def _external_tensor(name: str, dtype: int, shape: tuple[int, ...], offset: int, length: int) -> TensorProto:
+    tensor = TensorProto()
+    tensor.name = name
+    tensor.data_type = dtype
+    tensor.dims.extend(shape)
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", DATA_FILE), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def write_weight_data(path: Path, checkpoint: Checkpoint, dtype: torch.dtype, lora: LoraAdapter | None,
+                      progress: Progress | None = None) -> tuple[list[TensorProto], FileEntry]:
+    """Stream every converted weight (2-D ones transposed) into one page-aligned external-data file."""
+    makers = dict(iter_converted(checkpoint, dtype, lora))
+    onnx_dtype = ONNX_DTYPES[dtype]
+    tensors: list[TensorProto] = []
+    with HashingWriter(path) as out:
+        for name in converted_names(checkpoint.config, lora is not None):
+            tensor = makers[name]()
+            if _transposed(name) and tensor.dim() == 2:
+                tensor = tensor.t()
+            out.pad_to(DATA_ALIGNMENT)
+            offset = out.size
+            out.write(tensor_bytes(tensor))
+            tensors.append(_external_tensor(name, onnx_dtype, tuple(tensor.shape), offset, out.size - offset))
+            if progress is not None:
+                progress(tensor.numel() * tensor.element_size())
+            del tensor
+        return tensors, out.close()
+
+
+def _rotary_tables(g: _GraphBuilder, config: ModelConfig) -> tuple[str, str, str]:
+    """cos/sin [B, T, 1, D] and the Llama-4 query scale [B, T, 1, 1], from positions, as runtime/rope.py."""
+    dt = g.dtype
+    pos = g.one("Cast", [POSITIONS], "rope/pos_f", to=TensorProto.FLOAT)
+    axis_last = g.const("const/axis_last", np.array([-1], dtype=np.int64))
+    inv_freq = g.const("rope/inv_freq", inverse_frequencies(config).numpy().astype(np.float32))
+    freqs = g.one("Mul", [g.one("Unsqueeze", [pos, axis_last], "rope/pos_u"), inv_freq], "rope/freqs")
+    emb = g.one("Concat", [freqs, freqs], "rope/emb", axis=-1)
+    axis_head = g.const("const/axis_head", np.array([2], dtype=np.int64))
+    tables = []
+    for fn in ("Cos", "Sin"):
+        value = g.one(fn, [emb], f"rope/{fn.lower()}_f")
+        if config.attention_factor != 1.0:
+            factor = g.const(f"rope/attention_factor_{fn.lower()}", np.array(config.attention_factor, np.float32))
+            value = g.one("Mul", [value, factor], f"rope/{fn.lower()}_scaled")
+        value = g.cast(value, dt, f"rope/{fn.lower()}_cast", TensorProto.FLOAT)
+        tables.append(g.one("Unsqueeze", [value, axis_head], f"rope/{fn.lower()}"))
+    rope = config.rope
+    one = g.const("const/one_f", np.array(1.0, np.float32))
+    original = g.const("rope/original", np.array(float(rope.original_max_position_embeddings or 1), np.float32))
+    beta = g.const("rope/beta", np.array(rope.llama_4_scaling_beta, np.float32))
+    steps = g.one("Floor", [g.one("Div", [pos, original], "qscale/div")], "qscale/floor")
+    log = g.one("Log", [g.one("Add", [steps, one], "qscale/add1")], "qscale/log")
+    scale = g.one("Add", [g.one("Mul", [log, beta], "qscale/mul"), one], "qscale/scale_f")
+    scale = g.cast(scale, dt, "qscale/cast", TensorProto.FLOAT)
+    axes = g.const("const/axes_head_dim", np.array([2, 3], dtype=np.int64))
+    return tables[0], tables[1], g.one("Unsqueeze", [scale, axes], "qscale")
+
+
+def _rms_norm(g: _GraphBuilder, x: str, weight: str, eps: str, name: str) -> str:
+    """RMSNorm in fp32, cast back before the weight multiplies (runtime/model.py's rms_norm)."""
+    xf = g.cast(x, TensorProto.FLOAT, f"{name}/x_f", g.dtype)
+    mean = g.one("ReduceMean", [g.one("Mul", [xf, xf], f"{name}/sq")], f"{name}/mean", axes=[-1], keepdims=1)
+    inv = g.one("Reciprocal", [g.one("Sqrt", [g.one("Add", [mean, eps], f"{name}/eps")], f"{name}/sqrt")],
+                f"{name}/inv")
+    normed = g.cast(g.one("Mul", [xf, inv], f"{name}/normed_f"), g.dtype, f"{name}/normed", TensorProto.FLOAT)
+    return g.one("Mul", [weight, normed], name)
+
+
+def _rotate(g: _GraphBuilder, x: str, cos: str, sin: str, half: str, name: str) -> str:
+    """x * cos + rotate_half(x) * sin (rotate-half convention of runtime/rope.py)."""
+    x1, x2 = g.op("Split", [x, half], f"{name}/halves", outputs=2, axis=-1)
+    rotated = g.one("Concat", [g.one("Neg", [x2], f"{name}/neg"), x1], f"{name}/rotated", axis=-1)
+    return g.one("Add", [g.one("Mul", [x, cos], f"{name}/cos"), g.one("Mul", [rotated, sin], f"{name}/sin")], name)
+
+
+def build_graph(config: ModelConfig, weights: list[TensorProto], dtype: torch.dtype, lora: LoraAdapter | None,
+                attention: AttentionNode) -> onnx.ModelProto:
+    """The step graph over the given (external) weight initializers; see the module docstring."""
+    c = config
+    dt = ONNX_DTYPES[dtype]
+    g = _GraphBuilder(dt)
+    g.initializers.extend(weights)
+    heads, kv_heads, head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
+
+    eps = g.const("const/eps", np.array(c.rms_norm_eps, np.float32))
+    qkv_split = g.const("const/qkv_split", np.array([q_dim, kv_dim, kv_dim], dtype=np.int64))
+    gate_split = g.const("const/gate_split", np.array([c.intermediate_size] * 2, dtype=np.int64))
+    half = g.const("const/rope_half", np.array([head_dim // 2] * 2, dtype=np.int64))
+    q_shape = g.const("const/q_shape", np.array([0, 0, heads, head_dim], dtype=np.int64))
+    kv_shape = g.const("const/kv_shape", np.array([0, 0, kv_heads, head_dim], dtype=np.int64))
+    flat_shape = g.const("const/flat_shape", np.array([0, 0, q_dim], dtype=np.int64))
+    axis0 = g.const("const/axis0", np.array([0], dtype=np.int64))
+    cos, sin, qscale = _rotary_tables(g, c)
+    gate = None
+    if lora is not None:
+        gate = g.one("Cast", [USE_LORA], "lora/gate", to=dt)
+        lora_scale = g.scalar("lora/scale", lora.scale, dt)
+
+    attn_attrs: dict[str, object] = {"num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim,
+                                     "scale": float(head_dim ** -0.5)}
+    if attention.plugin_namespace is not None:
+        attn_attrs["plugin_namespace"] = attention.plugin_namespace
+    if attention.plugin_version is not None:
+        attn_attrs["plugin_version"] = attention.plugin_version
+
+    h = g.one("Gather", ["embed", INPUT_IDS], "embed/out", axis=0)
+    new_k, new_v = [], []
+    for i in range(c.num_hidden_layers):
+        p = f"layers.{i}"
+        x = _rms_norm(g, h, f"{p}.attn_norm", eps, f"{p}/attn_norm")
+        qkv = g.one("MatMul", [x, f"{p}.qkv"], f"{p}/qkv")
+        q, k, v = g.op("Split", [qkv, qkv_split], f"{p}/split", outputs=3, axis=-1)
+        q = g.one("Reshape", [q, q_shape], f"{p}/q_heads")
+        k = g.one("Reshape", [k, kv_shape], f"{p}/k_heads")
+        v = g.one("Reshape", [v, kv_shape], f"{p}/v")
+        q = g.one("Mul", [_rotate(g, q, cos, sin, half, f"{p}/q_rope"), qscale], f"{p}/q")
+        k = _rotate(g, k, cos, sin, half, f"{p}/k")
+        attn = g.one(ATTENTION_OP, [q, k, v, k_cache_name(i), v_cache_name(i), CACHE_LENS, CHUNK_LENS, MASK_KIND],
+                     f"{p}/attention", domain=attention.domain, **attn_attrs)
+        flat = g.one("Reshape", [attn, flat_shape], f"{p}/attn_flat")
+        out = g.one("MatMul", [flat, f"{p}.o"], f"{p}/o")
+        if lora is not None:
+            low = g.one("MatMul", [flat, f"{p}.lora_a"], f"{p}/lora_low")
+            delta = g.one("Mul", [g.one("MatMul", [low, f"{p}.lora_b"], f"{p}/lora_up"), lora_scale],
+                          f"{p}/lora_scaled")
+            out = g.one("Add", [out, g.one("Mul", [delta, gate], f"{p}/lora_delta")], f"{p}/o_lora")
+        h = g.one("Add", [h, out], f"{p}/attn_residual")
+        x = _rms_norm(g, h, f"{p}.mlp_norm", eps, f"{p}/mlp_norm")
+        gate_proj, up = g.op("Split", [g.one("MatMul", [x, f"{p}.gate_up"], f"{p}/gate_up"), gate_split],
+                             f"{p}/gate_up_split", outputs=2, axis=-1)
+        silu = g.one("Mul", [gate_proj, g.one("Sigmoid", [gate_proj], f"{p}/sigmoid")], f"{p}/silu")
+        down = g.one("MatMul", [g.one("Mul", [silu, up], f"{p}/swiglu"), f"{p}.down"], f"{p}/down")
+        h = g.one("Add", [h, down], f"{p}/mlp_residual")
+        new_k.append(g.one("Unsqueeze", [k, axis0], f"{p}/k_out"))
+        new_v.append(g.one("Unsqueeze", [v, axis0], f"{p}/v_out"))
+
+    index = g.one("Unsqueeze", [LOGIT_INDEX, g.const("const/axis_last_idx", np.array([-1], np.int64))],
+                  "head/index")
+    picked = g.one("GatherND", [h, index], "head/rows", batch_dims=1)
+    x = _rms_norm(g, picked, "norm", eps, "head/norm")
+    g.one("Cast", [g.one("MatMul", [x, "head"], "head/matmul")], LOGITS, to=TensorProto.FLOAT)
+    g.one("Concat", new_k, NEW_K, axis=0)
+    g.one("Concat", new_v, NEW_V, axis=0)
+
+    inputs = [
+        helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "chunk"]),
+        helper.make_tensor_value_info(POSITIONS, TensorProto.INT64, ["batch", "chunk"]),
+        helper.make_tensor_value_info(CACHE_LENS, TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info(CHUNK_LENS, TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info(MASK_KIND, TensorProto.INT32, [1]),
+        helper.make_tensor_value_info(LOGIT_INDEX, TensorProto.INT64, ["batch", "num_logits"]),
+    ]
+    if lora is not None:
+        inputs.append(helper.make_tensor_value_info(USE_LORA, TensorProto.INT32, [1]))
+    for i in range(c.num_hidden_layers):
+        for name in (k_cache_name(i), v_cache_name(i)):
+            inputs.append(helper.make_tensor_value_info(name, dt, ["batch", "cache_len", kv_heads, head_dim]))
+    outputs = [
+        helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", "num_logits", c.vocab_size]),
+        helper.make_tensor_value_info(NEW_K, dt, [c.num_hidden_layers, "batch", "chunk", kv_heads, head_dim]),
+        helper.make_tensor_value_info(NEW_V, dt, [c.num_hidden_layers, "batch", "chunk", kv_heads, head_dim]),
+    ]
+    graph = helper.make_graph(g.nodes, "trimode_step", inputs, outputs, g.initializers)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(attention.domain, 1)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="trimode", producer_version=__version__,
+                              ir_version=IR_VERSION)
+    return model
+
+
+def export_onnx(out_dir: Path, checkpoint: Checkpoint, dtype: torch.dtype, lora: LoraAdapter | None,
+                attention: AttentionNode = AttentionNode(), progress: Progress | None = None
+                ) -> dict[str, FileEntry]:
+    """Write model.onnx and model.onnx.data into out_dir; returns their sizes and SHA-256 by file name."""
+    weights, data_entry = write_weight_data(out_dir / DATA_FILE, checkpoint, dtype, lora, progress)
+    model = build_graph(checkpoint.config, weights, dtype, lora, attention)
+    with HashingWriter(out_dir / MODEL_FILE) as out:
+        out.write(model.SerializeToString(deterministic=True))
+        model_entry = out.close()
+    return {MODEL_FILE: model_entry, DATA_FILE: data_entry}
+
+
+def check_export(out_dir: Path) -> None:
+    """onnx's structural checker over the exported files (external data included)."""
+    onnx.checker.check_model(str(out_dir / MODEL_FILE))
