@@ -13,7 +13,7 @@ install:
 plugins:
 	@if [ -f plugins/Makefile ]; then $(MAKE) -C plugins; fi
 
-test:
+test: plugins
 	$(PYTHON) -m pytest -q -m "not integration"
 
 # Integration tests start real servers (tritonserver); pytest's "no tests collected" (5) is not a failure.

@@ -1,0 +1,215 @@
+"""ctypes binding of the block attention C API (`plugins/csrc/block_attention.h`).
+
+Three shared libraries implement the same API, all built into `plugins/build/` by `make -C plugins`:
+``cuda`` (libtrimode_attention.so, device pointers), ``cpu`` (libtrimode_attention_cpu.so, the C++
+reference, host pointers) and ``emu`` (libtrimode_attention_emu.so, the CUDA kernel source compiled for the
+CPU against an emulation of the CUDA primitives it uses, host pointers). Binding them through one ctypes
+layer means the tests exercise exactly the struct layout and status codes that the torch op and the TensorRT
+plugin use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+ABI_VERSION = 1
+MAX_SPLITS = 32
+BUILD_DIR = Path(os.environ.get("TRIMODE_PLUGIN_BUILD_DIR", Path(__file__).resolve().parent / "build"))
+LIBRARIES = {
+    "cuda": "libtrimode_attention.so",
+    "cpu": "libtrimode_attention_cpu.so",
+    "emu": "libtrimode_attention_emu.so",
+}
+DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+OK = 0
+ERR_NULL_POINTER = 1
+ERR_INVALID_SHAPE = 2
+ERR_HEAD_DIM = 3
+ERR_GQA = 4
+ERR_MASK_KIND = 5
+ERR_MASK_NOT_IMPLEMENTED = 6
+ERR_DTYPE = 7
+ERR_MISALIGNED = 8
+ERR_OUT_OF_RANGE = 9
+ERR_ABI = 10
+ERR_CUDA = 11
+
+
+class PluginNotBuiltError(RuntimeError):
+    """The shared library is missing: run `make -C plugins` (or `make plugins` at the top level)."""
+
+
+class AttentionError(RuntimeError):
+    """A nonzero status returned by the C API; `status` holds the code."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"trimode_block_attention failed with status {status}: {message}")
+        self.status = status
+
+
+class Params(ctypes.Structure):
+    """Mirror of TrimodeAttentionParams; field order and types must match block_attention.h exactly."""
+
+    _fields_ = [
+        ("abi_version", ctypes.c_int32),
+        ("dtype", ctypes.c_int32),
+        ("batch", ctypes.c_int32),
+        ("chunk", ctypes.c_int32),
+        ("num_heads", ctypes.c_int32),
+        ("num_kv_heads", ctypes.c_int32),
+        ("head_dim", ctypes.c_int32),
+        ("cache_slots", ctypes.c_int32),
+        ("cache_capacity", ctypes.c_int32),
+        ("max_cache_len", ctypes.c_int32),
+        ("mask_kind", ctypes.c_int32),
+        ("write_kv", ctypes.c_int32),
+        ("scale", ctypes.c_float),
+        ("q", ctypes.c_void_p),
+        ("k_new", ctypes.c_void_p),
+        ("v_new", ctypes.c_void_p),
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+        ("slots", ctypes.c_void_p),
+        ("cache_lens", ctypes.c_void_p),
+        ("chunk_lens", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("workspace", ctypes.c_void_p),
+        ("workspace_size", ctypes.c_size_t),
+    ]
+
+
+@dataclass
+class Library:
+    """One loaded implementation of the C API."""
+
+    kind: str
+    path: Path
+    handle: ctypes.CDLL
+
+    def error_string(self, status: int) -> str:
+        return self.handle.trimode_error_string(status).decode()
+
+    def workspace_size(self, params: Params) -> int:
+        """Bytes of workspace the call would use (0 for the CPU libraries); raises on invalid shapes."""
+        size = ctypes.c_size_t(0)
+        status = self.handle.trimode_block_attention_workspace_size(ctypes.byref(params), ctypes.byref(size))
+        if status != OK:
+            raise AttentionError(status, self.error_string(status))
+        return size.value
+
+    def run(self, params: Params, stream: int = 0) -> int:
+        """Calls trimode_block_attention; returns the raw status (callers decide whether to raise)."""
+        return self.handle.trimode_block_attention(ctypes.byref(params), ctypes.c_void_p(stream))
+
+    def check(self, params: Params, stream: int = 0) -> None:
+        status = self.run(params, stream)
+        if status != OK:
+            raise AttentionError(status, self.error_string(status))
+
+
+_LOADED: dict[str, Library] = {}
+
+
+def library_path(kind: str) -> Path:
+    if kind not in LIBRARIES:
+        raise ValueError(f"unknown plugin library kind {kind!r}; one of {sorted(LIBRARIES)}")
+    return BUILD_DIR / LIBRARIES[kind]
+
+
+def is_built(kind: str) -> bool:
+    return library_path(kind).is_file()
+
+
+def load(kind: str) -> Library:
+    """Loads (once) the library of that kind; PluginNotBuiltError says how to build it when it is missing."""
+    if kind in _LOADED:
+        return _LOADED[kind]
+    path = library_path(kind)
+    if not path.is_file():
+        raise PluginNotBuiltError(f"{path} is not built; run `make -C {path.parent.parent}` "
+                                  f"({'needs nvcc' if kind == 'cuda' else 'needs g++'})")
+    handle = ctypes.CDLL(str(path))
+    handle.trimode_block_attention.argtypes = [ctypes.POINTER(Params), ctypes.c_void_p]
+    handle.trimode_block_attention.restype = ctypes.c_int
+    handle.trimode_block_attention_workspace_size.argtypes = [ctypes.POINTER(Params),
+                                                              ctypes.POINTER(ctypes.c_size_t)]
+    handle.trimode_block_attention_workspace_size.restype = ctypes.c_int
+    handle.trimode_error_string.argtypes = [ctypes.c_int]
+    handle.trimode_error_string.restype = ctypes.c_char_p
+    handle.trimode_backend_name.argtypes = []
+    handle.trimode_backend_name.restype = ctypes.c_char_p
+    handle.trimode_abi_version.argtypes = []
+    handle.trimode_abi_version.restype = ctypes.c_int
+    if handle.trimode_abi_version() != ABI_VERSION:
+        raise PluginNotBuiltError(f"{path} has ABI {handle.trimode_abi_version()}, expected {ABI_VERSION}; "
+                                  "rebuild it with `make -C plugins`")
+    lib = Library(kind=kind, path=path, handle=handle)
+    _LOADED[kind] = lib
+    return lib
+
+
+def emu_set_sm_count(count: int) -> int:
+    """Sets the SM count the emulated library plans its splits for (forcing or avoiding flash decoding).
+
+    Returns the previous count, so a test can restore it.
+    """
+    handle = load("emu").handle
+    handle.trimode_emu_set_sm_count.argtypes = [ctypes.c_int]
+    handle.trimode_emu_set_sm_count.restype = ctypes.c_int
+    return handle.trimode_emu_set_sm_count(count)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def make_params(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, slots: torch.Tensor | None, cache_lens: torch.Tensor,
+                chunk_lens: torch.Tensor, out: torch.Tensor, mask_kind: int, write_kv: bool, scale: float,
+                workspace: torch.Tensor | None = None, max_cache_len: int = 0) -> Params:
+    """Fills Params from tensors laid out per the contract; the tensors must outlive the call.
+
+    Only the sizes are taken from the tensors; checking that they are contiguous, of one dtype and int32 index
+    vectors is the caller's job (the torch op does it), because the C API cannot see strides.
+    """
+    batch, chunk, num_heads, head_dim = q.shape
+    slots_count, capacity, num_kv_heads, _ = k_cache.shape
+    return Params(
+        abi_version=ABI_VERSION, dtype=DTYPES.get(q.dtype, -1), batch=batch, chunk=chunk, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, head_dim=head_dim, cache_slots=slots_count, cache_capacity=capacity,
+        max_cache_len=max_cache_len, mask_kind=int(mask_kind), write_kv=int(bool(write_kv)),
+        scale=float(scale),
+        q=_ptr(q), k_new=_ptr(k_new), v_new=_ptr(v_new), k_cache=_ptr(k_cache), v_cache=_ptr(v_cache),
+        slots=_ptr(slots), cache_lens=_ptr(cache_lens), chunk_lens=_ptr(chunk_lens), out=_ptr(out),
+        workspace=_ptr(workspace), workspace_size=0 if workspace is None else workspace.numel(),
+    )
+
+
+def block_attention_host(kind: str, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor | None,
+                         cache_lens: torch.Tensor, chunk_lens: torch.Tensor, mask_kind: int, write_kv: bool,
+                         scale: float) -> torch.Tensor:
+    """Runs a host-pointer library ("cpu" or "emu") on CPU tensors; mutates the caches when write_kv."""
+    if kind == "cuda":
+        raise ValueError("the cuda library takes device pointers: use trimode.plugins.torch_op")
+    lib = load(kind)
+    tensors = (q, k_new, v_new, k_cache, v_cache)
+    if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        raise ValueError("host libraries need contiguous CPU tensors")
+    index = [None if slots is None else slots.to(torch.int32).contiguous(),
+             cache_lens.to(torch.int32).contiguous(), chunk_lens.to(torch.int32).contiguous()]
+    out = torch.empty_like(q)
+    params = make_params(q, k_new, v_new, k_cache, v_cache, index[0], index[1], index[2], out, mask_kind,
+                         write_kv, scale)
+    size = lib.workspace_size(params)
+    workspace = torch.empty(size, dtype=torch.uint8) if size else None
+    if workspace is not None:
+        params.workspace, params.workspace_size = workspace.data_ptr(), size
+    lib.check(params)
+    return out
