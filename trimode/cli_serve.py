@@ -2,4 +2,138 @@
 
 from __future__ import annotations
 
-COMMANDS: list = []
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .builder.triton_repo import DEFAULT_MODEL_NAME, SYNC_SUFFIX, write_triton_repo
+from .runtime.generate import MODES
+
+
+def repo_options(function: Any) -> Any:
+    """The options shared by both commands: what goes into config.pbtxt."""
+    options = [
+        click.option("--model-name", default=DEFAULT_MODEL_NAME, show_default=True,
+                     help="Name of the (decoupled, streaming) model in the repository."),
+        click.option("--sync-model", is_flag=True,
+                     help=f"Also write MODEL_NAME{SYNC_SUFFIX}, non-decoupled, for plain HTTP/gRPC infer calls "
+                          "(a second copy of the engine in memory)."),
+        click.option("--instance-count", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Model instances (each holds the engine and batches its own requests)."),
+        click.option("--batch-window-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+                     help="How long a request waits for companions to share one generate() call."),
+        click.option("--max-batch-size", type=click.IntRange(min=0), default=0,
+                     help="Most requests per generate() call (0: the engine's maximum)."),
+        click.option("--max-seq-len", type=click.IntRange(min=0), default=0,
+                     help="Serve at most this many positions per sequence (0: the engine's maximum)."),
+        click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+                     help="Serving dtype when ENGINE_DIR is a checkpoint (an engine keeps its own)."),
+        click.option("--device", default="cpu", show_default=True, help="torch device of the engine (cpu, cuda)."),
+        click.option("--lora/--no-lora", default=True, show_default=True,
+                     help="Use the draft adapter in self-speculation, if the engine has one."),
+        click.option("--default-mode", type=click.Choice(MODES), default="spec", show_default=True,
+                     help="Mode of requests that do not say."),
+        click.option("--default-max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
+                     help="max_tokens of requests that do not say."),
+        click.option("--torch-threads", type=click.IntRange(min=0), default=0,
+                     help="torch CPU threads per model instance (0: torch's default)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _write(engine_dir: Path, repo: Path, force: bool, **kw: Any) -> list[Path]:
+    settings = {"dtype": kw["dtype"], "device": kw["device"], "use_lora": kw["lora"],
+                "max_batch_size": kw["max_batch_size"], "max_seq_len": kw["max_seq_len"],
+                "batch_window_ms": kw["batch_window_ms"], "default_mode": kw["default_mode"],
+                "default_max_tokens": kw["default_max_tokens"], "torch_threads": kw["torch_threads"]}
+    try:
+        return write_triton_repo(engine_dir, repo, model_name=kw["model_name"], sync_model=kw["sync_model"],
+                                 instance_count=kw["instance_count"], force=force, **settings)
+    except (FileExistsError, ValueError) as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+@click.command("triton-repo")
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "repo", type=click.Path(path_type=Path), required=True,
+              help="Model repository to write into (created if absent; other models in it are kept).")
+@click.option("--force", is_flag=True, help="Replace model directories of the same name.")
+@repo_options
+def triton_repo_command(engine_dir: Path, repo: Path, force: bool, **kw: Any) -> None:
+    """Write a Triton model repository (Python backend, decoupled) serving ENGINE_DIR in all three modes.
+
+    ENGINE_DIR is an engine (`trimode build`) or a checkpoint directory; its absolute path is stored in
+    config.pbtxt, and 1/model.py imports the serving code from the installed trimode package.
+    """
+    for model_dir in _write(engine_dir, repo, force, **kw):
+        click.echo(f"wrote {model_dir}/config.pbtxt and {model_dir}/1/model.py")
+
+
+class _Stop(Exception):
+    """SIGTERM arrived: shut down like on Ctrl-C."""
+
+
+@click.command("serve")
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--repo", type=click.Path(path_type=Path), default=None,
+              help="Write the model repository here and keep it (default: a temporary folder).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the HTTP, gRPC and metrics endpoints bind (0.0.0.0 for every interface).")
+@click.option("--http-port", type=click.IntRange(min=0, max=65535), default=8000, show_default=True,
+              help="0 picks a free port.")
+@click.option("--grpc-port", type=click.IntRange(min=0, max=65535), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(min=0, max=65535), default=8002, show_default=True)
+@click.option("--startup-timeout", type=float, default=300.0, show_default=True,
+              help="Seconds to wait for the server to report ready.")
+@click.option("--log-file", type=click.Path(path_type=Path), default=None,
+              help="tritonserver's log (default: a file in the temporary folder, shown on failure).")
+@click.option("--log-verbose", type=click.IntRange(min=0), default=0, show_default=True)
+@repo_options
+def serve_command(engine_dir: Path, repo: Path | None, host: str, http_port: int, grpc_port: int,
+                  metrics_port: int, startup_timeout: float, log_file: Path | None, log_verbose: int,
+                  **kw: Any) -> None:
+    """Serve ENGINE_DIR with Triton Inference Server until Ctrl-C (which stops the server and exits 0)."""
+    from .runtime.triton_server import TritonServer, TritonStartError, TritonUnavailable
+
+    with tempfile.TemporaryDirectory(prefix="trimode-repo-") as scratch:
+        repo_dir = repo if repo is not None else Path(scratch) / "repo"
+        _write(engine_dir, repo_dir, True, **kw)
+        server = TritonServer(repo_dir.resolve(), http_port, grpc_port, metrics_port, host=host,
+                              log_path=log_file.resolve() if log_file else None, log_verbose=log_verbose)
+
+        def on_term(signum: int, frame: Any) -> None:
+            raise _Stop()
+
+        previous = signal.signal(signal.SIGTERM, on_term)
+        try:
+            try:
+                server.start(wait=True, timeout_s=startup_timeout)
+            except TritonUnavailable as exc:
+                raise click.ClickException(str(exc)) from None
+            except TritonStartError as exc:
+                raise click.ClickException(str(exc)) from None
+            models = [kw["model_name"]] + ([kw["model_name"] + SYNC_SUFFIX] if kw["sync_model"] else [])
+            click.echo(f"tritonserver ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics "
+                       f"{host}:{server.metrics_port}; models {', '.join(models)}; log {server.log_path}")
+            click.echo("Ctrl-C stops it.")
+            while server.process is not None and server.process.poll() is None:
+                time.sleep(0.5)
+            code = server.process.returncode if server.process is not None else 1
+            raise click.ClickException(f"tritonserver exited on its own (status {code}); log tail:\n"
+                                       f"{server.log_tail()}")
+        except (KeyboardInterrupt, _Stop):
+            click.echo("stopping tritonserver ...", err=True)
+            code = server.stop()
+            click.echo(f"tritonserver stopped (status {code})", err=True)
+        finally:
+            server.stop()
+            signal.signal(signal.SIGTERM, previous)
+
+
+COMMANDS = [triton_repo_command, serve_command]

@@ -1,0 +1,215 @@
+"""The Triton Python-backend model behind every repository `trimode triton-repo` writes.
+
+`execute()` never generates: it parses each request (bad ones get a `TritonError` response at once and the
+model keeps serving), wraps its response sender in a `TritonSink` and queues it for the `RequestBatcher`,
+whose worker thread runs compatible requests together as one `generate()` call. With the decoupled policy a
+streaming request gets one response per commit (an AR token, an accepted speculation run, a finished
+diffusion block) and a last, FINAL-flagged response carrying the remaining text, the forward count and the
+finish reason; a non-streaming request, or any request to the non-decoupled twin, gets one FINAL response.
+A request the client cancels is dropped from its batch at the next step.
+
+`triton_python_backend_utils` exists only inside Triton's stub process, so it is imported in `initialize`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..builder.triton_repo import ServingSettings
+from .engine_loader import open_engine
+from .generate import RequestError
+from .request_batcher import BatchRecord, Job, RequestBatcher
+from .sequence import SequenceResult
+from .triton_request import INPUT_NAMES, parse_request
+
+CANCEL_POLL_S = 0.005
+
+
+class IncrementalText:
+    """Text deltas for a growing token list, never emitting a half-decoded character.
+
+    Byte-level tokenizers decode an incomplete UTF-8 sequence to U+FFFD; holding such a tail back until the
+    next tokens complete it keeps every delta a true prefix extension, so the deltas concatenate to the text
+    of the whole output.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.sent = ""
+
+    def add(self, ids: list[int]) -> str:
+        self.tokens.extend(ids)
+        text = self.tokenizer.decode(self.tokens).rstrip("\ufffd")
+        if not text.startswith(self.sent) or len(text) == len(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def rest(self, full_text: str) -> str:
+        """What remains to send once the whole output's text is known."""
+        if full_text.startswith(self.sent):
+            return full_text[len(self.sent):]
+        return full_text  # decoding was not prefix-stable; the final response says it all again
+
+
+class TritonSink:
+    """Delivers one request's tokens and result through its Triton response sender (see `ResponseSink`)."""
+
+    def __init__(self, pb: Any, sender: Any, tokenizer: Any, stream: bool, log: Any) -> None:
+        self.pb = pb
+        self.sender = sender
+        self.tokenizer = tokenizer
+        self.stream = stream
+        self.log = log
+        self.text = IncrementalText(tokenizer) if (stream and tokenizer is not None) else None
+        self.sent_tokens = 0
+        self._gone = False
+        self._checked = 0.0
+        self._lock = threading.Lock()
+
+    def _tensors(self, ids: list[int], text: str | None, result: SequenceResult | None) -> list[Any]:
+        tensors = [self.pb.Tensor("output_ids", np.asarray(ids, dtype=np.int32))]
+        if text is not None:
+            tensors.append(self.pb.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)))
+        if result is not None:
+            tensors.append(self.pb.Tensor("forwards", np.asarray([result.forwards], dtype=np.int32)))
+            tensors.append(self.pb.Tensor("finish_reason",
+                                          np.array([result.finish_reason.encode()], dtype=np.object_)))
+        return tensors
+
+    def _send(self, response: Any | None, final: bool) -> None:
+        flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
+        with self._lock:
+            if self._gone and not final:
+                return
+            try:
+                if response is None:
+                    self.sender.send(flags=flags)
+                else:
+                    self.sender.send(response, flags=flags)
+            except Exception as exc:  # the client went away mid-stream: stop generating for it
+                self._gone = True
+                self.log(f"dropping a response: {type(exc).__name__}: {exc}")
+
+    def tokens(self, ids: list[int]) -> None:
+        self.sent_tokens += len(ids)
+        if not self.stream or self._gone:
+            return
+        delta = self.text.add(ids) if self.text is not None else None
+        self._send(self.pb.InferenceResponse(output_tensors=self._tensors(ids, delta, None)), final=False)
+
+    def finish(self, result: SequenceResult) -> None:
+        if result.finish_reason == "cancelled":
+            self.log(f"request cancelled after {len(result.tokens)} tokens and {result.forwards} forwards")
+            code = getattr(self.pb.TritonError, "CANCELLED", None)
+            error = self.pb.TritonError("request cancelled", code) if code is not None else \
+                self.pb.TritonError("request cancelled")
+            self._send(self.pb.InferenceResponse(error=error), final=True)
+            return
+        full = self.tokenizer.decode(result.tokens) if self.tokenizer is not None else None
+        if self.stream:
+            tail = self.text.rest(full) if (self.text is not None and full is not None) else full
+            tensors = self._tensors([], tail, result)
+        else:
+            tensors = self._tensors(result.tokens, full, result)
+        self._send(self.pb.InferenceResponse(output_tensors=tensors), final=True)
+
+    def fail(self, message: str) -> None:
+        self._send(self.pb.InferenceResponse(error=_error(self.pb, message)), final=True)
+
+    def cancelled(self) -> bool:
+        """The sender's cancel flag (an IPC round trip, so asked at most every few milliseconds)."""
+        if self._gone:
+            return True
+        now = time.monotonic()
+        if now - self._checked < CANCEL_POLL_S:
+            return False
+        self._checked = now
+        check = getattr(self.sender, "is_cancelled", None)
+        if check is not None and check():
+            self._gone = True
+        return self._gone
+
+
+def _error(pb: Any, message: str) -> Any:
+    code = getattr(pb.TritonError, "INVALID_ARG", None)
+    return pb.TritonError(message, code) if code is not None else pb.TritonError(message)
+
+
+class TritonPythonModel:
+    """Triton's entry points: initialize, execute, finalize."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        import triton_python_backend_utils as pb  # only importable inside Triton's stub
+
+        self.pb = pb
+        model_config = json.loads(args["model_config"])
+        self.name = model_config.get("name", "trimode")
+        parameters = {key: value.get("string_value", "") for key, value in
+                      model_config.get("parameters", {}).items()}
+        self.settings = ServingSettings.from_parameters(parameters)
+        self.decoupled = bool(pb.using_decoupled_model_transaction_policy(model_config))
+        if self.settings.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
+        limits = {key: value for key, value in (("max_batch_size", self.settings.max_batch_size),
+                                                ("max_seq_len", self.settings.max_seq_len)) if value > 0}
+        self.engine = open_engine(self.settings.engine_path, dtype=self.settings.dtype,
+                                  use_lora=self.settings.use_lora, device=self.settings.device, **limits)
+        self.tokenizer = None
+        if self.engine.tokenizer_path is not None:
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(self.engine.tokenizer_path))
+        self.batcher = RequestBatcher(self.engine, self.settings.batch_window_ms / 1000.0, on_batch=self._on_batch)
+        self.batcher.start()
+        self.log(f"serving {Path(self.settings.engine_path).name} (decoupled={self.decoupled}, "
+                 f"max batch {self.batcher.max_batch_size}, max sequence {self.engine.max_seq_len}, "
+                 f"tokenizer {'yes' if self.tokenizer else 'no'})")
+
+    def log(self, message: str) -> None:
+        """Into Triton's log when the stub offers a logger, else stderr (which Triton also captures)."""
+        logger = getattr(self.pb, "Logger", None)
+        if logger is not None:
+            logger.log_info(f"[{self.name}] {message}")
+        else:
+            print(f"[{self.name}] {message}", file=sys.stderr, flush=True)
+
+    def _on_batch(self, record: BatchRecord) -> None:
+        self.log(f"batch of {record.size} {record.mode} requests in {record.seconds:.3f}s")
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text).ids
+
+    def execute(self, requests: list[Any]) -> None:
+        """Parse and queue; all responses are sent by the batcher's worker through each request's sender."""
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                inputs = {}
+                for name in INPUT_NAMES:
+                    tensor = self.pb.get_input_tensor_by_name(request, name)
+                    inputs[name] = tensor.as_numpy() if tensor is not None else None
+                parsed = parse_request(inputs, self.engine, default_mode=self.settings.default_mode,
+                                       default_max_tokens=self.settings.default_max_tokens,
+                                       use_lora=self.settings.use_lora, allow_stream=self.decoupled,
+                                       encode=self._encode if self.tokenizer is not None else None)
+            except (RequestError, ValueError) as exc:
+                sender.send(self.pb.InferenceResponse(error=_error(self.pb, str(exc))),
+                            flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            sink = TritonSink(self.pb, sender, self.tokenizer, parsed.stream, self.log)
+            self.batcher.submit(Job(parsed.prompt, parsed.config, sink))
+        return None
+
+    def finalize(self) -> None:
+        self.batcher.stop()

@@ -1,0 +1,111 @@
+"""Turning the input tensors of one Triton request into a prompt and a `GenerationConfig`.
+
+Kept free of `triton_python_backend_utils` (plain numpy in, dataclass out) so every rule is testable without a
+server. Triton itself already rejects tensors whose dtype or rank contradict config.pbtxt; the checks here
+repeat them (a hand-edited config must not turn into a traceback) and add what Triton cannot know: exactly one
+prompt input, a known mode, ids inside the vocabulary, a prompt that fits the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from .engine import StepEngine
+from .generate import GenerationConfig, RequestError, validate_request
+
+INPUT_NAMES = ("text_input", "input_ids", "max_tokens", "mode", "block_length", "threshold", "temperature", "seed",
+               "stream")
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """One request, ready for the batcher."""
+
+    prompt: list[int]
+    config: GenerationConfig
+    stream: bool
+
+
+def _scalar(inputs: Mapping[str, np.ndarray | None], name: str, kind: str) -> object | None:
+    """The single value of an optional input, checked against its kind (int, float, bool, str)."""
+    array = inputs.get(name)
+    if array is None:
+        return None
+    if array.size != 1:
+        raise RequestError(f"input '{name}' must hold exactly one value, got shape {list(array.shape)}")
+    value = array.reshape(-1)[0]
+    if kind == "str":
+        if isinstance(value, bytes):
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RequestError(f"input '{name}' is not valid UTF-8") from None
+        if isinstance(value, str):
+            return value
+        raise RequestError(f"input '{name}' must be BYTES (a string), got {array.dtype}")
+    if kind == "bool":
+        if array.dtype != np.bool_:
+            raise RequestError(f"input '{name}' must be BOOL, got {array.dtype}")
+        return bool(value)
+    if kind == "int":
+        if not np.issubdtype(array.dtype, np.integer):
+            raise RequestError(f"input '{name}' must be an integer, got {array.dtype}")
+        return int(value)
+    if not np.issubdtype(array.dtype, np.floating) and not np.issubdtype(array.dtype, np.integer):
+        raise RequestError(f"input '{name}' must be a number, got {array.dtype}")
+    number = float(value)
+    if not np.isfinite(number):
+        raise RequestError(f"input '{name}' must be finite, got {number}")
+    return number
+
+
+def _prompt(inputs: Mapping[str, np.ndarray | None], encode: Callable[[str], list[int]] | None) -> list[int]:
+    text = inputs.get("text_input")
+    ids = inputs.get("input_ids")
+    if text is None and ids is None:
+        raise RequestError("missing input: give text_input (BYTES) or input_ids (INT32)")
+    if text is not None and ids is not None:
+        raise RequestError("give text_input or input_ids, not both")
+    if ids is not None:
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise RequestError(f"input 'input_ids' must be INT32 token ids, got {ids.dtype}")
+        if ids.ndim != 1:
+            raise RequestError(f"input 'input_ids' must be one-dimensional [num_tokens], got shape "
+                               f"{list(ids.shape)}")
+        return [int(t) for t in ids]
+    prompt_text = _scalar(inputs, "text_input", "str")
+    if encode is None:
+        raise RequestError("text_input needs a tokenizer, and this engine has none (send input_ids)")
+    return list(encode(str(prompt_text)))
+
+
+def parse_request(inputs: Mapping[str, np.ndarray | None], engine: StepEngine, *, default_mode: str = "spec",
+                  default_max_tokens: int = 64, use_lora: bool = True, allow_stream: bool = True,
+                  encode: Callable[[str], list[int]] | None = None) -> ParsedRequest:
+    """Read and validate one request; every problem is a `RequestError` whose message the client sees."""
+    prompt = _prompt(inputs, encode)
+    mode = _scalar(inputs, "mode", "str")
+    max_tokens = _scalar(inputs, "max_tokens", "int")
+    block_length = _scalar(inputs, "block_length", "int")
+    seed = _scalar(inputs, "seed", "int")
+    temperature = _scalar(inputs, "temperature", "float")
+    threshold = _scalar(inputs, "threshold", "float")
+    stream = bool(_scalar(inputs, "stream", "bool") or False)
+    if max_tokens is not None and max_tokens <= 0:  # type: ignore[operator]
+        raise RequestError(f"max_tokens must be positive, got {max_tokens}")
+    if stream and not allow_stream:
+        raise RequestError("stream=true needs the decoupled model (this one answers with a single response)")
+    config = GenerationConfig(
+        mode=str(mode).strip().lower() if mode is not None else default_mode,
+        max_new_tokens=int(max_tokens) if max_tokens is not None else default_max_tokens,  # type: ignore[arg-type]
+        block_length=int(block_length) if block_length is not None else engine.config.block_size,  # type: ignore[arg-type]
+        threshold=threshold,  # type: ignore[arg-type]
+        temperature=float(temperature) if temperature is not None else 0.0,  # type: ignore[arg-type]
+        seed=int(seed) if seed is not None else 0,  # type: ignore[arg-type]
+        use_lora=use_lora,
+    )
+    validate_request(engine, [prompt], config)
+    return ParsedRequest(prompt, config, stream)
