@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+
 from trimode.builder.presets import PRESETS
 from trimode.builder.random_checkpoint import make_config, write_random_checkpoint
 from trimode.plugins.reference import block_attention_reference

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from trimode.builder.presets import PRESETS
 from trimode.builder.random_checkpoint import make_config, write_random_checkpoint
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from trimode.runtime.kv_cache import KVCache
 
 VOCAB = 64

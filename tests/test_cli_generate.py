@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from trimode.runtime.generate import GenerationConfig, generate
 from trimode.runtime.loader import engine_from_checkpoint
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from trimode.builder import engine_build
 from trimode.builder.checkpoint import load_checkpoint
 from trimode.builder.convert import convert_checkpoint

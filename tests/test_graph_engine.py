@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from trimode.runtime.cuda_graphs import GraphEngine, batch_buckets
 from trimode.runtime.generate import GenerationConfig, generate
 from trimode.runtime.loader import engine_from_checkpoint

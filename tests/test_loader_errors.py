@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from trimode.builder.checkpoint import load_checkpoint
 from trimode.builder.errors import CheckpointError
 from trimode.builder.safetensors_io import SafetensorsFile, write_safetensors

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from trimode.runtime.generate import GenerationConfig, RequestError, generate, validate_request
 from trimode.runtime.loader import engine_from_checkpoint
 

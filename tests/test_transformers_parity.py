@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from trimode.builder.checkpoint import load_checkpoint
 from trimode.runtime.loader import engine_from_checkpoint
 

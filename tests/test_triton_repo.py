@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 from tokenizers import Tokenizer
+
 from trimode.builder.errors import CheckpointError
 from trimode.builder.triton_repo import ServingSettings, write_triton_repo
 from trimode.runtime.generate import GenerationConfig, RequestError, generate

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from trimode.builder.triton_repo import write_triton_repo
 from trimode.runtime.engine_loader import open_engine
 from trimode.runtime.generate import GenerationConfig, generate
