@@ -5,14 +5,13 @@ from __future__ import annotations
 from .engine import StepEngine
 from .kv_cache import KVCache
 from .sampling import pick_tokens
-from .sequence import CancelCheck, Sequence, TokenCallback, active, drop_cancelled
+from .sequence import CancelCheck, Sequence, TokenCallback, active, drop_cancelled, prefill_all
 
 
 def run_ar(engine: StepEngine, cache: KVCache, sequences: list[Sequence], temperature: float,
            on_tokens: TokenCallback | None, is_cancelled: CancelCheck | None) -> None:
-    logits = engine.prefill(cache, [s.slot for s in sequences], [s.prompt for s in sequences])
+    logits = prefill_all(engine, cache, sequences)
     for row, seq in enumerate(sequences):
-        seq.forwards += 1
         seq.emit([int(pick_tokens(logits[row], temperature, seq.generator))], on_tokens)
     while True:
         drop_cancelled(sequences, is_cancelled)

@@ -13,7 +13,7 @@ import torch
 from .engine import StepEngine
 from .kv_cache import KVCache
 from .sampling import denoise_candidates
-from .sequence import CancelCheck, Sequence, TokenCallback, active, drop_cancelled
+from .sequence import CancelCheck, Sequence, TokenCallback, active, drop_cancelled, prefill_all
 
 
 def transfer_schedule(masked: int, steps: int) -> list[int]:
@@ -51,10 +51,9 @@ def run_diffusion(engine: StepEngine, cache: KVCache, sequences: list[Sequence],
                   is_cancelled: CancelCheck | None) -> None:
     mask_id, eos_id = engine.config.mask_token_id, engine.config.eos_token_id
     length = block_length
-    logits = engine.prefill(cache, [s.slot for s in sequences], [s.prompt for s in sequences])
+    logits = prefill_all(engine, cache, sequences)
     seeds: dict[int, int] = {}
     for row, seq in enumerate(sequences):
-        seq.forwards += 1
         seeds[seq.index] = int(denoise_candidates(logits[row : row + 1], temperature, seq.generator)[0][0])
     num_blocks = sequences[0].max_new_tokens // length
     for block_number in range(num_blocks):

@@ -13,7 +13,7 @@ import torch
 from .engine import StepEngine
 from .kv_cache import KVCache
 from .sampling import pick_tokens
-from .sequence import CancelCheck, Sequence, TokenCallback, active, drop_cancelled
+from .sequence import CancelCheck, Sequence, TokenCallback, active, drop_cancelled, prefill_all
 
 
 def fill_draft(block: torch.Tensor, logits: torch.Tensor, mask_id: int, threshold: float | None) -> None:
@@ -42,9 +42,8 @@ def run_spec(engine: StepEngine, cache: KVCache, sequences: list[Sequence], bloc
              is_cancelled: CancelCheck | None) -> None:
     mask_id, length = engine.config.mask_token_id, block_length
     lora = use_lora and engine.has_lora
-    logits = engine.prefill(cache, [s.slot for s in sequences], [s.prompt for s in sequences])
+    logits = prefill_all(engine, cache, sequences)
     for row, seq in enumerate(sequences):
-        seq.forwards += 1
         seq.emit([int(pick_tokens(logits[row], temperature, seq.generator))], on_tokens)
     while True:
         drop_cancelled(sequences, is_cancelled)

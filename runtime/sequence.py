@@ -73,6 +73,14 @@ class Sequence:
         return SequenceResult(self.tokens, self.forwards, self.finish_reason or "length", len(self.prompt))
 
 
+def prefill_all(engine, cache, sequences: list[Sequence]) -> torch.Tensor:
+    """Causal prefill of every prompt (one forward each); last-token logits [B, V]."""
+    logits = engine.prefill(cache, [s.slot for s in sequences], [s.prompt for s in sequences])
+    for seq in sequences:
+        seq.forwards += 1
+    return logits
+
+
 def make_sequences(prompts: list[list[int]], max_new_tokens: int, eos: int, seed: int) -> list[Sequence]:
     return [Sequence(i, i, list(p), max_new_tokens, eos, make_generator(seed)) for i, p in enumerate(prompts)]
 

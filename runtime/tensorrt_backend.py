@@ -58,6 +58,7 @@ from ..builder.onnx_export import (
     k_cache_name,
     v_cache_name,
 )
+from .cuda_graphs import batch_buckets
 from .engine import CapacityError
 from .graph_steps import GraphStepEngine, StepInputs
 from .kv_cache import KVCache
@@ -195,15 +196,6 @@ def build_tensorrt(staging: Path, checkpoint: Checkpoint, plan: BuildPlan, lora:
 
 
 # -- run -----------------------------------------------------------------------------------------------------
-def batch_buckets(max_batch_size: int) -> list[int]:
-    """Powers of two up to the maximum, and the maximum itself: one captured graph per bucket."""
-    buckets, size = [], 1
-    while size < max_batch_size:
-        buckets.append(size)
-        size *= 2
-    return buckets + [max_batch_size]
-
-
 @dataclass
 class _StaticStep:
     """Device buffers of one (profile, bucket) step and its captured graph (None for eager prefill)."""
