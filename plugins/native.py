@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 MAX_SPLITS = 32
 BUILD_DIR = Path(os.environ.get("TRIMODE_PLUGIN_BUILD_DIR", Path(__file__).resolve().parent / "build"))
 LIBRARIES = {
@@ -78,6 +78,7 @@ class Params(ctypes.Structure):
         ("slots", ctypes.c_void_p),
         ("cache_lens", ctypes.c_void_p),
         ("chunk_lens", ctypes.c_void_p),
+        ("mask_kind_device", ctypes.c_void_p),  # ABI 2: NULL means the mask_kind field
         ("out", ctypes.c_void_p),
         ("workspace", ctypes.c_void_p),
         ("workspace_size", ctypes.c_size_t),
@@ -172,11 +173,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def make_params(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, slots: torch.Tensor | None, cache_lens: torch.Tensor,
                 chunk_lens: torch.Tensor, out: torch.Tensor, mask_kind: int, write_kv: bool, scale: float,
-                workspace: torch.Tensor | None = None, max_cache_len: int = 0) -> Params:
+                workspace: torch.Tensor | None = None, max_cache_len: int = 0,
+                mask_kind_tensor: torch.Tensor | None = None) -> Params:
     """Fills Params from tensors laid out per the contract; the tensors must outlive the call.
 
     Only the sizes are taken from the tensors; checking that they are contiguous, of one dtype and int32 index
     vectors is the caller's job (the torch op does it), because the C API cannot see strides.
+    `mask_kind_tensor` (an int32 tensor whose first element is the kind, on the library's device) sets
+    `mask_kind_device`: the library then reads the kind from it and ignores `mask_kind`.
     """
     batch, chunk, num_heads, head_dim = q.shape
     slots_count, capacity, num_kv_heads, _ = k_cache.shape
@@ -186,7 +190,8 @@ def make_params(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cac
         max_cache_len=max_cache_len, mask_kind=int(mask_kind), write_kv=int(bool(write_kv)),
         scale=float(scale),
         q=_ptr(q), k_new=_ptr(k_new), v_new=_ptr(v_new), k_cache=_ptr(k_cache), v_cache=_ptr(v_cache),
-        slots=_ptr(slots), cache_lens=_ptr(cache_lens), chunk_lens=_ptr(chunk_lens), out=_ptr(out),
+        slots=_ptr(slots), cache_lens=_ptr(cache_lens), chunk_lens=_ptr(chunk_lens),
+        mask_kind_device=_ptr(mask_kind_tensor), out=_ptr(out),
         workspace=_ptr(workspace), workspace_size=0 if workspace is None else workspace.numel(),
     )
 
@@ -194,8 +199,12 @@ def make_params(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cac
 def block_attention_host(kind: str, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                          k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor | None,
                          cache_lens: torch.Tensor, chunk_lens: torch.Tensor, mask_kind: int, write_kv: bool,
-                         scale: float) -> torch.Tensor:
-    """Runs a host-pointer library ("cpu" or "emu") on CPU tensors; mutates the caches when write_kv."""
+                         scale: float, mask_kind_tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """Runs a host-pointer library ("cpu" or "emu") on CPU tensors; mutates the caches when write_kv.
+
+    With `mask_kind_tensor` (int32, one element) the library reads the mask kind from that memory
+    (`mask_kind_device`, the path of the TensorRT plugin) and `mask_kind` is ignored.
+    """
     if kind == "cuda":
         raise ValueError("the cuda library takes device pointers: use trimode.plugins.torch_op")
     lib = load(kind)
@@ -204,9 +213,14 @@ def block_attention_host(kind: str, q: torch.Tensor, k_new: torch.Tensor, v_new:
         raise ValueError("host libraries need contiguous CPU tensors")
     index = [None if slots is None else slots.to(torch.int32).contiguous(),
              cache_lens.to(torch.int32).contiguous(), chunk_lens.to(torch.int32).contiguous()]
+    mask = None
+    if mask_kind_tensor is not None:
+        if mask_kind_tensor.device.type != "cpu" or mask_kind_tensor.numel() != 1:
+            raise ValueError("mask_kind_tensor must be one CPU element for a host library")
+        mask = mask_kind_tensor.to(torch.int32).contiguous()
     out = torch.empty_like(q)
     params = make_params(q, k_new, v_new, k_cache, v_cache, index[0], index[1], index[2], out, mask_kind,
-                         write_kv, scale)
+                         write_kv, scale, mask_kind_tensor=mask)
     size = lib.workspace_size(params)
     workspace = torch.empty(size, dtype=torch.uint8) if size else None
     if workspace is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from trimode.plugins import native
 from trimode.plugins.reference import block_attention_reference
 
@@ -259,6 +260,126 @@ def test_bidirectional_sees_the_whole_chunk_and_causal_does_not(kind):
         )
         moved = [t for t in range(6) if not torch.equal(before[0, t], after[0, t])]
         assert moved == moved_rows, (mask_kind, moved)
+
+
+def _run_host(kind: str, c: Case, mask_kind: int, write_kv: bool, mask_kind_tensor: torch.Tensor | None = None):
+    """Output and written caches of one call (the caches are copies, so the case is never mutated)."""
+    k_cache, v_cache = c.k_cache.clone(), c.v_cache.clone()
+    out = native.block_attention_host(
+        kind,
+        c.q,
+        c.k,
+        c.v,
+        k_cache,
+        v_cache,
+        c.slots,
+        c.cache_lens,
+        c.chunk_lens,
+        mask_kind,
+        write_kv,
+        c.q.shape[-1] ** -0.5,
+        mask_kind_tensor=mask_kind_tensor,
+    )
+    return out, k_cache, v_cache
+
+
+@pytest.mark.parametrize("mask_kind", [0, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("write_kv", [False, True])
+def test_mask_kind_from_pointer_matches_host_field(kind, mask_kind, dtype, write_kv):
+    """mask_kind_device (the TensorRT plugin's path: the kind is a tensor read inside the call) gives exactly
+    the host field's result, and the host field is then ignored (set here to the other kind)."""
+    for i, (chunk, cache_lens, chunk_lens, slots) in enumerate(SHAPES):
+        c = make_case(200 + i, dtype, 8, 2, 64, chunk, cache_lens, chunk_lens, slots=slots)
+        want = _run_host(kind, c, mask_kind, write_kv)
+        got = _run_host(kind, c, 1 - mask_kind, write_kv, torch.tensor([mask_kind], dtype=torch.int32))
+        for w, g in zip(want, got, strict=True):
+            assert torch.equal(w, g), (kind, chunk, cache_lens, chunk_lens)
+        if dtype == torch.float32:
+            assert run_and_check(kind, c, mask_kind, write_kv) < TOLERANCE[dtype]
+
+
+def test_mask_kind_from_pointer_one_call_site_serves_both_kinds(kind):
+    """One Params, one tensor: changing the tensor's value between calls switches causal <-> bidirectional,
+    as one TensorRT plan (or captured CUDA graph) does between a verify step and a draft step."""
+    c = make_case(11, torch.float32, 4, 2, 64, 6, [10, 3], [6, 4])
+    mask = torch.zeros(1, dtype=torch.int32)
+    out = torch.empty_like(c.q)
+    params = native.make_params(
+        c.q,
+        c.k,
+        c.v,
+        c.k_cache,
+        c.v_cache,
+        c.slots,
+        c.cache_lens,
+        c.chunk_lens,
+        out,
+        0,
+        False,
+        0.125,
+        mask_kind_tensor=mask,
+    )
+    lib = native.load(kind)
+    for value in (0, 1, 0, 1):
+        mask.fill_(value)
+        out.fill_(float("nan"))
+        lib.check(params)
+        want = _run_host(kind, c, value, False)[0]
+        assert torch.equal(out, want), value
+
+
+@pytest.mark.parametrize("sm_count", [1, 64])
+@pytest.mark.parametrize("mask_kind", [0, 1])
+def test_kernel_mask_kind_from_pointer_split_and_unsplit(sm_count, mask_kind):
+    """The emulated kernel reads the kind in every block of the attention kernel and the combine kernel."""
+    require("emu")
+    native.emu_set_sm_count(sm_count)
+    c = make_case(8, torch.float32, 8, 2, 128, 3, [250, 0, 131], [1, 3, 2], capacity=320, slots=[2, 4, 0])
+    want = _run_host("emu", c, mask_kind, True)
+    got = _run_host("emu", c, 1 - mask_kind, True, torch.tensor([mask_kind], dtype=torch.int32))
+    for w, g in zip(want, got, strict=True):
+        assert torch.equal(w, g)
+
+
+@pytest.mark.parametrize(
+    "value,status", [(2, native.ERR_MASK_NOT_IMPLEMENTED), (3, native.ERR_MASK_KIND), (-1, native.ERR_MASK_KIND)]
+)
+def test_cpu_library_rejects_a_bad_mask_kind_in_memory(value, status):
+    """The CPU library reads the pointer on the host, so a bad value gets the host field's status, untouched
+    output; a valid pointer makes an invalid host field irrelevant."""
+    lib = require("cpu")
+    c = make_case(0, torch.float32, 4, 2, 64, 2, [3], [2])
+    out = torch.full_like(c.q, 7.0)
+    mask = torch.tensor([value], dtype=torch.int32)
+    got = lib.run(_params(c, out, mask_kind=0, mask_kind_device=mask.data_ptr()))
+    assert got == status, lib.error_string(got)
+    assert (out == 7.0).all()
+    mask.fill_(1)
+    assert lib.run(_params(c, out, mask_kind=2, mask_kind_device=mask.data_ptr())) == native.OK
+
+
+@pytest.mark.parametrize("value", [2, 3, -1, 1 << 30])
+@pytest.mark.parametrize("sm_count", [1, 64])
+def test_emulated_kernel_zeros_the_output_for_a_bad_mask_kind_in_memory(value, sm_count):
+    """The kernel cannot report device data: a kind other than 0/1 makes every sequence empty (zero output,
+    no cache write) instead of crashing or silently picking a mask."""
+    require("emu")
+    native.emu_set_sm_count(sm_count)
+    c = make_case(9, torch.float32, 8, 2, 64, 3, [250, 0, 40], [1, 3, 2], capacity=320)
+    out, k_cache, v_cache = _run_host("emu", c, 0, True, torch.tensor([value], dtype=torch.int32))
+    assert (out == 0).all()
+    assert torch.equal(k_cache, c.k_cache) and torch.equal(v_cache, c.v_cache)
+
+
+def test_workspace_size_ignores_the_host_field_when_the_kind_is_in_memory(kind):
+    c = make_case(1, torch.bfloat16, 8, 2, 128, 1, [300], [1], capacity=512)
+    out = torch.empty_like(c.q)
+    mask = torch.zeros(1, dtype=torch.int32)
+    lib = native.load(kind)
+    with_field = lib.workspace_size(_params(c, out))
+    assert lib.workspace_size(_params(c, out, mask_kind=5, mask_kind_device=mask.data_ptr())) == with_field
+    assert lib.run(_params(c, out, mask_kind=5)) == native.ERR_MASK_KIND
 
 
 def _params(c: Case, out: torch.Tensor, **overrides) -> native.Params:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from trimode.plugins import native, torch_op
 from trimode.plugins.reference import block_attention_reference
 
@@ -198,3 +199,47 @@ def test_cuda_op_inside_cuda_graph():
     eager = call(torch_op.block_attention, a, 0, False)
     torch.cuda.synchronize()
     assert torch.equal(static_out, eager)
+
+
+@requires_cuda
+def test_cuda_library_reads_the_mask_kind_from_device_memory_inside_cuda_graph():
+    """The TensorRT plugin's path: one captured call, the kind in a device tensor (mask_kind_device), switched
+    between replays; each replay equals the op's host-field result bit for bit, a bad value gives zeros."""
+    require_cuda_library()
+    lib = native.load("cuda")
+    a = inputs("cuda", torch.bfloat16, 5, 32, 8, 128, 6, (100, 0, 1500), (6, 3, 1), capacity=2048)
+    mask = torch.zeros(1, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(a["q"])
+    params = native.make_params(
+        a["q"],
+        a["k_new"],
+        a["v_new"],
+        a["k_cache"],
+        a["v_cache"],
+        a["slots"],
+        a["cache_lens"],
+        a["chunk_lens"],
+        out,
+        5,
+        False,
+        128**-0.5,
+        mask_kind_tensor=mask,
+    )  # host field 5 (invalid): ignored because the kind is read from `mask`
+    size = lib.workspace_size(params)
+    workspace = torch.empty(max(size, 1), dtype=torch.uint8, device="cuda")
+    params.workspace, params.workspace_size = workspace.data_ptr(), size
+    lib.check(params, torch.cuda.current_stream().cuda_stream)  # warm-up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        lib.check(params, torch.cuda.current_stream().cuda_stream)
+    for value in (0, 1, 0, 1):
+        mask.fill_(value)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = call(torch_op.block_attention, a, value, False)
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager), value
+    mask.fill_(7)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert (out == 0).all()

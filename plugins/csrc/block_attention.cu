@@ -14,6 +14,8 @@
 // [p_b, p_b + n_b). Every block reads cache positions < p_b only (chunk keys are read from k_new), so the copy
 // cannot race with any read. Device data cannot be validated without a host sync, so out-of-range values are
 // clamped instead: n_b to [0, T], p_b to [0, L], a bad slot makes the sequence empty, writes past L are dropped.
+// The mask kind may come from device memory too (mask_kind_device, read by every block): a value other than 0
+// (causal) or 1 (bidirectional) makes every sequence empty (zero output, no cache write).
 #include <cuda_runtime.h>
 
 #include <cmath>

@@ -10,6 +10,8 @@
  *   slots       [B] int32       cache slot of each sequence; NULL means slot b = b
  *   cache_lens  [B] int32       p_b: valid cached positions of sequence b
  *   chunk_lens  [B] int32       n_b <= T: valid chunk tokens of sequence b
+ *   mask kind   0 causal | 1 bidirectional block: the host field mask_kind, or, when mask_kind_device is set,
+ *               the int32 it points at (read by the implementation itself, see below)
  *   out         [B, T, Hq, D]   rows t >= n_b are written as zeros
  *
  * Query t < n_b of sequence b attends to cached positions 0..p_b-1 and to chunk tokens j < n_b with j <= t
@@ -22,6 +24,14 @@
  * the CUDA headers (the CPU library ignores it). For the CUDA library every pointer is a device pointer and
  * nothing synchronizes the host, so a call can be captured in a CUDA graph; for the CPU library every pointer
  * is a host pointer.
+ *
+ * Mask kind from memory (mask_kind_device, ABI 2): one captured graph or TensorRT plan then serves causal and
+ * bidirectional steps, the kind being whatever the tensor holds at execution time (the ONNX graph's mask_kind
+ * input). The CUDA kernel reads it on the device (no host sync, so the call stays capturable); it cannot
+ * report a bad value, so a value other than 0 or 1 makes every sequence empty: the output is all zeros and
+ * write_kv writes nothing (never a crash, never a silently different mask). The CPU library reads it on the
+ * host and returns the status of the host field instead (6 for 2, 5 for any other value). When
+ * mask_kind_device is set the host field mask_kind is ignored.
  */
 #ifndef TRIMODE_BLOCK_ATTENTION_H
 #define TRIMODE_BLOCK_ATTENTION_H
@@ -40,7 +50,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever TrimodeAttentionParams changes layout; callers set params.abi_version to it. */
-#define TRIMODE_ATTENTION_ABI_VERSION 1
+#define TRIMODE_ATTENTION_ABI_VERSION 2
 
 /* Most partial results one query row is split into (flash-decoding). */
 #define TRIMODE_MAX_SPLITS 32
@@ -83,7 +93,7 @@ typedef struct TrimodeAttentionParams {
     int32_t cache_slots; /* S */
     int32_t cache_capacity; /* L: positions per slot */
     int32_t max_cache_len;  /* optional host-known upper bound of every p_b (0: use L); only sizes the split */
-    int32_t mask_kind;   /* TrimodeMaskKind */
+    int32_t mask_kind;   /* TrimodeMaskKind; ignored when mask_kind_device is set */
     int32_t write_kv;    /* nonzero: store the chunk's K/V into the cache */
     float scale;         /* softmax scale, typically head_dim ** -0.5 */
     const void* q;
@@ -94,6 +104,7 @@ typedef struct TrimodeAttentionParams {
     const int32_t* slots; /* may be NULL */
     const int32_t* cache_lens;
     const int32_t* chunk_lens;
+    const int32_t* mask_kind_device; /* may be NULL (use mask_kind); else one int32 read inside the call (ABI 2) */
     void* out;
     void* workspace;      /* may be NULL; too small a workspace only means fewer splits */
     size_t workspace_size;
@@ -108,7 +119,7 @@ TRIMODE_API int trimode_block_attention_workspace_size(const TrimodeAttentionPar
 /* A static, human-readable description of a status code. */
 TRIMODE_API const char* trimode_error_string(int status);
 
-/* "cuda" or "cpu": which implementation this library is. */
+/* "cuda", "cpu" or "emu": which implementation this library is. */
 TRIMODE_API const char* trimode_backend_name(void);
 
 /* TRIMODE_ATTENTION_ABI_VERSION the library was built with. */

@@ -43,13 +43,22 @@ inline size_t dtype_size(int dtype) {
     }
 }
 
-// Checks the sizes and flags; needs no tensor pointer (so a workspace can be sized before allocating).
+// The status of a mask kind value: ok for causal and bidirectional, else why it is rejected.
+inline int validate_mask_kind(int32_t mask_kind) {
+    if (mask_kind == TRIMODE_MASK_STRUCTURED) return TRIMODE_ERR_MASK_NOT_IMPLEMENTED;
+    if (mask_kind != TRIMODE_MASK_CAUSAL && mask_kind != TRIMODE_MASK_BIDIRECTIONAL) return TRIMODE_ERR_MASK_KIND;
+    return TRIMODE_OK;
+}
+
+// Checks the sizes and flags; needs no tensor pointer (so a workspace can be sized before allocating). With
+// mask_kind_device set the host field is ignored: the kind lives in memory that may be the device's.
 inline int validate_shapes(const TrimodeAttentionParams* p) {
     if (p == nullptr) return TRIMODE_ERR_NULL_POINTER;
     if (p->abi_version != TRIMODE_ATTENTION_ABI_VERSION) return TRIMODE_ERR_ABI;
-    if (p->mask_kind == TRIMODE_MASK_STRUCTURED) return TRIMODE_ERR_MASK_NOT_IMPLEMENTED;
-    if (p->mask_kind != TRIMODE_MASK_CAUSAL && p->mask_kind != TRIMODE_MASK_BIDIRECTIONAL)
-        return TRIMODE_ERR_MASK_KIND;
+    if (p->mask_kind_device == nullptr) {
+        const int status = validate_mask_kind(p->mask_kind);
+        if (status != TRIMODE_OK) return status;
+    }
     if (dtype_size(p->dtype) == 0) return TRIMODE_ERR_DTYPE;
     if (p->batch <= 0 || p->chunk <= 0 || p->num_heads <= 0 || p->num_kv_heads <= 0 || p->cache_slots <= 0 ||
         p->cache_capacity <= 0 || p->max_cache_len < 0 || p->max_cache_len > p->cache_capacity)

@@ -51,8 +51,15 @@ int validate_lengths(const TrimodeAttentionParams* p) {
     return TRIMODE_OK;
 }
 
+// The mask kind of the call: the host field, or the int32 at mask_kind_device (a host pointer here, so unlike
+// the CUDA kernel, which zeros the output for a bad value, this library can reject it with the field's status).
+int read_mask_kind(const TrimodeAttentionParams* p, int32_t* mask_kind) {
+    *mask_kind = p->mask_kind_device ? *p->mask_kind_device : p->mask_kind;
+    return trimode::validate_mask_kind(*mask_kind);
+}
+
 // One sequence: out[b, t, hq, :] for every t < n, exactly the loop of block_attention_reference.
-void attend_sequence(const TrimodeAttentionParams* p, int b) {
+void attend_sequence(const TrimodeAttentionParams* p, int32_t mask_kind, int b) {
     const int T = p->chunk, Hq = p->num_heads, Hkv = p->num_kv_heads, D = p->head_dim;
     const int group = Hq / Hkv;
     const int slot = p->slots ? p->slots[b] : b;
@@ -62,7 +69,7 @@ void attend_sequence(const TrimodeAttentionParams* p, int b) {
     std::vector<float> scores(static_cast<size_t>(past) + n);
     std::vector<float> acc(D);
     for (int t = 0; t < n; ++t) {
-        const int visible_new = p->mask_kind == TRIMODE_MASK_CAUSAL ? t + 1 : n;
+        const int visible_new = mask_kind == TRIMODE_MASK_CAUSAL ? t + 1 : n;
         const int keys = past + visible_new;
         for (int hq = 0; hq < Hq; ++hq) {
             const int h = hq / group;
@@ -117,6 +124,9 @@ extern "C" {
 TRIMODE_API int trimode_block_attention(const TrimodeAttentionParams* p, void* /*stream*/) {
     int status = trimode::validate_params(p);
     if (status != TRIMODE_OK) return status;
+    int32_t mask_kind = 0;
+    status = read_mask_kind(p, &mask_kind);
+    if (status != TRIMODE_OK) return status;
     status = validate_lengths(p);
     if (status != TRIMODE_OK) return status;
     const size_t elem = trimode::dtype_size(p->dtype);
@@ -124,7 +134,7 @@ TRIMODE_API int trimode_block_attention(const TrimodeAttentionParams* p, void* /
     std::memset(p->out, 0, out_bytes);  // rows t >= n_b stay zero
     // Sequence by sequence, attention before the write, as in the reference: batching never changes a result.
     for (int b = 0; b < p->batch; ++b) {
-        attend_sequence(p, b);
+        attend_sequence(p, mask_kind, b);
         if (p->write_kv) write_sequence_kv(p, b);
     }
     return TRIMODE_OK;

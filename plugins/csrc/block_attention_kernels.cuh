@@ -19,6 +19,7 @@ struct KernelArgs {
     const int32_t* slots;
     const int32_t* cache_lens;
     const int32_t* chunk_lens;
+    const int32_t* mask_kind_device;  // NULL: mask_kind below; else read by every block (see load_sequence)
     void* out;
     float* part_o;    // [splits][B*T*Hq][D]
     float* part_lse;  // [splits][B*T*Hq], log2 domain
@@ -39,6 +40,7 @@ inline KernelArgs make_kernel_args(const TrimodeAttentionParams* p, const SplitP
     a.slots = p->slots;
     a.cache_lens = p->cache_lens;
     a.chunk_lens = p->chunk_lens;
+    a.mask_kind_device = p->mask_kind_device;
     a.out = p->out;
     a.batch = p->batch;
     a.chunk = p->chunk;
@@ -62,14 +64,21 @@ inline KernelArgs make_kernel_args(const TrimodeAttentionParams* p, const SplitP
 
 struct Sequence {
     int slot, past, n;
+    bool causal;
 };
 
+// The per-sequence view of the device data, clamped (device data cannot be validated without a host sync).
+// The mask kind comes from memory when mask_kind_device is set: a value other than causal/bidirectional makes
+// the sequence empty, like a bad slot (zero output, no cache write), in the attention and combine kernels alike.
 __device__ __forceinline__ Sequence load_sequence(const KernelArgs& a, int b) {
     Sequence s;
+    const int mask_kind = a.mask_kind_device ? a.mask_kind_device[0] : a.mask_kind;
+    s.causal = mask_kind == TRIMODE_MASK_CAUSAL;
     s.slot = a.slots ? a.slots[b] : b;
     s.past = min(max(a.cache_lens[b], 0), a.cache_capacity);
     s.n = min(max(a.chunk_lens[b], 0), a.chunk);
     if (s.slot < 0 || s.slot >= a.cache_slots) s.n = 0;
+    if (mask_kind != TRIMODE_MASK_CAUSAL && mask_kind != TRIMODE_MASK_BIDIRECTIONAL) s.n = 0;
     return s;
 }
 
@@ -174,7 +183,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(KernelArgs a) {
 
     // Keys this tile can see: causal rows stop at their own chunk token, so the last valid row bounds the range.
     const int t_last = (row0 + rows_valid - 1) / G;
-    const int kv_total = a.mask_kind == TRIMODE_MASK_CAUSAL ? seq.past + t_last + 1 : seq.past + seq.n;
+    const int kv_total = seq.causal ? seq.past + t_last + 1 : seq.past + seq.n;
     const int kv_begin = split * a.split_keys;
     const int kv_end = split == a.splits - 1 ? kv_total : min(kv_total, kv_begin + a.split_keys);
 
@@ -215,7 +224,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(KernelArgs a) {
                 const int col = lane + 32 * c;
                 const int j = j0 + col;
                 const bool visible = r < rows_valid && j < kv_end &&
-                                     (a.mask_kind != TRIMODE_MASK_CAUSAL || j - seq.past <= t);
+                                     (!seq.causal || j - seq.past <= t);
                 s[c] = visible ? ss[r * L::ld_s + col] * a.scale_log2 : -INFINITY;
             }
             const float m_old = m_s[r];

@@ -30,6 +30,7 @@ struct Case {
     int dtype, batch, chunk, heads, kv_heads, head_dim, slots_count, capacity;
     std::vector<int> slots, cache_lens, chunk_lens;
     int mask_kind, write_kv, sm_count;
+    bool mask_from_memory = false;  // pass mask_kind through mask_kind_device (an exact 4-byte buffer)
 };
 
 int run(const Case& c) {
@@ -58,16 +59,25 @@ int run(const Case& c) {
         index[2 * c.batch + b] = c.chunk_lens[b];
     }
     p.slots = index, p.cache_lens = index + c.batch, p.chunk_lens = index + 2 * c.batch;
+    int32_t* mask = nullptr;
+    if (c.mask_from_memory) {
+        mask = static_cast<int32_t*>(random_buffer(sizeof(int32_t), 0, gen));
+        *mask = c.mask_kind;
+        p.mask_kind = 99;  // ignored when mask_kind_device is set
+        p.mask_kind_device = mask;
+    }
     size_t workspace = 0;
     trimode_block_attention_workspace_size(&p, &workspace);
     p.workspace = workspace ? random_buffer(workspace, 0, gen) : nullptr;
     p.workspace_size = workspace;
     const int status = trimode_block_attention(&p, nullptr);
-    std::printf("dtype %d B%d T%d Hq%d Hkv%d D%d mask %d splits-workspace %zu: status %d\n", c.dtype, c.batch,
-                c.chunk, c.heads, c.kv_heads, c.head_dim, c.mask_kind, workspace, status);
+    std::printf("dtype %d B%d T%d Hq%d Hkv%d D%d mask %d%s splits-workspace %zu: status %d\n", c.dtype, c.batch,
+                c.chunk, c.heads, c.kv_heads, c.head_dim, c.mask_kind, c.mask_from_memory ? " (memory)" : "",
+                workspace, status);
     for (const void* t : {p.q, p.k_new, p.v_new, static_cast<const void*>(p.k_cache),
                           static_cast<const void*>(p.v_cache), static_cast<const void*>(p.out),
-                          static_cast<const void*>(index), static_cast<const void*>(p.workspace)})
+                          static_cast<const void*>(index), static_cast<const void*>(p.workspace),
+                          static_cast<const void*>(mask)})
         std::free(const_cast<void*>(t));
     return status;
 }
@@ -87,6 +97,16 @@ int main() {
                     {dtype, 2, 4, 4, 2, head_dim, 2, 16, {1, -1}, {99, -5}, {9, -1}, mask, 1, 8},  // clamped data
                 };
                 for (const Case& c : cases) failures += run(c) != TRIMODE_OK;
+            }
+    // The mask kind read from memory, valid and not (a bad value must give zeros, never an out-of-bounds access).
+    for (int dtype : {TRIMODE_DTYPE_FLOAT32, TRIMODE_DTYPE_BFLOAT16})
+        for (int head_dim : {64, 128})
+            for (int mask : {0, 1, 2, -1}) {
+                Case direct{dtype, 3, 5, 8, 2, head_dim, 3, 70, {2, 0, 1}, {0, 7, 65}, {5, 2, 5}, mask, 1, 8};
+                Case split{dtype, 2, 1, 4, 1, head_dim, 2, 300, {1, 0}, {299, 0}, {1, 1}, mask, 1, 64};
+                direct.mask_from_memory = split.mask_from_memory = true;
+                failures += run(direct) != TRIMODE_OK;
+                failures += run(split) != TRIMODE_OK;
             }
     std::printf("%s: %d failed call(s)\n", failures ? "FAILED" : "PASSED", failures);
     return failures ? 1 : 0;

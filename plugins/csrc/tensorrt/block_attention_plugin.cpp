@@ -21,8 +21,8 @@ using nvinfer1::PluginField;
 using nvinfer1::PluginFieldType;
 using nvinfer1::TensorFormat;
 
-constexpr int32_t kNbInputs = 7;
-enum Input { kQ = 0, kKNew, kVNew, kKCache, kVCache, kCacheLens, kChunkLens };
+constexpr int32_t kNbInputs = 8;
+enum Input { kQ = 0, kKNew, kVNew, kKCache, kVCache, kCacheLens, kChunkLens, kMaskKind };
 
 // Workspace TensorRT is asked for at most: bigger shapes simply get fewer splits (the kernel fits the split
 // count to the workspace it is given), never a wrong result.
@@ -62,6 +62,43 @@ bool heads_match(const Dims& dims, int32_t heads, int32_t head_dim) {
     if (dims.nbDims == 4) return dims.d[2] == heads && dims.d[3] == head_dim;
     if (dims.nbDims == 3) return dims.d[2] == int64_t(heads) * head_dim;
     return false;
+}
+
+bool same_dims(const Dims& a, const Dims& b) {
+    if (a.nbDims != b.nbDims) return false;
+    for (int32_t i = 0; i < a.nbDims; ++i)
+        if (a.d[i] != b.d[i]) return false;
+    return true;
+}
+
+// Element count; -1 while a size is still unknown (-1 at build time).
+int64_t volume(const Dims& dims) {
+    int64_t n = 1;
+    for (int32_t i = 0; i < dims.nbDims; ++i) {
+        if (dims.d[i] < 0) return -1;
+        n *= dims.d[i];
+    }
+    return n;
+}
+
+bool mask_from_input(const BlockAttentionConfig& c) { return c.mask_kind == kMaskKindFromInput; }
+
+// The runtime shapes against the contract and the fields: nullptr when they agree, else what is wrong.
+const char* shape_error(const nvinfer1::PluginTensorDesc* in, const BlockAttentionConfig& c) {
+    const Dims& q = in[kQ].dims;
+    const Dims& k = in[kKNew].dims;
+    const Dims& cache = in[kKCache].dims;
+    if (!heads_match(q, c.num_heads, c.head_dim) || !heads_match(k, c.num_kv_heads, c.head_dim) ||
+        !heads_match(cache, c.num_kv_heads, c.head_dim))
+        return "tensor head sizes do not match the num_heads/num_kv_heads/head_dim fields";
+    if (!same_dims(k, in[kVNew].dims) || !same_dims(cache, in[kVCache].dims))
+        return "v_new and v_cache must have the shapes of k_new and k_cache";
+    if (k.d[0] != q.d[0] || k.d[1] != q.d[1] || cache.d[0] != q.d[0])
+        return "k_new/v_new must be [B, T, ..] like q and the caches [B, L, ..] (one cache row per sequence)";
+    for (const int i : {kCacheLens, kChunkLens})
+        if (in[i].dims.nbDims != 1 || in[i].dims.d[0] != q.d[0]) return "cache_lens and chunk_lens must be [B]";
+    if (mask_from_input(c) && volume(in[kMaskKind].dims) != 1) return "the mask_kind input must hold one int32";
+    return nullptr;
 }
 
 bool read_int(const PluginField& f, int32_t* value) {
@@ -122,12 +159,10 @@ bool parse_config(const nvinfer1::PluginFieldCollection* fc, BlockAttentionConfi
         *error = "fields num_heads, num_kv_heads and head_dim are required";
         return false;
     }
-    if (c.mask_kind == TRIMODE_MASK_STRUCTURED) {
-        *error = error_string(TRIMODE_ERR_MASK_NOT_IMPLEMENTED);
-        return false;
-    }
-    if (c.mask_kind != TRIMODE_MASK_CAUSAL && c.mask_kind != TRIMODE_MASK_BIDIRECTIONAL) {
-        *error = error_string(TRIMODE_ERR_MASK_KIND);
+    // -1 (or no field): the kind is read from input 7 at execution time; else it must be a valid fixed kind.
+    const int mask_status = mask_from_input(c) ? TRIMODE_OK : validate_mask_kind(c.mask_kind);
+    if (mask_status != TRIMODE_OK) {
+        *error = error_string(mask_status);
         return false;
     }
     if (c.num_heads <= 0 || c.num_kv_heads <= 0 || c.num_heads % c.num_kv_heads != 0) {
@@ -173,7 +208,8 @@ const char* BlockAttentionPlugin::getPluginNamespace() const noexcept { return k
 int32_t BlockAttentionPlugin::configurePlugin(const nvinfer1::DynamicPluginTensorDesc* in, int32_t nbInputs,
                                               const nvinfer1::DynamicPluginTensorDesc*, int32_t nbOutputs) noexcept {
     if (nbInputs != kNbInputs || nbOutputs != 1) {
-        log_error("expects 7 inputs (q, k_new, v_new, k_cache, v_cache, cache_lens, chunk_lens) and 1 output");
+        log_error("expects 8 inputs (q, k_new, v_new, k_cache, v_cache, cache_lens, chunk_lens, mask_kind) and "
+                  "1 output");
         return 1;
     }
     const Dims& q = in[kQ].desc.dims;
@@ -184,6 +220,11 @@ int32_t BlockAttentionPlugin::configurePlugin(const nvinfer1::DynamicPluginTenso
     const bool kv_ok = (k.nbDims == 3 || k.nbDims == 4) && cache.nbDims == k.nbDims;
     if (!q_ok || !kv_ok) {
         log_error("q/k_new/v_new must be [B, T, H*D] or [B, T, H, D] and the caches [B, L, Hkv*D] or [B, L, Hkv, D]");
+        return 1;
+    }
+    const int64_t mask_elements = volume(in[kMaskKind].desc.dims);
+    if (mask_from_input(config_) && mask_elements >= 0 && mask_elements != 1) {
+        log_error("the mask_kind input must hold exactly one int32 ([1])");
         return 1;
     }
     return 0;
@@ -209,7 +250,7 @@ bool BlockAttentionPlugin::supportsFormatCombination(int32_t pos, const nvinfer1
     if (nbInputs != kNbInputs || nbOutputs != 1 || pos < 0 || pos >= kNbInputs + 1) return false;
     const nvinfer1::PluginTensorDesc& desc = inOut[pos].desc;
     if (desc.format != TensorFormat::kLINEAR) return false;
-    if (pos == kCacheLens || pos == kChunkLens) return desc.type == DataType::kINT32;
+    if (pos == kCacheLens || pos == kChunkLens || pos == kMaskKind) return desc.type == DataType::kINT32;
     if (pos == kQ) return dtype_code(desc.type) >= 0;
     return desc.type == inOut[kQ].desc.type;  // k/v tensors and the output follow q
 }
@@ -227,10 +268,8 @@ size_t BlockAttentionPlugin::getWorkspaceSize(const nvinfer1::DynamicPluginTenso
 int32_t BlockAttentionPlugin::onShapeChange(const nvinfer1::PluginTensorDesc* in, int32_t nbInputs,
                                             const nvinfer1::PluginTensorDesc*, int32_t nbOutputs) noexcept {
     if (nbInputs != kNbInputs || nbOutputs != 1) return 1;
-    if (!heads_match(in[kQ].dims, config_.num_heads, config_.head_dim) ||
-        !heads_match(in[kKNew].dims, config_.num_kv_heads, config_.head_dim) ||
-        !heads_match(in[kKCache].dims, config_.num_kv_heads, config_.head_dim)) {
-        log_error("tensor head sizes do not match the num_heads/num_kv_heads/head_dim fields");
+    if (const char* error = shape_error(in, config_)) {
+        log_error(error);
         return 1;
     }
     return 0;
@@ -241,10 +280,8 @@ int32_t BlockAttentionPlugin::enqueue(const nvinfer1::PluginTensorDesc* inputDes
                                       cudaStream_t stream) noexcept {
     const Dims& q = inputDesc[kQ].dims;
     const Dims& cache = inputDesc[kKCache].dims;
-    if (!heads_match(q, config_.num_heads, config_.head_dim) ||
-        !heads_match(inputDesc[kKNew].dims, config_.num_kv_heads, config_.head_dim) ||
-        !heads_match(cache, config_.num_kv_heads, config_.head_dim) || cache.d[0] != q.d[0]) {
-        log_error("tensor shapes do not match the contract or the plugin fields");
+    if (const char* error = shape_error(inputDesc, config_)) {
+        log_error(error);
         return TRIMODE_ERR_INVALID_SHAPE;
     }
     if (q.d[0] == 0 || q.d[1] == 0) return 0;  // empty batch or chunk: nothing to compute
@@ -258,7 +295,9 @@ int32_t BlockAttentionPlugin::enqueue(const nvinfer1::PluginTensorDesc* inputDes
     p.head_dim = config_.head_dim;
     p.cache_slots = static_cast<int32_t>(cache.d[0]);
     p.cache_capacity = static_cast<int32_t>(cache.d[1]);
-    p.mask_kind = config_.mask_kind;
+    // Input 7 is device memory: the kernel reads the kind itself, so nothing here waits for the device.
+    p.mask_kind = mask_from_input(config_) ? TRIMODE_MASK_CAUSAL : config_.mask_kind;
+    p.mask_kind_device = mask_from_input(config_) ? static_cast<const int32_t*>(inputs[kMaskKind]) : nullptr;
     p.write_kv = 0;
     p.scale = config_.scale;
     p.q = inputs[kQ];

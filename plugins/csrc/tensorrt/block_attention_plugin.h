@@ -1,18 +1,24 @@
 // TensorRT IPluginV3 wrapper of the block attention C API: plugin "BlockAttention", namespace "trimode",
 // version "1". It is the op behind the ONNX node `BlockAttention` of an exported trimode model.
 //
-// Inputs (all linear/contiguous):
-//   0 q           [B, T, Hq * D] or [B, T, Hq, D]     fp32 / fp16 / bf16
+// Inputs (all linear/contiguous), in the order of the ONNX node builder/onnx_export.py emits:
+//   0 q           [B, T, Hq * D] or [B, T, Hq, D]     fp32 / fp16 / bf16 (the export: [B, T, Hq, D])
 //   1 k_new       [B, T, Hkv * D] or [B, T, Hkv, D]   same dtype as q
 //   2 v_new       like k_new
-//   3 k_cache     [B, L, Hkv * D] or [B, L, Hkv, D]   one cache per sequence (no slot indirection)
+//   3 k_cache     [B, L, Hkv * D] or [B, L, Hkv, D]   one cache per sequence: row b is sequence b's (no slots)
 //   4 v_cache     like k_cache
 //   5 cache_lens  [B] int32
 //   6 chunk_lens  [B] int32
+//   7 mask_kind   [1] int32 (one element, any rank)   0 causal, 1 bidirectional block
 // Output: out, same shape and dtype as q. TensorRT tensors are immutable inside a plan, so the plugin never
 // writes the cache (write_kv = 0); the network writes it with its own scatter/concat if it needs to.
-// Fields: mask_kind (int32, 0 causal / 1 bidirectional), num_heads, num_kv_heads, head_dim (int32),
-// scale (float32; default head_dim ** -0.5).
+//
+// The mask kind is per execution: input 7 is handed to the kernel as mask_kind_device, which reads it on the
+// device (no host sync, so an engine with this plugin stays CUDA-graph capturable), and one plan serves
+// causal steps (prefill, decode, verify) and bidirectional ones (draft). A value other than 0 or 1 gives an
+// all-zero output (the kernel cannot report device data). Fields: num_heads, num_kv_heads, head_dim (int32,
+// required), scale (float32; default head_dim ** -0.5) - the attribute names of the ONNX node - and the
+// optional mask_kind (int32): absent or -1 reads input 7; 0 or 1 fixes the kind and input 7 is ignored.
 #ifndef TRIMODE_BLOCK_ATTENTION_PLUGIN_H
 #define TRIMODE_BLOCK_ATTENTION_PLUGIN_H
 
@@ -29,8 +35,11 @@ constexpr char kPluginName[] = "BlockAttention";
 constexpr char kPluginVersion[] = "1";
 constexpr char kPluginNamespace[] = "trimode";
 
+// Value of the mask_kind field meaning "read the kind from input 7 at execution time".
+constexpr int32_t kMaskKindFromInput = -1;
+
 struct BlockAttentionConfig {
-    int32_t mask_kind = 0;
+    int32_t mask_kind = kMaskKindFromInput;  // or a fixed TrimodeMaskKind (0 / 1)
     int32_t num_heads = 0;
     int32_t num_kv_heads = 0;
     int32_t head_dim = 0;
