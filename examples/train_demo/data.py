@@ -29,10 +29,12 @@ def corpus_files() -> tuple[list[Path], list[Path]]:
 
 
 def read_text(path: Path) -> str:
+    """A source file's text; a stray undecodable byte must not stop the recipe, so it is replaced."""
     return path.read_text(encoding="utf-8", errors="replace")
 
 
 def special_tokens() -> list[str]:
+    """The 128 reserved tokens in id order; the BPE trainer assigns special tokens their list positions."""
     return [SPECIALS.get(i, f"<reserved_{i}>") for i in range(NUM_RESERVED)]
 
 

@@ -78,19 +78,30 @@ def to_checkpoint(config, w: dict[str, torch.Tensor], dtype: torch.dtype) -> dic
     return {k: v.detach().to(dtype).contiguous() for k, v in out.items()}
 
 
+def compute_context(args) -> torch.autocast:
+    """bf16 autocast for the matmuls (master weights, norms, softmax and losses stay fp32).
+
+    On a CPU with AVX512-BF16 this halves the step time, which at this budget buys twice the training tokens.
+    """
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.compute == "bf16")
+
+
 def windows(stream: torch.Tensor, length: int, count: int, rng: random.Random) -> torch.Tensor:
+    """`count` random windows of the token stream; windows may cross file boundaries (EOS marks them)."""
     starts = [rng.randrange(0, len(stream) - length) for _ in range(count)]
     return torch.stack([stream[s : s + length] for s in starts])
 
 
 @torch.no_grad()
 def evaluate(model, stream: torch.Tensor, args, allowed: torch.Tensor, mask_id: int) -> dict[str, float]:
+    """Mean AR and diffusion losses over fixed-seed windows, so train and held-out numbers compare directly."""
     rng, gen = random.Random(1234), torch.Generator().manual_seed(1234)
     ar_total = diff_total = 0.0
     batches = args.eval_batches
     for _ in range(batches):
         batch = windows(stream, args.seq_len, args.batch_size, rng)
-        _, ar, diff = joint_loss(model, batch, args.block, mask_id, gen, allowed)
+        with compute_context(args):
+            _, ar, diff = joint_loss(model, batch, args.block, mask_id, gen, allowed)
         ar_total += float(ar)
         diff_total += float(diff)
     return {"ar_loss": ar_total / batches, "diffusion_loss": diff_total / batches}
@@ -110,13 +121,22 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compute", choices=("bf16", "fp32"), default="bf16",
+                        help="Matmul precision (bf16: autocast over fp32 master weights).")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="Continue from a checkpoint this script wrote (its tokenizer and weights).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.time()
 
     train_files, held_files = corpus_files()
-    tokenizer = train_tokenizer(train_files, args.vocab_size)
+    if args.init_from:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(args.init_from / "tokenizer.json"))
+    else:
+        tokenizer = train_tokenizer(train_files, args.vocab_size)
     config = make_config({**ARCH, "vocab_size": tokenizer.get_vocab_size(), "block_size": args.block}, "bf16", {})
     train_stream = token_stream(tokenizer, train_files, config.eos_token_id)
     held_stream = token_stream(tokenizer, held_files, config.eos_token_id)
@@ -124,6 +144,14 @@ def main() -> None:
           f"files, held-out {len(held_stream):,} from {len(held_files)}", flush=True)
 
     weights = init_weights(config, torch.Generator().manual_seed(args.seed))
+    previous: dict = {}
+    if args.init_from:
+        from trimode.builder.checkpoint import load_checkpoint
+        from trimode.builder.convert import convert_checkpoint
+
+        loaded = convert_checkpoint(load_checkpoint(args.init_from), "fp32")
+        weights = {name: loaded[name].clone().requires_grad_() for name in weights}
+        previous = json.loads((args.init_from / "training.json").read_text())
     model = Transformer(config, weights)
     params = sum(t.numel() for t in weights.values())
     print(f"model: {params:,} parameters", flush=True)
@@ -144,7 +172,8 @@ def main() -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = windows(train_stream, args.seq_len, args.batch_size, rng)
-        loss, ar, diff = joint_loss(model, batch, args.block, config.mask_token_id, gen, allowed)
+        with compute_context(args):
+            loss, ar, diff = joint_loss(model, batch, args.block, config.mask_token_id, gen, allowed)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(weights.values()), 1.0)
@@ -163,12 +192,16 @@ def main() -> None:
     write_safetensors(args.out / "model.safetensors", to_checkpoint(config, weights, torch.bfloat16), {"format": "pt"})
     (args.out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
     tokenizer.save(str(args.out / "tokenizer.json"))
-    record = {"parameters": params, "steps": step, "batch_size": args.batch_size, "seq_len": args.seq_len,
-              "block_length": args.block, "lr": args.lr, "tokens_seen": step * args.batch_size * args.seq_len,
+    record = {"parameters": params, "steps": step + previous.get("steps", 0), "batch_size": args.batch_size,
+              "seq_len": args.seq_len, "block_length": args.block, "lr": args.lr,
+              "tokens_seen": step * args.batch_size * args.seq_len + previous.get("tokens_seen", 0),
               "train_tokens": len(train_stream), "held_out_tokens": len(held_stream),
               "train_files": len(train_files), "held_out_files": len(held_files),
-              "train": train_metrics, "held_out": held_metrics, "threads": args.threads,
-              "wall_time_min": round((time.time() - started) / 60, 1), "seed": args.seed,
+              "train": train_metrics, "held_out": held_metrics, "threads": args.threads, "compute": args.compute,
+              "wall_time_min": round((time.time() - started) / 60 + previous.get("wall_time_min", 0), 1),
+              "runs": previous.get("runs", []) + [{"steps": step, "lr": args.lr, "init_from": str(args.init_from)
+                                                   if args.init_from else None}],
+              "seed": args.seed,
               "corpus": "Python standard library source (PSF License), test folders excluded"}
     (args.out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
