@@ -25,6 +25,7 @@ RECIPE = Path(__file__).resolve().parents[1] / "examples" / "train_demo"
 sys.path.insert(0, str(RECIPE))
 
 from objective import joint_attention_mask, joint_loss, noise_blocks  # noqa: E402
+from train_lora import IGNORE, draft_attention_mask, teacher_rollout  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +195,27 @@ def test_joint_loss_streams_positions_and_targets():
     want_diffusion = F.cross_entropy(noised_logits, tokens[masked])
     assert torch.allclose(ar, want_ar) and torch.allclose(diffusion, want_diffusion)
     assert torch.allclose(total, want_ar + want_diffusion)
+
+
+def test_draft_attention_mask():
+    allowed = draft_attention_mask(context=3, block=2)  # context 0..2 causal; block {3, 4} sees all of it
+    expected = torch.tensor([
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1],
+        [1, 1, 1, 1, 1],
+    ], dtype=torch.bool)
+    assert torch.equal(allowed, expected)
+
+
+def test_adapter_distillation_targets_are_the_ar_greedy_tokens(engine, tokenizer, prompts):
+    """The draft adapter's targets are exactly what AR mode generates, so a matching draft is accepted."""
+    prefix = tokenizer.encode(prompts[8]).ids[:20]
+    block = engine.config.block_size
+    inputs, targets = teacher_rollout(engine, torch.tensor([prefix]), on_policy=4, block=block)
+    ar = generate(engine, [prefix], GenerationConfig(mode="ar", max_new_tokens=4 + block - 1))[0].tokens
+    assert inputs[0].tolist() == prefix + ar[:4]  # context + t (the 4th greedy token)
+    want = torch.tensor(ar[4:])
+    valid = targets[0] != IGNORE
+    assert torch.equal(targets[0][valid], want[: int(valid.sum())])
