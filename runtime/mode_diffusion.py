@@ -13,7 +13,7 @@ import torch
 from .engine import StepEngine
 from .kv_cache import KVCache
 from .sampling import denoise_candidates
-from .sequence import CancelCheck, Sequence, TokenCallback, active, drop_cancelled, prefill_all
+from .sequence import CancelCheck, Sequence, TokenCallback, prefill_all, still_running
 
 
 def transfer_schedule(masked: int, steps: int) -> list[int]:
@@ -57,8 +57,7 @@ def run_diffusion(engine: StepEngine, cache: KVCache, sequences: list[Sequence],
         seeds[seq.index] = int(denoise_candidates(logits[row : row + 1], temperature, seq.generator)[0][0])
     num_blocks = sequences[0].max_new_tokens // length
     for block_number in range(num_blocks):
-        drop_cancelled(sequences, is_cancelled)
-        running = active(sequences)
+        running = still_running(sequences, is_cancelled)
         if not running:
             return
         blocks = {s.index: torch.full((length,), mask_id, dtype=torch.long) for s in running}

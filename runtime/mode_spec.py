@@ -12,8 +12,9 @@ import torch
 
 from .engine import StepEngine
 from .kv_cache import KVCache
+from .mode_ar import prefill_first_tokens
 from .sampling import pick_tokens
-from .sequence import CancelCheck, Sequence, TokenCallback, active, drop_cancelled, prefill_all
+from .sequence import CancelCheck, Sequence, TokenCallback, still_running
 
 
 def fill_draft(block: torch.Tensor, logits: torch.Tensor, mask_id: int, threshold: float | None) -> None:
@@ -42,12 +43,9 @@ def run_spec(engine: StepEngine, cache: KVCache, sequences: list[Sequence], bloc
              is_cancelled: CancelCheck | None) -> None:
     mask_id, length = engine.config.mask_token_id, block_length
     lora = use_lora and engine.has_lora
-    logits = prefill_all(engine, cache, sequences)
-    for row, seq in enumerate(sequences):
-        seq.emit([int(pick_tokens(logits[row], temperature, seq.generator))], on_tokens)
+    prefill_first_tokens(engine, cache, sequences, temperature, on_tokens)
     while True:
-        drop_cancelled(sequences, is_cancelled)
-        running = active(sequences)
+        running = still_running(sequences, is_cancelled)
         if not running:
             return
         blocks = {s.index: torch.full((length,), mask_id, dtype=torch.long) for s in running}

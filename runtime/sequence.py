@@ -95,3 +95,9 @@ def drop_cancelled(sequences: list[Sequence], is_cancelled: CancelCheck | None) 
 
 def active(sequences: list[Sequence]) -> list[Sequence]:
     return [s for s in sequences if not s.done]
+
+
+def still_running(sequences: list[Sequence], is_cancelled: CancelCheck | None) -> list[Sequence]:
+    """The sequences that go on into the next round: unfinished and not cancelled since the last one."""
+    drop_cancelled(sequences, is_cancelled)
+    return active(sequences)
