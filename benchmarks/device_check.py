@@ -27,11 +27,11 @@ import torch
 from trimode.builder.presets import PRESETS
 from trimode.builder.random_checkpoint import make_config, write_random_checkpoint
 from trimode.plugins.reference import block_attention_reference
-from trimode.runtime.cuda_graphs import GraphEngine
-from trimode.runtime.engine import TorchEngine
+from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
+from trimode.runtime.backends.cuda_graphs import GraphEngine
+from trimode.runtime.backends.torch_engine import TorchEngine
 from trimode.runtime.generate import GenerationConfig, generate
-from trimode.runtime.loader import engine_from_checkpoint
-from trimode.runtime.model import Transformer
+from trimode.runtime.model.network import Transformer
 
 REPORT: dict = {"kernel": [], "engine": {}, "timing": {}}
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from trimode.runtime.bench import bench_modes
-from trimode.runtime.engine_loader import open_engine
+from trimode.runtime.backends.engine_loader import open_engine
+from trimode.runtime.bench.runner import bench_modes
 from trimode.runtime.generate import GenerationConfig
 
 BASE = {"prompt_length": 32, "max_new_tokens": 64, "block_length": 16, "batch_size": 1}

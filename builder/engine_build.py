@@ -166,7 +166,7 @@ def write_onnx(staging: Path, checkpoint: Checkpoint, plan: BuildPlan, lora: Lor
 def write_tensorrt(staging: Path, checkpoint: Checkpoint, plan: BuildPlan, lora: LoraAdapter | None,
                    show: bool | None, plugin_library: Path | None) -> BackendOutput:
     """The tensorrt backend's artifacts: a serialized plan plus the plugin library it needs (GPU only)."""
-    from ..runtime.tensorrt_backend import build_tensorrt
+    from ..runtime.backends.tensorrt_backend import build_tensorrt
 
     files, artifacts, options, tools = build_tensorrt(staging, checkpoint, plan, lora, plugin_library, show)
     return BackendOutput(files, artifacts, options, tools)

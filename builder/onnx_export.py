@@ -54,7 +54,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from .. import __version__
-from ..runtime.rope import inverse_frequencies
+from ..runtime.model.rope import inverse_frequencies
 from .checkpoint import Checkpoint, LoraAdapter
 from .config import ModelConfig
 from .convert import converted_names, iter_converted
@@ -172,7 +172,7 @@ def write_weight_data(path: Path, checkpoint: Checkpoint, dtype: torch.dtype, lo
 
 
 def _rotary_tables(g: _GraphBuilder, config: ModelConfig) -> tuple[str, str, str]:
-    """cos/sin [B, T, 1, D] and the Llama-4 query scale [B, T, 1, 1], from positions, as runtime/rope.py."""
+    """cos/sin [B, T, 1, D] and the Llama-4 query scale [B, T, 1, 1], from positions, as runtime/model/rope.py."""
     dt = g.dtype
     pos = g.one("Cast", [POSITIONS], "rope/pos_f", to=TensorProto.FLOAT)
     axis_last = g.const("const/axis_last", np.array([-1], dtype=np.int64))
@@ -201,7 +201,7 @@ def _rotary_tables(g: _GraphBuilder, config: ModelConfig) -> tuple[str, str, str
 
 
 def _rms_norm(g: _GraphBuilder, x: str, weight: str, eps: str, name: str) -> str:
-    """RMSNorm in fp32, cast back before the weight multiplies (runtime/model.py's rms_norm)."""
+    """RMSNorm in fp32, cast back before the weight multiplies (runtime/model/network.py's rms_norm)."""
     xf = g.cast(x, TensorProto.FLOAT, f"{name}/x_f", g.dtype)
     mean = g.one("ReduceMean", [g.one("Mul", [xf, xf], f"{name}/sq")], f"{name}/mean", axes=[-1], keepdims=1)
     inv = g.one("Reciprocal", [g.one("Sqrt", [g.one("Add", [mean, eps], f"{name}/eps")], f"{name}/sqrt")],
@@ -211,7 +211,7 @@ def _rms_norm(g: _GraphBuilder, x: str, weight: str, eps: str, name: str) -> str
 
 
 def _rotate(g: _GraphBuilder, x: str, cos: str, sin: str, half: str, name: str) -> str:
-    """x * cos + rotate_half(x) * sin (rotate-half convention of runtime/rope.py)."""
+    """x * cos + rotate_half(x) * sin (rotate-half convention of runtime/model/rope.py)."""
     x1, x2 = g.op("Split", [x, half], f"{name}/halves", outputs=2, axis=-1)
     rotated = g.one("Concat", [g.one("Neg", [x2], f"{name}/neg"), x1], f"{name}/rotated", axis=-1)
     return g.one("Add", [g.one("Mul", [x, cos], f"{name}/cos"), g.one("Mul", [rotated, sin], f"{name}/sin")], name)

@@ -5,7 +5,7 @@ The repository holds one Python-backend model per transaction policy: the decoup
 endpoints; an optional non-decoupled twin (`trimode_sync`) answers plain `infer` calls (HTTP or gRPC), which
 Triton refuses for decoupled models. Both serve all three generation modes, chosen per request.
 
-`1/model.py` is a three-line shim: the serving logic is `trimode.runtime.triton_model`, imported from the
+`1/model.py` is a three-line shim: the serving logic is `trimode.runtime.serving.triton_model`, imported from the
 installed package, so it is tested and versioned with the engine code instead of being frozen into a copy.
 Every setting the model needs (the engine path, dtype, batching window...) travels as a `parameters` entry
 of `config.pbtxt`, so the repository can be edited by hand like any other Triton repository.
@@ -43,12 +43,12 @@ OUTPUTS: tuple[tuple[str, str, str], ...] = (
 
 SHIM = '''"""Triton Python-backend entry point written by `trimode triton-repo` (trimode {version}).
 
-The serving logic lives in the installed package (trimode.runtime.triton_model), so it is tested and
+The serving logic lives in the installed package (trimode.runtime.serving.triton_model), so it is tested and
 versioned with the engine; this file only hands Triton's calls to it.
 """
 
 try:
-    from trimode.runtime.triton_model import TritonPythonModel  # noqa: F401
+    from trimode.runtime.serving.triton_model import TritonPythonModel  # noqa: F401
 except ImportError as exc:  # the stub runs a Python that lacks trimode: say which one
     import sys
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .engine import StepEngine
-from .mode_ar import run_ar
-from .mode_diffusion import run_diffusion
-from .mode_spec import run_spec
-from .sequence import CancelCheck, SequenceResult, TokenCallback, make_sequences
+from .backends.torch_engine import StepEngine
+from .modes.ar import run_ar
+from .modes.diffusion import run_diffusion
+from .modes.sequence import CancelCheck, SequenceResult, TokenCallback, make_sequences
+from .modes.spec import run_spec
 
 MODES = ("ar", "diffusion", "spec")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trimode.runtime.kv_cache import KVCache
+from trimode.runtime.model.kv_cache import KVCache
 
 VOCAB = 64
 MASK = 60

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
 from trimode.runtime.generate import GenerationConfig, generate
-from trimode.runtime.loader import engine_from_checkpoint
 
 
 def trimode(*args: str) -> subprocess.CompletedProcess:

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 from trimode.builder.checkpoint import load_checkpoint
 from trimode.demo import demo_model_path
+from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
 from trimode.runtime.generate import GenerationConfig, generate
-from trimode.runtime.loader import engine_from_checkpoint
 
 RECIPE = Path(__file__).resolve().parents[1] / "examples" / "train_demo"
 sys.path.insert(0, str(RECIPE))

@@ -17,10 +17,10 @@ from trimode.builder.engine_build import BuildError, BuildOptions, build_engine
 from trimode.builder.errors import CheckpointError
 from trimode.builder.manifest import MANIFEST_FILE, hash_file, read_manifest
 from trimode.builder.safetensors_io import write_safetensors
-from trimode.runtime.engine import CapacityError
-from trimode.runtime.engine_loader import open_engine
+from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
+from trimode.runtime.backends.engine_loader import open_engine
+from trimode.runtime.backends.torch_engine import CapacityError
 from trimode.runtime.generate import GenerationConfig, RequestError, generate
-from trimode.runtime.loader import engine_from_checkpoint
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31,
             32, 33, 34, 35, 36, 37], [1, 9, 3]]

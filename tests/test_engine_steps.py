@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trimode.runtime.loader import engine_from_checkpoint
+from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -130,7 +130,7 @@ def test_bf16_engine_runs_and_tracks_fp32(tiny_checkpoint_bf16):
 
 
 def test_capacity_errors(tiny_checkpoint):
-    from trimode.runtime.engine import CapacityError
+    from trimode.runtime.backends.torch_engine import CapacityError
 
     engine = engine_from_checkpoint(tiny_checkpoint, max_batch_size=2, max_seq_len=16)
     with pytest.raises(CapacityError, match="maximum batch size"):

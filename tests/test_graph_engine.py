@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trimode.runtime.cuda_graphs import GraphEngine, batch_buckets
+from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
+from trimode.runtime.backends.cuda_graphs import GraphEngine, batch_buckets
 from trimode.runtime.generate import GenerationConfig, generate
-from trimode.runtime.loader import engine_from_checkpoint
 
 
 def test_buckets():

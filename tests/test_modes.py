@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
 from trimode.runtime.generate import GenerationConfig, RequestError, generate, validate_request
-from trimode.runtime.loader import engine_from_checkpoint
 
 from . import scripted_engine as scripted
 from .conftest import build_checkpoint

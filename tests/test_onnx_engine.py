@@ -16,10 +16,10 @@ from trimode.builder.checkpoint import load_checkpoint
 from trimode.builder.engine_build import BuildOptions, build_engine
 from trimode.builder.onnx_export import ATTENTION_OP, ORT_DOMAIN, TRT_DOMAIN, AttentionNode, export_onnx
 from trimode.cli import cli
-from trimode.runtime.engine_loader import open_engine
+from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
+from trimode.runtime.backends.engine_loader import open_engine
+from trimode.runtime.backends.onnx_engine import OnnxEngine
 from trimode.runtime.generate import GenerationConfig, generate
-from trimode.runtime.loader import engine_from_checkpoint
-from trimode.runtime.onnx_engine import OnnxEngine
 
 # 40 tokens: positions cross the test config's YaRN window (32), so the graph's query scale is exercised.
 PROMPTS = [list(range(1, 41)), [1, 9, 3]]

@@ -17,11 +17,11 @@ if not torch.cuda.is_available():
     pytest.skip("TensorRT is installed but no CUDA device is visible", allow_module_level=True)
 
 from trimode.builder.engine_build import BuildError, BuildOptions, build_engine  # noqa: E402
-from trimode.runtime.engine import CapacityError  # noqa: E402
-from trimode.runtime.engine_loader import open_engine  # noqa: E402
+from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint  # noqa: E402
+from trimode.runtime.backends.engine_loader import open_engine  # noqa: E402
+from trimode.runtime.backends.tensorrt_backend import find_plugin_library  # noqa: E402
+from trimode.runtime.backends.torch_engine import CapacityError  # noqa: E402
 from trimode.runtime.generate import GenerationConfig, generate  # noqa: E402
-from trimode.runtime.loader import engine_from_checkpoint  # noqa: E402
-from trimode.runtime.tensorrt_backend import find_plugin_library  # noqa: E402
 
 MASK = 100
 PROMPTS = [list(range(1, 41)), [1, 9, 3]]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trimode.builder.checkpoint import load_checkpoint
-from trimode.runtime.loader import engine_from_checkpoint
+from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
 
 transformers = pytest.importorskip("transformers", minversion="5.0")
 

@@ -16,12 +16,12 @@ from tokenizers import Tokenizer
 
 from trimode.builder.errors import CheckpointError
 from trimode.builder.triton_repo import ServingSettings, write_triton_repo
+from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
 from trimode.runtime.generate import GenerationConfig, RequestError, generate
-from trimode.runtime.loader import engine_from_checkpoint
-from trimode.runtime.request_batcher import Job, RequestBatcher, group_jobs
-from trimode.runtime.sequence import SequenceResult
-from trimode.runtime.triton_model import IncrementalText
-from trimode.runtime.triton_request import parse_request
+from trimode.runtime.modes.sequence import SequenceResult
+from trimode.runtime.serving.request_batcher import Job, RequestBatcher, group_jobs
+from trimode.runtime.serving.triton_model import IncrementalText
+from trimode.runtime.serving.triton_request import parse_request
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_repo_layout_and_parameters(tiny_checkpoint, tmp_path):
                  "seed", "stream", "text_output", "output_ids", "forwards"):
         assert f'name: "{name}"' in config
     shim = (tmp_path / "repo" / "trimode" / "1" / "model.py").read_text()
-    assert "from trimode.runtime.triton_model import TritonPythonModel" in shim
+    assert "from trimode.runtime.serving.triton_model import TritonPythonModel" in shim
     compile(shim, "model.py", "exec")
 
 
@@ -275,7 +275,7 @@ def test_batcher_survives_a_failing_generate(engine):
 
 
 def test_log_tail_names_the_model_load_failure(tmp_path):
-    from trimode.runtime.triton_server import TritonServer
+    from trimode.runtime.serving.triton_server import TritonServer
 
     log = tmp_path / "tritonserver.log"
     log.write_text('I1126 server.cc:1] "starting"\n'
@@ -290,7 +290,7 @@ def test_log_tail_names_the_model_load_failure(tmp_path):
 def test_server_environment_puts_this_pythons_libdir_first():
     import sysconfig
 
-    from trimode.runtime.triton_server import TritonInstall, server_environment
+    from trimode.runtime.serving.triton_server import TritonInstall, server_environment
 
     env = server_environment(TritonInstall(binary=sys.executable, backend_dir=None, lib_dirs=()))
     libdir = sysconfig.get_config_var("LIBDIR")

@@ -27,9 +27,9 @@ import numpy as np
 import pytest
 
 from trimode.builder.triton_repo import write_triton_repo
-from trimode.runtime.engine_loader import open_engine
+from trimode.runtime.backends.engine_loader import open_engine
 from trimode.runtime.generate import GenerationConfig, generate
-from trimode.runtime.triton_server import TritonServer, TritonUnavailable, find_tritonserver, free_port
+from trimode.runtime.serving.triton_server import TritonServer, TritonUnavailable, find_tritonserver, free_port
 
 from .conftest import build_checkpoint
 

@@ -12,8 +12,8 @@ import click
 import torch
 
 from .cli_generate import default_model
-from .runtime.bench import bench_modes, run_once
-from .runtime.engine_loader import open_engine
+from .runtime.backends.engine_loader import open_engine
+from .runtime.bench.runner import bench_modes, run_once
 from .runtime.generate import MODES, GenerationConfig, RequestError, validate_request
 
 
@@ -40,7 +40,7 @@ def make_prompts(engine, count: int, length: int, seed: int, prompt_file: Path |
 def peer_report(model_path: Path, engine, prompts: list[list[int]], configs: dict[str, GenerationConfig],
                 runs: int) -> dict:
     """transformers' generate and the dynamic-cache reference loops, one prompt at a time, vs ours."""
-    from .runtime.peers import DynamicCacheEngine, HFGenerate
+    from .runtime.bench.peers import DynamicCacheEngine, HFGenerate
 
     report: dict = {}
     new_tokens = configs["ar"].max_new_tokens

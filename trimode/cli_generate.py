@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from .runtime.engine_loader import open_engine
+from .runtime.backends.engine_loader import open_engine
 from .runtime.generate import MODES, GenerationConfig, RequestError, generate, validate_request
 
 

@@ -99,7 +99,7 @@ def serve_command(engine_dir: Path, repo: Path | None, host: str, http_port: int
                   metrics_port: int, startup_timeout: float, log_file: Path | None, log_verbose: int,
                   **kw: Any) -> None:
     """Serve ENGINE_DIR with Triton Inference Server until Ctrl-C (which stops the server and exits 0)."""
-    from .runtime.triton_server import TritonServer, TritonStartError, TritonUnavailable
+    from .runtime.serving.triton_server import TritonServer, TritonStartError, TritonUnavailable
 
     with tempfile.TemporaryDirectory(prefix="trimode-repo-") as scratch:
         repo_dir = repo if repo is not None else Path(scratch) / "repo"

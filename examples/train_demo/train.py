@@ -25,7 +25,7 @@ from objective import joint_attention_mask, joint_loss  # noqa: E402
 
 from trimode.builder.random_checkpoint import make_config  # noqa: E402
 from trimode.builder.safetensors_io import write_safetensors  # noqa: E402
-from trimode.runtime.model import Transformer  # noqa: E402
+from trimode.runtime.model.network import Transformer  # noqa: E402
 
 ARCH = {
     "hidden_size": 256, "num_hidden_layers": 4, "intermediate_size": 768, "num_attention_heads": 4,

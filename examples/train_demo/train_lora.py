@@ -34,8 +34,8 @@ from data import corpus_files, token_stream  # noqa: E402
 from trimode.builder.checkpoint import LORA_DIR, load_checkpoint  # noqa: E402
 from trimode.builder.convert import convert_checkpoint  # noqa: E402
 from trimode.builder.safetensors_io import write_safetensors  # noqa: E402
-from trimode.runtime.engine import TorchEngine  # noqa: E402
-from trimode.runtime.model import Transformer  # noqa: E402
+from trimode.runtime.backends.torch_engine import TorchEngine  # noqa: E402
+from trimode.runtime.model.network import Transformer  # noqa: E402
 
 IGNORE = -100
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..builder.errors import CheckpointError
-from ..builder.manifest import MANIFEST_FILE
-from .engine import StepEngine
+from ...builder.errors import CheckpointError
+from ...builder.manifest import MANIFEST_FILE
+from .checkpoint_engine import engine_from_checkpoint
 from .engine_files import load_engine
-from .loader import engine_from_checkpoint
+from .torch_engine import StepEngine
 
 CHECKPOINT_MAX_BATCH = 64
 CHECKPOINT_MAX_SEQ = 4096

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..builder.checkpoint import load_checkpoint
-from ..plugins.reference import block_attention_reference
-from .engine import TorchEngine
+from ...builder.checkpoint import load_checkpoint
+from ...plugins.reference import block_attention_reference
+from ..backends.torch_engine import TorchEngine
 
 
 def transformers_model(checkpoint_dir: str | Path, dtype: torch.dtype = torch.float32):

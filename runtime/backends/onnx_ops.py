@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..plugins.reference import block_attention_reference
+from ...plugins.reference import block_attention_reference
 
 
 def block_attention_numpy(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, k_cache: np.ndarray,

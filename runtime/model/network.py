@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..builder.config import ModelConfig
+from ...builder.config import ModelConfig
 from .attention import attend
 from .kv_cache import KVCache
 from .rope import Rotary, apply_rotary

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .engine import StepEngine
-from .generate import GenerationConfig, RequestError, validate_request
+from ..backends.torch_engine import StepEngine
+from ..generate import GenerationConfig, RequestError, validate_request
 
 INPUT_NAMES = ("text_input", "input_ids", "max_tokens", "mode", "block_length", "threshold", "temperature", "seed",
                "stream")

@@ -12,10 +12,10 @@ from typing import Protocol
 
 import torch
 
-from ..builder.config import ModelConfig
-from ..plugins.reference import BIDIRECTIONAL, CAUSAL
-from .kv_cache import KVCache
-from .model import Transformer
+from ...builder.config import ModelConfig
+from ...plugins.reference import BIDIRECTIONAL, CAUSAL
+from ..model.kv_cache import KVCache
+from ..model.network import Transformer
 
 
 class CapacityError(ValueError):

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..builder.config import ModelConfig
-from ..builder.onnx_export import (
+from ...builder.config import ModelConfig
+from ...builder.onnx_export import (
     CACHE_LENS,
     CHUNK_LENS,
     INPUT_IDS,
@@ -28,8 +28,8 @@ from ..builder.onnx_export import (
     k_cache_name,
     v_cache_name,
 )
+from ..model.kv_cache import KVCache
 from .graph_steps import GraphStepEngine, StepInputs
-from .kv_cache import KVCache
 
 
 class OnnxEngine(GraphStepEngine):

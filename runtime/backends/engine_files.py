@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from ..builder.errors import CheckpointError
-from ..builder.manifest import Manifest, hash_file, read_manifest
-from ..builder.safetensors_io import SafetensorsFile
-from .engine import CapacityError, StepEngine, TorchEngine
-from .model import Transformer
+from ...builder.errors import CheckpointError
+from ...builder.manifest import Manifest, hash_file, read_manifest
+from ...builder.safetensors_io import SafetensorsFile
+from ..model.network import Transformer
+from .torch_engine import CapacityError, StepEngine, TorchEngine
 
 
 def check_files(root: Path, manifest: Manifest, verify: bool) -> None:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from ..builder.checkpoint import load_checkpoint
-from ..builder.convert import convert_checkpoint, resolve_dtype
-from .engine import TorchEngine
-from .model import Transformer
+from ...builder.checkpoint import load_checkpoint
+from ...builder.convert import convert_checkpoint, resolve_dtype
+from ..model.network import Transformer
+from .torch_engine import TorchEngine
 
 
 def engine_from_checkpoint(path: str | Path, dtype: str = "fp32", use_lora: bool = True,

@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from ..builder.triton_repo import ServingSettings
-from .engine_loader import open_engine
-from .generate import RequestError
+from ...builder.triton_repo import ServingSettings
+from ..backends.engine_loader import open_engine
+from ..generate import RequestError
+from ..modes.sequence import SequenceResult
 from .request_batcher import BatchRecord, Job, RequestBatcher
-from .sequence import SequenceResult
 from .triton_request import INPUT_NAMES, parse_request
 
 CANCEL_POLL_S = 0.005

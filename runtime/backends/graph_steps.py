@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from ..builder.config import ModelConfig
-from ..plugins.reference import BIDIRECTIONAL, CAUSAL
-from .engine import CapacityError, pad_batch
-from .kv_cache import KVCache
+from ...builder.config import ModelConfig
+from ...plugins.reference import BIDIRECTIONAL, CAUSAL
+from ..model.kv_cache import KVCache
+from .torch_engine import CapacityError, pad_batch
 
 
 @dataclass

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .engine import StepEngine
-from .generate import GenerationConfig, RequestError, generate, validate_request
-from .sequence import SequenceResult
+from ..backends.torch_engine import StepEngine
+from ..generate import GenerationConfig, RequestError, generate, validate_request
+from ..modes.sequence import SequenceResult
 
 LOG = logging.getLogger("trimode.batcher")
 

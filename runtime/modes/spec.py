@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from .engine import StepEngine
-from .kv_cache import KVCache
-from .mode_ar import prefill_first_tokens
+from ..backends.torch_engine import StepEngine
+from ..model.kv_cache import KVCache
+from .ar import prefill_first_tokens
 from .sampling import pick_tokens
 from .sequence import CancelCheck, Sequence, TokenCallback, still_running
 

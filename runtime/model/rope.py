@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..builder.config import ModelConfig
+from ...builder.config import ModelConfig
 
 
 def inverse_frequencies(config: ModelConfig) -> torch.Tensor:

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .engine import StepEngine
-from .kv_cache import KVCache
+from ..backends.torch_engine import StepEngine
+from ..model.kv_cache import KVCache
 from .sampling import denoise_candidates
 from .sequence import CancelCheck, Sequence, TokenCallback, prefill_all, still_running
 

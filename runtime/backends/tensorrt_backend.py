@@ -34,12 +34,12 @@ import tensorrt as trt
 import torch
 from tqdm import tqdm
 
-from ..builder.checkpoint import Checkpoint, LoraAdapter
-from ..builder.convert import resolve_dtype
-from ..builder.engine_build import BuildError, BuildPlan
-from ..builder.errors import CheckpointError
-from ..builder.manifest import FileEntry, HashingWriter, Manifest
-from ..builder.onnx_export import (
+from ...builder.checkpoint import Checkpoint, LoraAdapter
+from ...builder.convert import resolve_dtype
+from ...builder.engine_build import BuildError, BuildPlan
+from ...builder.errors import CheckpointError
+from ...builder.manifest import FileEntry, HashingWriter, Manifest
+from ...builder.onnx_export import (
     CACHE_LENS,
     CHUNK_LENS,
     INPUT_IDS,
@@ -58,10 +58,10 @@ from ..builder.onnx_export import (
     k_cache_name,
     v_cache_name,
 )
+from ..model.kv_cache import KVCache
 from .cuda_graphs import batch_buckets
-from .engine import CapacityError
 from .graph_steps import GraphStepEngine, StepInputs
-from .kv_cache import KVCache
+from .torch_engine import CapacityError
 
 PLAN_FILE = "model.plan"
 PLUGIN_DIR = "plugins"

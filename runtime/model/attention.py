@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from ..plugins.reference import block_attention_reference
+from ...plugins.reference import block_attention_reference
 
 
 def _cuda_op():
     """The plugin's torch op when the CUDA library is built and loadable, else None."""
     try:
-        from ..plugins import torch_op
+        from ...plugins import torch_op
     except (ImportError, OSError):
         return None
     return torch_op if torch_op.cuda_available() else None

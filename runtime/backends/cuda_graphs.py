@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..plugins.reference import CAUSAL
-from .engine import TorchEngine
-from .kv_cache import KVCache
-from .model import Transformer
+from ...plugins.reference import CAUSAL
+from ..model.kv_cache import KVCache
+from ..model.network import Transformer
+from .torch_engine import TorchEngine
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:

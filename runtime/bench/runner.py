@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .engine import StepEngine
-from .generate import GenerationConfig, generate
+from ..backends.torch_engine import StepEngine
+from ..generate import GenerationConfig, generate
 
 
 class TimedEngine:

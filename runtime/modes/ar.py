@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .engine import StepEngine
-from .kv_cache import KVCache
+from ..backends.torch_engine import StepEngine
+from ..model.kv_cache import KVCache
 from .sampling import pick_tokens
 from .sequence import CancelCheck, Sequence, TokenCallback, prefill_all, still_running
 
