@@ -16,7 +16,8 @@ from .modes.diffusion import run_diffusion
 from .modes.sequence import CancelCheck, SequenceResult, TokenCallback, make_sequences
 from .modes.spec import run_spec
 
-MODES = ("ar", "diffusion", "spec")
+MODES = ("ar", "diffusion", "spec", "quad", "infill")
+AUTO = "auto"  # block_length for spec and quad: chosen by the scheduler from measured costs and acceptance
 
 
 class RequestError(ValueError):
@@ -25,15 +26,29 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """How to generate. `threshold` None means the even-split schedule (diffusion) / one-pass drafts (spec)."""
+    """How to generate one request. Every field may differ between the requests of one scheduler step.
+
+    threshold: None means the even-split schedule (diffusion, infill) / one-pass drafts (spec).
+    top_p / top_k: nucleus and top-k filtering of the sampling distribution (1.0 / 0: off); greedy ignores them.
+    max_thinking_tokens / end_think_token_id: the thinking budget; once that many tokens are generated without
+    the end-of-thinking token, it is forced as the next token.
+    suffix: infill mode's clean tokens after the hole (the hole is max_new_tokens long).
+    ar_mix_weight: quad only; None keeps slot 1 equal to slot 0 (AR-exact), w blends w*slot0 + (1-w)*slot1.
+    """
 
     mode: str = "ar"
     max_new_tokens: int = 64
-    block_length: int = 32
+    block_length: int | str = 32
     threshold: float | None = None
     temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
     seed: int = 0
     use_lora: bool = True
+    max_thinking_tokens: int | None = None
+    end_think_token_id: int | None = None
+    suffix: tuple[int, ...] = ()
+    ar_mix_weight: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,129 @@
+"""The one step every backend implements: a packed batch of chunk rows in, the requested logits out.
+
+A row is one sequence's chunk for this forward: its tokens, where they sit, which mask they use inside the
+chunk (causal, bidirectional, quad, prefix_block; see `plugins/reference.py`), whether their causal K/V are
+written and whether the draft LoRA applies. Rows of any modes share one forward: they are packed end to end
+(no padding), so a step costs what its tokens cost. Everything here is built on the host from host-known
+numbers (the cache lengths live in `KVCache.lengths`), so building a step never waits for the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ...builder.config import ModelConfig
+from ...plugins.reference import CAUSAL, check_row, written_offsets
+from ..model.kv_cache import KVCache
+from .limits import EngineLimits
+
+
+@dataclass
+class ChunkRow:
+    """One sequence's chunk in one forward."""
+
+    slot: int
+    tokens: list[int]
+    mask_kind: int = CAUSAL
+    mask_param: int = 0
+    write: bool = False
+    lora: bool = False
+    logit_offsets: list[int] = field(default_factory=list)  # chunk offsets whose logits the step returns
+    positions: list[int] | None = None  # absolute positions; None: cache length + 0..n-1
+
+    def __post_init__(self) -> None:
+        check_row(self.mask_kind, self.mask_param, len(self.tokens), self.write)
+        if not self.tokens:
+            raise ValueError("a chunk row needs at least one token")
+        if any(not 0 <= o < len(self.tokens) for o in self.logit_offsets):
+            raise ValueError(f"logit offsets {self.logit_offsets} outside a chunk of {len(self.tokens)}")
+
+    @property
+    def written(self) -> int:
+        """Cache positions this row fills (its slot's length grows by this much)."""
+        return len(written_offsets(self.mask_kind, self.mask_param, len(self.tokens))) if self.write else 0
+
+
+@dataclass
+class StepBatch:
+    """The packed tensors of one forward (on the host), built from its rows."""
+
+    rows: list[ChunkRow]
+    cache_lens: list[int]      # p_b per row, host copy
+    tokens: torch.Tensor       # [N] int64
+    positions: torch.Tensor    # [N] int64
+    cu_seqlens: torch.Tensor   # [B+1] int32
+    slots: torch.Tensor        # [B] int32
+    cache_lens_t: torch.Tensor  # [B] int32
+    mask_kind: torch.Tensor    # [B] int32
+    mask_param: torch.Tensor   # [B] int32
+    write: torch.Tensor        # [B] int32
+    lora: torch.Tensor         # [N] bool: the adapter applies at this token
+    logit_index: torch.Tensor  # [M] int64, indices into the N packed tokens
+    logit_rows: list[int]      # [M] host copy: which row each returned logit belongs to
+
+    @classmethod
+    def from_rows(cls, rows: list[ChunkRow], cache: KVCache) -> StepBatch:
+        if not rows:
+            raise ValueError("a step needs at least one row")
+        if len({r.slot for r in rows}) != len(rows):
+            raise ValueError("two rows of one step share a cache slot")
+        tokens: list[int] = []
+        positions: list[int] = []
+        lora: list[bool] = []
+        cu = [0]
+        logit_index: list[int] = []
+        logit_rows: list[int] = []
+        cache_lens = [cache.lengths[r.slot] for r in rows]
+        for b, (row, past) in enumerate(zip(rows, cache_lens, strict=True)):
+            n = len(row.tokens)
+            tokens += row.tokens
+            positions += row.positions if row.positions is not None else list(range(past, past + n))
+            lora += [row.lora] * n
+            logit_index += [cu[-1] + o for o in row.logit_offsets]
+            logit_rows += [b] * len(row.logit_offsets)
+            cu.append(cu[-1] + n)
+        if len(positions) != len(tokens):
+            raise ValueError("a row's positions must match its tokens")
+
+        def i32(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int32)
+
+        return cls(rows, cache_lens, torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+                   i32(cu), i32([r.slot for r in rows]), i32(cache_lens), i32([r.mask_kind for r in rows]),
+                   i32([r.mask_param for r in rows]), i32([int(r.write) for r in rows]),
+                   torch.tensor(lora, dtype=torch.bool), torch.tensor(logit_index, dtype=torch.long), logit_rows)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def any_lora(self) -> bool:
+        return any(r.lora for r in self.rows)
+
+    def commit_lengths(self, cache: KVCache) -> None:
+        """Advance the host lengths of the rows that wrote (call after the forward)."""
+        for row, past in zip(self.rows, self.cache_lens, strict=True):
+            if row.write:
+                cache.lengths[row.slot] = past + row.written
+
+
+class StepEngine(Protocol):
+    """What the scheduler needs from a backend."""
+
+    config: ModelConfig
+    limits: EngineLimits
+    has_lora: bool
+    tokenizer_path: Path | None
+    device: torch.device
+
+    def new_cache(self, num_slots: int) -> KVCache:
+        """The engine's KV cache for `num_slots` sequences (allocated once, by the scheduler)."""
+
+    def step(self, cache: KVCache, batch: StepBatch) -> torch.Tensor:
+        """One forward: logits [M, V] fp32 on the engine's device for batch.logit_index; writes the writing
+        rows' K/V into `cache` and advances their `cache.lengths`."""
