@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 MAX_SPLITS = 32
 BUILD_DIR = Path(os.environ.get("TRIMODE_PLUGIN_BUILD_DIR", Path(__file__).resolve().parent / "build"))
 LIBRARIES = {
@@ -33,7 +33,7 @@ ERR_INVALID_SHAPE = 2
 ERR_HEAD_DIM = 3
 ERR_GQA = 4
 ERR_MASK_KIND = 5
-ERR_MASK_NOT_IMPLEMENTED = 6
+ERR_INVALID_ROW = 6
 ERR_DTYPE = 7
 ERR_MISALIGNED = 8
 ERR_OUT_OF_RANGE = 9
@@ -54,31 +54,32 @@ class AttentionError(RuntimeError):
 
 
 class Params(ctypes.Structure):
-    """Mirror of TrimodeAttentionParams; field order and types must match block_attention.h exactly."""
+    """Mirror of TrimodeAttentionParams (ABI 3); field order and types must match block_attention.h exactly."""
 
     _fields_ = [
         ("abi_version", ctypes.c_int32),
         ("dtype", ctypes.c_int32),
-        ("batch", ctypes.c_int32),
-        ("chunk", ctypes.c_int32),
+        ("num_rows", ctypes.c_int32),
+        ("num_tokens", ctypes.c_int32),
         ("num_heads", ctypes.c_int32),
         ("num_kv_heads", ctypes.c_int32),
         ("head_dim", ctypes.c_int32),
         ("cache_slots", ctypes.c_int32),
         ("cache_capacity", ctypes.c_int32),
+        ("max_chunk", ctypes.c_int32),
         ("max_cache_len", ctypes.c_int32),
-        ("mask_kind", ctypes.c_int32),
-        ("write_kv", ctypes.c_int32),
         ("scale", ctypes.c_float),
         ("q", ctypes.c_void_p),
         ("k_new", ctypes.c_void_p),
         ("v_new", ctypes.c_void_p),
         ("k_cache", ctypes.c_void_p),
         ("v_cache", ctypes.c_void_p),
+        ("cu_seqlens", ctypes.c_void_p),
         ("slots", ctypes.c_void_p),
         ("cache_lens", ctypes.c_void_p),
-        ("chunk_lens", ctypes.c_void_p),
-        ("mask_kind_device", ctypes.c_void_p),  # ABI 2: NULL means the mask_kind field
+        ("mask_kind", ctypes.c_void_p),
+        ("mask_param", ctypes.c_void_p),
+        ("write", ctypes.c_void_p),  # may be NULL: no row writes
         ("out", ctypes.c_void_p),
         ("workspace", ctypes.c_void_p),
         ("workspace_size", ctypes.c_size_t),
@@ -170,40 +171,48 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+ROW_ARRAYS = ("cu_seqlens", "slots", "cache_lens", "mask_kind", "mask_param", "write")
+
+
 def make_params(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, slots: torch.Tensor | None, cache_lens: torch.Tensor,
-                chunk_lens: torch.Tensor, out: torch.Tensor, mask_kind: int, write_kv: bool, scale: float,
-                workspace: torch.Tensor | None = None, max_cache_len: int = 0,
-                mask_kind_tensor: torch.Tensor | None = None) -> Params:
+                v_cache: torch.Tensor, cu_seqlens: torch.Tensor, slots: torch.Tensor, cache_lens: torch.Tensor,
+                mask_kind: torch.Tensor, mask_param: torch.Tensor, write: torch.Tensor | None,
+                out: torch.Tensor, scale: float, max_chunk: int, max_cache_len: int = 0,
+                workspace: torch.Tensor | None = None) -> Params:
     """Fills Params from tensors laid out per the contract; the tensors must outlive the call.
 
-    Only the sizes are taken from the tensors; checking that they are contiguous, of one dtype and int32 index
-    vectors is the caller's job (the torch op does it), because the C API cannot see strides.
-    `mask_kind_tensor` (an int32 tensor whose first element is the kind, on the library's device) sets
-    `mask_kind_device`: the library then reads the kind from it and ignores `mask_kind`.
+    Only the sizes are taken from the tensors (B from `slots`); checking that they are contiguous, of one dtype
+    and int32 row arrays on the library's device is the caller's job (the torch op does it), because the C API
+    cannot see strides. `write=None` passes NULL: no row writes.
     """
-    batch, chunk, num_heads, head_dim = q.shape
+    num_tokens, num_heads, head_dim = q.shape
     slots_count, capacity, num_kv_heads, _ = k_cache.shape
     return Params(
-        abi_version=ABI_VERSION, dtype=DTYPES.get(q.dtype, -1), batch=batch, chunk=chunk, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, head_dim=head_dim, cache_slots=slots_count, cache_capacity=capacity,
-        max_cache_len=max_cache_len, mask_kind=int(mask_kind), write_kv=int(bool(write_kv)),
-        scale=float(scale),
+        abi_version=ABI_VERSION, dtype=DTYPES.get(q.dtype, -1), num_rows=slots.shape[0], num_tokens=num_tokens,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, cache_slots=slots_count,
+        cache_capacity=capacity, max_chunk=int(max_chunk), max_cache_len=int(max_cache_len), scale=float(scale),
         q=_ptr(q), k_new=_ptr(k_new), v_new=_ptr(v_new), k_cache=_ptr(k_cache), v_cache=_ptr(v_cache),
-        slots=_ptr(slots), cache_lens=_ptr(cache_lens), chunk_lens=_ptr(chunk_lens),
-        mask_kind_device=_ptr(mask_kind_tensor), out=_ptr(out),
+        cu_seqlens=_ptr(cu_seqlens), slots=_ptr(slots), cache_lens=_ptr(cache_lens), mask_kind=_ptr(mask_kind),
+        mask_param=_ptr(mask_param), write=_ptr(write), out=_ptr(out),
         workspace=_ptr(workspace), workspace_size=0 if workspace is None else workspace.numel(),
     )
 
 
-def block_attention_host(kind: str, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
-                         k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor | None,
-                         cache_lens: torch.Tensor, chunk_lens: torch.Tensor, mask_kind: int, write_kv: bool,
-                         scale: float, mask_kind_tensor: torch.Tensor | None = None) -> torch.Tensor:
-    """Runs a host-pointer library ("cpu" or "emu") on CPU tensors; mutates the caches when write_kv.
+def max_chunk_of(cu_seqlens: torch.Tensor) -> int:
+    """The tight max_chunk of host row boundaries (at least 1)."""
+    lengths = cu_seqlens[1:].long() - cu_seqlens[:-1].long()
+    return max(1, int(lengths.max())) if lengths.numel() else 1
 
-    With `mask_kind_tensor` (int32, one element) the library reads the mask kind from that memory
-    (`mask_kind_device`, the path of the TensorRT plugin) and `mask_kind` is ignored.
+
+def block_attention_host(kind: str, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                         k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens: torch.Tensor,
+                         slots: torch.Tensor, cache_lens: torch.Tensor, mask_kind: torch.Tensor,
+                         mask_param: torch.Tensor, write: torch.Tensor | None, scale: float,
+                         max_chunk: int | None = None, max_cache_len: int = 0) -> torch.Tensor:
+    """Runs a host-pointer library ("cpu" or "emu") on CPU tensors; mutates the caches of writing rows.
+
+    `max_chunk=None` uses the tight bound of `cu_seqlens` (clamped to [1, N]). Raises AttentionError with the
+    library's status on a rejected call.
     """
     if kind == "cuda":
         raise ValueError("the cuda library takes device pointers: use trimode.plugins.torch_op")
@@ -211,19 +220,31 @@ def block_attention_host(kind: str, q: torch.Tensor, k_new: torch.Tensor, v_new:
     tensors = (q, k_new, v_new, k_cache, v_cache)
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         raise ValueError("host libraries need contiguous CPU tensors")
-    index = [None if slots is None else slots.to(torch.int32).contiguous(),
-             cache_lens.to(torch.int32).contiguous(), chunk_lens.to(torch.int32).contiguous()]
-    mask = None
-    if mask_kind_tensor is not None:
-        if mask_kind_tensor.device.type != "cpu" or mask_kind_tensor.numel() != 1:
-            raise ValueError("mask_kind_tensor must be one CPU element for a host library")
-        mask = mask_kind_tensor.to(torch.int32).contiguous()
+    rows = [None if t is None else t.to(torch.int32).contiguous()
+            for t in (cu_seqlens, slots, cache_lens, mask_kind, mask_param, write)]
+    if max_chunk is None:
+        max_chunk = min(max_chunk_of(rows[0]), max(1, q.shape[0]))
     out = torch.empty_like(q)
-    params = make_params(q, k_new, v_new, k_cache, v_cache, index[0], index[1], index[2], out, mask_kind,
-                         write_kv, scale, mask_kind_tensor=mask)
+    params = make_params(q, k_new, v_new, k_cache, v_cache, *rows, out, scale, max_chunk, max_cache_len)
     size = lib.workspace_size(params)
     workspace = torch.empty(size, dtype=torch.uint8) if size else None
     if workspace is not None:
         params.workspace, params.workspace_size = workspace.data_ptr(), size
     lib.check(params)
     return out
+
+
+def toolchain(kind: str) -> str | None:
+    """The compiler on PATH that `make -C plugins` builds this library with, or None (this machine cannot).
+
+    The tests use it to tell "not built although it could be" (a failure) from "cannot be built here" (a skip).
+    """
+    import platform
+    import shutil
+
+    if kind == "cuda":
+        return shutil.which(os.environ.get("NVCC", "nvcc"))
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if kind == "emu" and platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    return compiler

@@ -1,21 +1,26 @@
 // CUDA implementation of the C API in block_attention.h (libtrimode_attention.so).
 //
-// One thread block computes one tile of 64 "packed" query rows of one (sequence b, kv head h): row R stands for
-// chunk token t = R / G and query head h * G + R % G (G = Hq / Hkv), so a K/V tile loaded into shared memory
+// Rows are packed (cu_seqlens) and every row has its own mask kind, parameter and write flag, all read on the
+// device, so one launch (and one captured CUDA graph) serves any mix of causal, bidirectional, quad and
+// prefix_block rows. The grid is sized from host bounds only: gridDim.x = ceil(max_chunk * G / 64) row tiles,
+// gridDim.y = B * Hkv, gridDim.z = the split count; a tile past its row's tokens returns at once.
+//
+// One thread block computes one tile of 64 "packed" query rows of one (row b, kv head h): packed row R stands
+// for chunk token t = R / G and query head h * G + R % G (G = Hq / Hkv), so a K/V tile loaded into shared memory
 // once serves every query head of its group (GQA) and every chunk token. Keys are visited in tiles of 64 with
-// an online softmax (flash attention); cached keys come from the cache slot, chunk keys from k_new/v_new.
+// an online softmax (flash attention); cached keys come from the row's cache slot, chunk keys from k_new/v_new.
+// The chunk mask is evaluated per (query, key) element inside the softmax from the row's kind and parameter
+// (never materialized); the key range of a tile is bounded by what its last query token may see.
 //
-// Decode (T = 1) and short chunks give too few tiles to fill the GPU, so the key range is then split across
+// Decode and short chunks give too few tiles to fill the GPU, so the key range is then split across
 // gridDim.z blocks (flash decoding): each writes a normalized partial output and its log-sum-exp into the
-// workspace, and a combine kernel merges them. The split count depends on shapes and the SM count only, never
-// on device data, so a call is safe to capture in a CUDA graph and replays identically.
+// workspace, and a combine kernel merges them. The split count depends on shapes, the host bounds and the SM
+// count only, never on device data, so a call is safe to capture in a CUDA graph and replays identically.
 //
-// With write_kv the blocks of tile 0 / split 0 also copy the chunk's K/V into the cache at positions
-// [p_b, p_b + n_b). Every block reads cache positions < p_b only (chunk keys are read from k_new), so the copy
-// cannot race with any read. Device data cannot be validated without a host sync, so out-of-range values are
-// clamped instead: n_b to [0, T], p_b to [0, L], a bad slot makes the sequence empty, writes past L are dropped.
-// The mask kind may come from device memory too (mask_kind_device, read by every block): a value other than 0
-// (causal) or 1 (bidirectional) makes every sequence empty (zero output, no cache write).
+// `out` is zeroed first (cudaMemsetAsync, capturable): tokens of no valid row stay zero. A writing row's
+// blocks of tile 0 / split 0 copy its written tokens into the cache at [p_b, p_b + count). Every block reads
+// cache positions < p_b only (chunk keys come from k_new), so the copy cannot race with any read. A row the
+// contract does not define is made empty on the device (zeros, no write; see block_attention.h).
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -88,13 +93,16 @@ int launch(const TrimodeAttentionParams* p, const SplitPlan& plan, cudaStream_t 
     const KernelArgs a = make_kernel_args(p, plan);
     cudaError_t err = prepare_device();
     if (err != cudaSuccess) return cuda_failure(err);
-    const dim3 grid(plan.q_tiles, p->batch * p->num_kv_heads, plan.splits);
+    const size_t out_bytes = static_cast<size_t>(p->num_tokens) * p->num_heads * D * sizeof(T);
+    err = cudaMemsetAsync(p->out, 0, out_bytes, stream);
+    if (err != cudaSuccess) return cuda_failure(err);
+    const dim3 grid(plan.q_tiles, p->num_rows * p->num_kv_heads, plan.splits);
     attention_kernel<T, D><<<grid, kThreads, SmemLayout<T, D>::total, stream>>>(a);
     err = cudaGetLastError();
     if (err != cudaSuccess) return cuda_failure(err);
     if (plan.splits > 1) {
-        const unsigned rows = static_cast<unsigned>(p->batch) * p->chunk * p->num_heads;
-        combine_kernel<T, D><<<rows, D, 0, stream>>>(a);
+        const dim3 combine_grid(static_cast<unsigned>(p->max_chunk) * p->num_heads, p->num_rows);
+        combine_kernel<T, D><<<combine_grid, D, 0, stream>>>(a);
         err = cudaGetLastError();
         if (err != cudaSuccess) return cuda_failure(err);
     }
@@ -114,8 +122,8 @@ extern "C" {
 TRIMODE_API int trimode_block_attention(const TrimodeAttentionParams* p, void* stream) {
     int status = trimode::validate_params(p);
     if (status != TRIMODE_OK) return status;
-    if (static_cast<long long>(p->batch) * p->num_kv_heads > 65535 ||
-        static_cast<long long>(p->batch) * p->chunk * p->num_heads > 0x7fffffffLL)
+    if (static_cast<long long>(p->num_rows) * p->num_kv_heads > 65535 ||
+        static_cast<long long>(p->num_tokens) * p->num_heads > 0x7fffffffLL)
         return TRIMODE_ERR_INVALID_SHAPE;  // grid limits
     const size_t limit = p->workspace ? p->workspace_size : 0;
     const trimode::SplitPlan plan = trimode::plan_splits(p, trimode::sm_count(), limit);

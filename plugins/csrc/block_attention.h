@@ -1,37 +1,48 @@
 /*
  * trimode block attention: the C API shared by the CUDA library (libtrimode_attention.so), the CPU reference
- * library (libtrimode_attention_cpu.so), the torch custom op (through ctypes) and the TensorRT plugin.
+ * library (libtrimode_attention_cpu.so), the emulated CUDA kernel (libtrimode_attention_emu.so), the torch
+ * custom op (through ctypes) and the TensorRT plugin. ABI 3: packed rows, one mask kind per row.
  *
- * The contract is the one of plugins/reference.py (block_attention_reference):
+ * The contract is the one of plugins/reference.py (block_attention_reference), see docs/attention.md:
  *
- *   q           [B, T, Hq, D]   queries of the chunk (RoPE and position scale already applied)
- *   k_new/v_new [B, T, Hkv, D]  the chunk's keys and values
- *   k_cache     [S, L, Hkv, D]  one layer's cache (v_cache alike)
- *   slots       [B] int32       cache slot of each sequence; NULL means slot b = b
- *   cache_lens  [B] int32       p_b: valid cached positions of sequence b
- *   chunk_lens  [B] int32       n_b <= T: valid chunk tokens of sequence b
- *   mask kind   0 causal | 1 bidirectional block: the host field mask_kind, or, when mask_kind_device is set,
- *               the int32 it points at (read by the implementation itself, see below)
- *   out         [B, T, Hq, D]   rows t >= n_b are written as zeros
+ *   q           [N, Hq, D]      queries of every row, packed end to end (RoPE and position scale applied)
+ *   k_new/v_new [N, Hkv, D]     the rows' new keys and values, packed alike
+ *   k_cache     [S, L, Hkv, D]  one layer's cache: S slots of L positions (v_cache alike)
+ *   cu_seqlens  [B+1] int32     row b owns packed tokens cu_seqlens[b] .. cu_seqlens[b+1]-1 (n_b of them)
+ *   slots       [B] int32       cache slot of row b
+ *   cache_lens  [B] int32       p_b: valid cached positions of row b
+ *   mask_kind   [B] int32       0 causal, 1 bidirectional, 2 quad(L), 3 prefix_block(m)
+ *   mask_param  [B] int32       quad: L (n_b must be L * (L + 1)); prefix_block: the tail m (0 <= m <= n_b)
+ *   write       [B] int32       nonzero: store row b's causally computed K/V (may be NULL: no row writes)
+ *   out         [N, Hq, D]      tokens owned by no (valid) row are written as zeros
  *
- * Query t < n_b of sequence b attends to cached positions 0..p_b-1 and to chunk tokens j < n_b with j <= t
- * (causal) or any j (bidirectional block). Softmax accumulates in fp32. With write_kv the chunk's K/V are
- * stored at cache[slots[b], p_b + t] for t < n_b; chunk keys are always READ from k_new/v_new, never from the
- * cache positions being written, so the write never races with a read.
+ * Query t of row b attends to cached positions 0..p_b-1 and to the chunk keys s its row's mask allows:
+ *   causal s <= t | bidirectional every s | quad(L): sub-block j = tokens j(L+1) .. j(L+1)+L, offset 0 the
+ *   draft d_j; every token sees d_k for k <= its sub-block, a mask token also sees its whole sub-block |
+ *   prefix_block(m): s <= t, and the last m tokens see the whole chunk.
+ * Writes (rows with write != 0): causal - token t at cache position p_b + t; quad - d_j at p_b + j;
+ * prefix_block - the first n_b - m tokens at p_b + t; bidirectional rows never write (write must be 0).
+ * Chunk keys are always READ from k_new/v_new, never from the cache positions being written, so a write never
+ * races with a read, provided that a writing row's slot is used by no other row of the call. Softmax in fp32.
  *
- * All tensors are dense and contiguous in the layouts above, with the same element type (dtype), except the
- * int32 index vectors. The stream argument is a cudaStream_t passed as void* so that this header does not need
- * the CUDA headers (the CPU library ignores it). For the CUDA library every pointer is a device pointer and
- * nothing synchronizes the host, so a call can be captured in a CUDA graph; for the CPU library every pointer
- * is a host pointer.
+ * Every per-row array lives in the same memory as the tensors: device memory for the CUDA library (so one
+ * captured CUDA graph serves any mix of kinds, lengths and write flags: nothing about them is read on the host),
+ * host memory for the CPU and emulated libraries. The host only gives bounds that size the grid:
+ *   max_chunk      an upper bound of every n_b (1 <= max_chunk <= N)
+ *   max_cache_len  an upper bound of every p_b (0: the capacity L)
  *
- * Mask kind from memory (mask_kind_device, ABI 2): one captured graph or TensorRT plan then serves causal and
- * bidirectional steps, the kind being whatever the tensor holds at execution time (the ONNX graph's mask_kind
- * input). The CUDA kernel reads it on the device (no host sync, so the call stays capturable); it cannot
- * report a bad value, so a value other than 0 or 1 makes every sequence empty: the output is all zeros and
- * write_kv writes nothing (never a crash, never a silently different mask). The CPU library reads it on the
- * host and returns the status of the host field instead (6 for 2, 5 for any other value). When
- * mask_kind_device is set the host field mask_kind is ignored.
+ * Invalid per-row data: the CPU library reads its host arrays and returns a status (5 unknown kind, 6 a row
+ * whose param, length or write flag its kind does not allow, 9 an index out of range) before writing anything.
+ * The CUDA kernel cannot report device data without a host sync, so it treats such a row as EMPTY: its output
+ * tokens are zeros and it writes nothing to the cache - never a crash, never an access out of bounds. A row is
+ * empty on the device when cu_seqlens[b] > cu_seqlens[b+1], either is outside [0, N], n_b > max_chunk, the slot
+ * is outside [0, S), the kind is unknown, a quad row has n_b != L(L+1) (or L < 1), a prefix_block tail is
+ * outside [0, n_b], or a bidirectional row has write set. p_b is clamped to [0, L] and writes past L are dropped.
+ *
+ * All tensors are dense and contiguous in the layouts above, with the same element type (dtype), 16-byte
+ * aligned. The stream argument is a cudaStream_t passed as void* so that this header does not need the CUDA
+ * headers (the CPU libraries ignore it); the CUDA library never synchronizes or allocates, so a call can be
+ * captured in a CUDA graph.
  */
 #ifndef TRIMODE_BLOCK_ATTENTION_H
 #define TRIMODE_BLOCK_ATTENTION_H
@@ -49,8 +60,8 @@ extern "C" {
 #define TRIMODE_API __attribute__((visibility("default")))
 #endif
 
-/* Bumped whenever TrimodeAttentionParams changes layout; callers set params.abi_version to it. */
-#define TRIMODE_ATTENTION_ABI_VERSION 2
+/* Bumped whenever TrimodeAttentionParams changes layout or meaning; callers set params.abi_version to it. */
+#define TRIMODE_ATTENTION_ABI_VERSION 3
 
 /* Most partial results one query row is split into (flash-decoding). */
 #define TRIMODE_MAX_SPLITS 32
@@ -64,7 +75,8 @@ enum TrimodeDtype {
 enum TrimodeMaskKind {
     TRIMODE_MASK_CAUSAL = 0,
     TRIMODE_MASK_BIDIRECTIONAL = 1,
-    TRIMODE_MASK_STRUCTURED = 2 /* reserved for quadratic self-speculation; rejected for now */
+    TRIMODE_MASK_QUAD = 2,         /* mask_param = L, n_b = L * (L + 1) */
+    TRIMODE_MASK_PREFIX_BLOCK = 3  /* mask_param = m, the bidirectional tail */
 };
 
 enum TrimodeStatus {
@@ -73,40 +85,41 @@ enum TrimodeStatus {
     TRIMODE_ERR_INVALID_SHAPE = 2,
     TRIMODE_ERR_HEAD_DIM = 3,
     TRIMODE_ERR_GQA = 4,
-    TRIMODE_ERR_MASK_KIND = 5,
-    TRIMODE_ERR_MASK_NOT_IMPLEMENTED = 6,
+    TRIMODE_ERR_MASK_KIND = 5,    /* a row's mask_kind is unknown (CPU library) */
+    TRIMODE_ERR_INVALID_ROW = 6,  /* a row's mask_param / length / write flag do not fit its kind (CPU) */
     TRIMODE_ERR_DTYPE = 7,
     TRIMODE_ERR_MISALIGNED = 8,
-    TRIMODE_ERR_OUT_OF_RANGE = 9,
+    TRIMODE_ERR_OUT_OF_RANGE = 9, /* cu_seqlens, a slot, a cache length or a write out of range (CPU) */
     TRIMODE_ERR_ABI = 10,
     TRIMODE_ERR_CUDA = 11
 };
 
 typedef struct TrimodeAttentionParams {
-    int32_t abi_version; /* TRIMODE_ATTENTION_ABI_VERSION */
-    int32_t dtype;       /* TrimodeDtype of q, k_new, v_new, k_cache, v_cache and out */
-    int32_t batch;       /* B */
-    int32_t chunk;       /* T */
-    int32_t num_heads;   /* Hq, a multiple of num_kv_heads */
-    int32_t num_kv_heads;/* Hkv */
-    int32_t head_dim;    /* D: 64 or 128 */
-    int32_t cache_slots; /* S */
+    int32_t abi_version;    /* TRIMODE_ATTENTION_ABI_VERSION */
+    int32_t dtype;          /* TrimodeDtype of q, k_new, v_new, k_cache, v_cache and out */
+    int32_t num_rows;       /* B */
+    int32_t num_tokens;     /* N: packed tokens of q / k_new / v_new / out */
+    int32_t num_heads;      /* Hq, a multiple of num_kv_heads */
+    int32_t num_kv_heads;   /* Hkv */
+    int32_t head_dim;       /* D: 64 or 128 */
+    int32_t cache_slots;    /* S */
     int32_t cache_capacity; /* L: positions per slot */
-    int32_t max_cache_len;  /* optional host-known upper bound of every p_b (0: use L); only sizes the split */
-    int32_t mask_kind;   /* TrimodeMaskKind; ignored when mask_kind_device is set */
-    int32_t write_kv;    /* nonzero: store the chunk's K/V into the cache */
-    float scale;         /* softmax scale, typically head_dim ** -0.5 */
+    int32_t max_chunk;      /* host bound of every n_b, 1 <= max_chunk <= N: sizes the grid */
+    int32_t max_cache_len;  /* host bound of every p_b (0: L): only sizes the split-K plan */
+    float scale;            /* softmax scale, typically head_dim ** -0.5 */
     const void* q;
     const void* k_new;
     const void* v_new;
     void* k_cache;
     void* v_cache;
-    const int32_t* slots; /* may be NULL */
-    const int32_t* cache_lens;
-    const int32_t* chunk_lens;
-    const int32_t* mask_kind_device; /* may be NULL (use mask_kind); else one int32 read inside the call (ABI 2) */
+    const int32_t* cu_seqlens; /* [B+1] */
+    const int32_t* slots;      /* [B] */
+    const int32_t* cache_lens; /* [B] */
+    const int32_t* mask_kind;  /* [B] */
+    const int32_t* mask_param; /* [B] */
+    const int32_t* write;      /* [B], or NULL: no row writes (the TensorRT plugin) */
     void* out;
-    void* workspace;      /* may be NULL; too small a workspace only means fewer splits */
+    void* workspace;        /* may be NULL; too small a workspace only means fewer splits */
     size_t workspace_size;
 } TrimodeAttentionParams;
 

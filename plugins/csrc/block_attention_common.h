@@ -1,6 +1,6 @@
-// Host-side pieces shared by the CPU and CUDA libraries and the TensorRT plugin: argument validation, status
-// strings and the flash-decoding split plan. Kept header-only and free of CUDA so that g++ and nvcc compile
-// the very same checks, and the libraries therefore reject exactly the same calls.
+// Pieces shared by the CPU and CUDA libraries, the emulation and the TensorRT plugin: argument validation,
+// status strings, the per-row validity rule and the flash-decoding split plan. Header-only and free of CUDA
+// headers so that g++ and nvcc compile the very same checks (the row rule also runs on the device).
 #ifndef TRIMODE_BLOCK_ATTENTION_COMMON_H
 #define TRIMODE_BLOCK_ATTENTION_COMMON_H
 
@@ -8,6 +8,12 @@
 #include <stdint.h>
 
 #include "block_attention.h"
+
+#if defined(__CUDACC__)
+#define TRIMODE_HD __host__ __device__
+#else
+#define TRIMODE_HD
+#endif
 
 namespace trimode {
 
@@ -19,15 +25,20 @@ inline const char* error_string(int status) {
     switch (status) {
         case TRIMODE_OK: return "ok";
         case TRIMODE_ERR_NULL_POINTER: return "a required pointer is NULL";
-        case TRIMODE_ERR_INVALID_SHAPE: return "invalid shape (every size must be positive, chunk_lens <= T)";
+        case TRIMODE_ERR_INVALID_SHAPE:
+            return "invalid shape (every size must be positive, 1 <= max_chunk <= N, 0 <= max_cache_len <= L)";
         case TRIMODE_ERR_HEAD_DIM: return "unsupported head_dim (supported: 64, 128)";
         case TRIMODE_ERR_GQA: return "num_heads is not a multiple of num_kv_heads";
-        case TRIMODE_ERR_MASK_KIND: return "unknown mask_kind (0 causal, 1 bidirectional block)";
-        case TRIMODE_ERR_MASK_NOT_IMPLEMENTED: return "mask_kind 2 (structured) is reserved and not implemented";
+        case TRIMODE_ERR_MASK_KIND:
+            return "a row has an unknown mask_kind (0 causal, 1 bidirectional, 2 quad, 3 prefix_block)";
+        case TRIMODE_ERR_INVALID_ROW:
+            return "a row's mask_param, length or write flag does not fit its kind (quad: n = L(L+1), L >= 1; "
+                   "prefix_block: 0 <= m <= n; bidirectional rows cannot write)";
         case TRIMODE_ERR_DTYPE: return "unsupported dtype (0 float32, 1 float16, 2 bfloat16)";
         case TRIMODE_ERR_MISALIGNED: return "a tensor pointer is not 16-byte aligned";
         case TRIMODE_ERR_OUT_OF_RANGE:
-            return "a slot, cache length or chunk length is out of range (slot < S, p_b + n_b <= L, n_b <= T)";
+            return "per-row data out of range (cu_seqlens non-decreasing within [0, N], n_b <= max_chunk, "
+                   "slot < S, p_b <= max_cache_len or L, written positions < L, a writing row's slot unshared)";
         case TRIMODE_ERR_ABI: return "params.abi_version does not match the library (rebuild the plugin)";
         case TRIMODE_ERR_CUDA: return "a CUDA launch failed (see cudaGetLastError)";
         default: return "unknown trimode status";
@@ -43,25 +54,44 @@ inline size_t dtype_size(int dtype) {
     }
 }
 
-// The status of a mask kind value: ok for causal and bidirectional, else why it is rejected.
-inline int validate_mask_kind(int32_t mask_kind) {
-    if (mask_kind == TRIMODE_MASK_STRUCTURED) return TRIMODE_ERR_MASK_NOT_IMPLEMENTED;
-    if (mask_kind != TRIMODE_MASK_CAUSAL && mask_kind != TRIMODE_MASK_BIDIRECTIONAL) return TRIMODE_ERR_MASK_KIND;
-    return TRIMODE_OK;
+// The contract's check_row: TRIMODE_OK, or why (kind, param, n, write) is not a row the contract defines.
+// Shared by the CPU library (which returns the status) and the kernels (which make such a row empty).
+TRIMODE_HD inline int row_status(int kind, int param, int n, bool write) {
+    switch (kind) {
+        case TRIMODE_MASK_CAUSAL: return TRIMODE_OK;
+        case TRIMODE_MASK_BIDIRECTIONAL: return write ? TRIMODE_ERR_INVALID_ROW : TRIMODE_OK;
+        case TRIMODE_MASK_QUAD:
+            // param <= 46340 keeps L * (L + 1) inside int32.
+            return param >= 1 && param <= 46340 && n == param * (param + 1) ? TRIMODE_OK : TRIMODE_ERR_INVALID_ROW;
+        case TRIMODE_MASK_PREFIX_BLOCK: return param >= 0 && param <= n ? TRIMODE_OK : TRIMODE_ERR_INVALID_ROW;
+        default: return TRIMODE_ERR_MASK_KIND;
+    }
 }
 
-// Checks the sizes and flags; needs no tensor pointer (so a workspace can be sized before allocating). With
-// mask_kind_device set the host field is ignored: the kind lives in memory that may be the device's.
+// How many of a row's chunk tokens a writing row stores (the contract's len(written_offsets)); the i-th goes
+// to cache position p_b + i. Only meaningful for a valid row.
+TRIMODE_HD inline int written_count(int kind, int param, int n) {
+    switch (kind) {
+        case TRIMODE_MASK_CAUSAL: return n;
+        case TRIMODE_MASK_QUAD: return param;
+        case TRIMODE_MASK_PREFIX_BLOCK: return n - param;
+        default: return 0;
+    }
+}
+
+// Chunk offset of the i-th written token (the contract's written_offsets[i]).
+TRIMODE_HD inline int written_offset(int kind, int param, int i) {
+    return kind == TRIMODE_MASK_QUAD ? i * (param + 1) : i;
+}
+
+// Checks the sizes and bounds; needs no tensor pointer (so a workspace can be sized before allocating).
 inline int validate_shapes(const TrimodeAttentionParams* p) {
     if (p == nullptr) return TRIMODE_ERR_NULL_POINTER;
     if (p->abi_version != TRIMODE_ATTENTION_ABI_VERSION) return TRIMODE_ERR_ABI;
-    if (p->mask_kind_device == nullptr) {
-        const int status = validate_mask_kind(p->mask_kind);
-        if (status != TRIMODE_OK) return status;
-    }
     if (dtype_size(p->dtype) == 0) return TRIMODE_ERR_DTYPE;
-    if (p->batch <= 0 || p->chunk <= 0 || p->num_heads <= 0 || p->num_kv_heads <= 0 || p->cache_slots <= 0 ||
-        p->cache_capacity <= 0 || p->max_cache_len < 0 || p->max_cache_len > p->cache_capacity)
+    if (p->num_rows <= 0 || p->num_tokens <= 0 || p->num_heads <= 0 || p->num_kv_heads <= 0 ||
+        p->cache_slots <= 0 || p->cache_capacity <= 0 || p->max_chunk <= 0 || p->max_chunk > p->num_tokens ||
+        p->max_cache_len < 0 || p->max_cache_len > p->cache_capacity)
         return TRIMODE_ERR_INVALID_SHAPE;
     if (p->head_dim != 64 && p->head_dim != 128) return TRIMODE_ERR_HEAD_DIM;
     if (p->num_heads % p->num_kv_heads != 0) return TRIMODE_ERR_GQA;
@@ -72,8 +102,8 @@ inline int validate_shapes(const TrimodeAttentionParams* p) {
 inline int validate_params(const TrimodeAttentionParams* p) {
     const int status = validate_shapes(p);
     if (status != TRIMODE_OK) return status;
-    if (!p->q || !p->k_new || !p->v_new || !p->k_cache || !p->v_cache || !p->cache_lens || !p->chunk_lens ||
-        !p->out)
+    if (!p->q || !p->k_new || !p->v_new || !p->k_cache || !p->v_cache || !p->cu_seqlens || !p->slots ||
+        !p->cache_lens || !p->mask_kind || !p->mask_param || !p->out)
         return TRIMODE_ERR_NULL_POINTER;
     const void* tensors[] = {p->q, p->k_new, p->v_new, p->k_cache, p->v_cache, p->out};
     for (const void* t : tensors)
@@ -81,10 +111,10 @@ inline int validate_params(const TrimodeAttentionParams* p) {
     return TRIMODE_OK;
 }
 
-// How a call is split across thread blocks. Fixed by shapes and the SM count only (never by device data), so
-// the plan, the grid and the workspace are the same on every replay of a captured CUDA graph.
+// How a call is split across thread blocks. Fixed by shapes, host bounds and the SM count only (never by
+// device data), so the plan, the grid and the workspace are the same on every replay of a captured CUDA graph.
 struct SplitPlan {
-    int q_tiles;       // thread blocks along the packed query rows of one (sequence, kv head)
+    int q_tiles;       // thread blocks along the packed query rows of one (row, kv head): max_chunk * G / 64
     int splits;        // partial results per query row; 1 means the kernel writes `out` directly
     int split_keys;    // keys per split (a multiple of kTileKeys); the last split takes the rest
     size_t workspace;  // bytes of partial outputs + log-sum-exps when splits > 1
@@ -92,7 +122,7 @@ struct SplitPlan {
 
 inline size_t split_workspace_bytes(const TrimodeAttentionParams* p, int splits) {
     if (splits <= 1) return 0;
-    const size_t rows = static_cast<size_t>(p->batch) * p->chunk * p->num_heads;
+    const size_t rows = static_cast<size_t>(p->num_tokens) * p->num_heads;
     return static_cast<size_t>(splits) * rows * (static_cast<size_t>(p->head_dim) + 1) * sizeof(float);
 }
 
@@ -102,11 +132,11 @@ inline size_t split_workspace_bytes(const TrimodeAttentionParams* p, int splits)
 inline SplitPlan plan_splits(const TrimodeAttentionParams* p, int num_sms, size_t workspace_limit) {
     SplitPlan plan{};
     const int group = p->num_heads / p->num_kv_heads;
-    const long long rows = static_cast<long long>(p->chunk) * group;
+    const long long rows = static_cast<long long>(p->max_chunk) * group;
     plan.q_tiles = static_cast<int>((rows + kTileRows - 1) / kTileRows);
-    const long long base = static_cast<long long>(plan.q_tiles) * p->batch * p->num_kv_heads;
-    const long long max_keys = static_cast<long long>(p->max_cache_len > 0 ? p->max_cache_len : p->cache_capacity) +
-                               p->chunk;
+    const long long base = static_cast<long long>(plan.q_tiles) * p->num_rows * p->num_kv_heads;
+    const long long max_keys =
+        static_cast<long long>(p->max_cache_len > 0 ? p->max_cache_len : p->cache_capacity) + p->max_chunk;
     const long long key_tiles = (max_keys + kTileKeys - 1) / kTileKeys;
     long long splits = 1;
     if (num_sms > 0 && base < num_sms) {

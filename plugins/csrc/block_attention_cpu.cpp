@@ -1,10 +1,12 @@
 // CPU reference of the C API in block_attention.h: the slow, obvious form of the contract, compiled with g++
-// into libtrimode_attention_cpu.so. It exists so that the C API itself (argument layout, validation, status
-// codes, cache writes) is tested on machines without a GPU against plugins/reference.py, and so that the CUDA
-// kernel has a second, independent implementation to be compared with.
+// into libtrimode_attention_cpu.so. It exists so that the C API itself (argument layout, per-row validation,
+// status codes, cache writes) is tested on machines without a GPU against plugins/reference.py, and so that
+// the CUDA kernel has a second, independent implementation to be compared with.
 //
-// Every element is converted to fp32, the softmax and both products accumulate in fp32 (double for the sums
-// would hide nothing the kernel does), and the output is rounded once to the tensor dtype.
+// Every element is converted to fp32, the softmax and both products accumulate in fp32, and the output is
+// rounded once to the tensor dtype. The chunk masks are written out here from their definitions, apart from
+// the kernel's tile-level form of them.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -37,64 +39,102 @@ void store(void* base, size_t index, int dtype, float value) {
     }
 }
 
-// Host data is readable here, so (unlike the CUDA library, which must not synchronize) every per-sequence
-// index is checked before anything is written.
-int validate_lengths(const TrimodeAttentionParams* p) {
-    for (int b = 0; b < p->batch; ++b) {
-        const int slot = p->slots ? p->slots[b] : b;
-        const int past = p->cache_lens[b];
-        const int n = p->chunk_lens[b];
-        if (slot < 0 || slot >= p->cache_slots || past < 0 || past > p->cache_capacity || n < 0 || n > p->chunk)
+struct Row {
+    int start, n, slot, past, kind, param;
+    bool write;
+};
+
+Row row_of(const TrimodeAttentionParams* p, int b) {
+    Row r;
+    r.start = p->cu_seqlens[b];
+    r.n = p->cu_seqlens[b + 1] - p->cu_seqlens[b];
+    r.slot = p->slots[b];
+    r.past = p->cache_lens[b];
+    r.kind = p->mask_kind[b];
+    r.param = p->mask_param[b];
+    r.write = p->write != nullptr && p->write[b] != 0;
+    return r;
+}
+
+// Host data is readable here, so (unlike the CUDA kernel, which must not synchronize and makes a bad row
+// empty instead) every row is checked before anything is written.
+int validate_rows(const TrimodeAttentionParams* p) {
+    if (p->cu_seqlens[0] < 0 || p->cu_seqlens[p->num_rows] > p->num_tokens) return TRIMODE_ERR_OUT_OF_RANGE;
+    const int max_past = p->max_cache_len > 0 ? p->max_cache_len : p->cache_capacity;
+    for (int b = 0; b < p->num_rows; ++b) {
+        if (p->cu_seqlens[b + 1] < p->cu_seqlens[b]) return TRIMODE_ERR_OUT_OF_RANGE;
+        const Row r = row_of(p, b);
+        const int status = trimode::row_status(r.kind, r.param, r.n, r.write);
+        if (status != TRIMODE_OK) return status;
+        if (r.n > p->max_chunk || r.slot < 0 || r.slot >= p->cache_slots || r.past < 0 || r.past > max_past)
             return TRIMODE_ERR_OUT_OF_RANGE;
-        if (p->write_kv && past + n > p->cache_capacity) return TRIMODE_ERR_OUT_OF_RANGE;
+        if (r.write && static_cast<long long>(r.past) + trimode::written_count(r.kind, r.param, r.n) >
+                           p->cache_capacity)
+            return TRIMODE_ERR_OUT_OF_RANGE;
+    }
+    // A writing row's slot must be its own: otherwise the result would depend on the order rows are computed in.
+    for (int b = 0; b < p->num_rows; ++b) {
+        if (p->write == nullptr || p->write[b] == 0 || p->cu_seqlens[b + 1] == p->cu_seqlens[b]) continue;
+        for (int c = 0; c < p->num_rows; ++c)
+            if (c != b && p->slots[c] == p->slots[b] && p->cu_seqlens[c + 1] > p->cu_seqlens[c])
+                return TRIMODE_ERR_OUT_OF_RANGE;
     }
     return TRIMODE_OK;
 }
 
-// The mask kind of the call: the host field, or the int32 at mask_kind_device (a host pointer here, so unlike
-// the CUDA kernel, which zeros the output for a bad value, this library can reject it with the field's status).
-int read_mask_kind(const TrimodeAttentionParams* p, int32_t* mask_kind) {
-    *mask_kind = p->mask_kind_device ? *p->mask_kind_device : p->mask_kind;
-    return trimode::validate_mask_kind(*mask_kind);
+// Chunk query t may see chunk key s: the four definitions of reference.py, spelled out.
+bool allowed(const Row& r, int t, int s) {
+    switch (r.kind) {
+        case TRIMODE_MASK_CAUSAL: return s <= t;
+        case TRIMODE_MASK_BIDIRECTIONAL: return true;
+        case TRIMODE_MASK_QUAD: {
+            const int width = r.param + 1;
+            const bool s_is_draft = s % width == 0;
+            const bool t_is_mask = t % width != 0;
+            return (s_is_draft && s / width <= t / width) || (t_is_mask && s / width == t / width);
+        }
+        case TRIMODE_MASK_PREFIX_BLOCK: return s <= t || t >= r.n - r.param;
+        default: return false;
+    }
 }
 
-// One sequence: out[b, t, hq, :] for every t < n, exactly the loop of block_attention_reference.
-void attend_sequence(const TrimodeAttentionParams* p, int32_t mask_kind, int b) {
-    const int T = p->chunk, Hq = p->num_heads, Hkv = p->num_kv_heads, D = p->head_dim;
+// One row: out[start + t, hq, :] for every t < n, exactly the loop of block_attention_reference.
+void attend_row(const TrimodeAttentionParams* p, const Row& r) {
+    const int Hq = p->num_heads, Hkv = p->num_kv_heads, D = p->head_dim;
     const int group = Hq / Hkv;
-    const int slot = p->slots ? p->slots[b] : b;
-    const int past = p->cache_lens[b];
-    const int n = p->chunk_lens[b];
-    const size_t cache_base = static_cast<size_t>(slot) * p->cache_capacity;
-    std::vector<float> scores(static_cast<size_t>(past) + n);
+    const size_t cache_base = static_cast<size_t>(r.slot) * p->cache_capacity;
+    const int keys = r.past + r.n;
+    std::vector<float> scores(keys);
+    std::vector<char> visible(keys);
     std::vector<float> acc(D);
-    for (int t = 0; t < n; ++t) {
-        const int visible_new = mask_kind == TRIMODE_MASK_CAUSAL ? t + 1 : n;
-        const int keys = past + visible_new;
+    for (int t = 0; t < r.n; ++t) {
+        for (int j = 0; j < keys; ++j) visible[j] = j < r.past || allowed(r, t, j - r.past);
         for (int hq = 0; hq < Hq; ++hq) {
             const int h = hq / group;
-            const size_t q_row = ((static_cast<size_t>(b) * T + t) * Hq + hq) * D;
+            const size_t q_row = (static_cast<size_t>(r.start + t) * Hq + hq) * D;
             float max_score = -std::numeric_limits<float>::infinity();
             for (int j = 0; j < keys; ++j) {
-                const void* kbase = j < past ? p->k_cache : p->k_new;
-                const size_t k_row = j < past ? ((cache_base + j) * Hkv + h) * D
-                                              : ((static_cast<size_t>(b) * T + (j - past)) * Hkv + h) * D;
+                if (!visible[j]) continue;
+                const void* kbase = j < r.past ? p->k_cache : p->k_new;
+                const size_t k_row = j < r.past ? ((cache_base + j) * Hkv + h) * D
+                                                : ((static_cast<size_t>(r.start) + (j - r.past)) * Hkv + h) * D;
                 float dot = 0.0f;
                 for (int d = 0; d < D; ++d)
                     dot += load(p->q, q_row + d, p->dtype) * load(kbase, k_row + d, p->dtype);
                 scores[j] = dot * p->scale;
-                if (scores[j] > max_score) max_score = scores[j];
+                max_score = std::max(max_score, scores[j]);
             }
             float denom = 0.0f;
             for (int j = 0; j < keys; ++j) {
-                scores[j] = std::exp(scores[j] - max_score);
+                scores[j] = visible[j] ? std::exp(scores[j] - max_score) : 0.0f;
                 denom += scores[j];
             }
             std::fill(acc.begin(), acc.end(), 0.0f);
             for (int j = 0; j < keys; ++j) {
-                const void* vbase = j < past ? p->v_cache : p->v_new;
-                const size_t v_row = j < past ? ((cache_base + j) * Hkv + h) * D
-                                              : ((static_cast<size_t>(b) * T + (j - past)) * Hkv + h) * D;
+                if (!visible[j]) continue;
+                const void* vbase = j < r.past ? p->v_cache : p->v_new;
+                const size_t v_row = j < r.past ? ((cache_base + j) * Hkv + h) * D
+                                                : ((static_cast<size_t>(r.start) + (j - r.past)) * Hkv + h) * D;
                 const float w = scores[j] / denom;
                 for (int d = 0; d < D; ++d) acc[d] += w * load(vbase, v_row + d, p->dtype);
             }
@@ -103,15 +143,12 @@ void attend_sequence(const TrimodeAttentionParams* p, int32_t mask_kind, int b) 
     }
 }
 
-void write_sequence_kv(const TrimodeAttentionParams* p, int b) {
-    const int T = p->chunk, Hkv = p->num_kv_heads, D = p->head_dim;
-    const size_t elem = trimode::dtype_size(p->dtype);
-    const int slot = p->slots ? p->slots[b] : b;
-    const int past = p->cache_lens[b];
-    const size_t row_bytes = static_cast<size_t>(Hkv) * D * elem;  // one position, all kv heads
-    for (int t = 0; t < p->chunk_lens[b]; ++t) {
-        const size_t src = (static_cast<size_t>(b) * T + t) * row_bytes;
-        const size_t dst = (static_cast<size_t>(slot) * p->cache_capacity + past + t) * row_bytes;
+void write_row_kv(const TrimodeAttentionParams* p, const Row& r) {
+    const size_t row_bytes = static_cast<size_t>(p->num_kv_heads) * p->head_dim * trimode::dtype_size(p->dtype);
+    const int count = trimode::written_count(r.kind, r.param, r.n);
+    for (int i = 0; i < count; ++i) {
+        const size_t src = static_cast<size_t>(r.start + trimode::written_offset(r.kind, r.param, i)) * row_bytes;
+        const size_t dst = (static_cast<size_t>(r.slot) * p->cache_capacity + r.past + i) * row_bytes;
         std::memcpy(static_cast<char*>(p->k_cache) + dst, static_cast<const char*>(p->k_new) + src, row_bytes);
         std::memcpy(static_cast<char*>(p->v_cache) + dst, static_cast<const char*>(p->v_new) + src, row_bytes);
     }
@@ -124,18 +161,17 @@ extern "C" {
 TRIMODE_API int trimode_block_attention(const TrimodeAttentionParams* p, void* /*stream*/) {
     int status = trimode::validate_params(p);
     if (status != TRIMODE_OK) return status;
-    int32_t mask_kind = 0;
-    status = read_mask_kind(p, &mask_kind);
-    if (status != TRIMODE_OK) return status;
-    status = validate_lengths(p);
+    status = validate_rows(p);
     if (status != TRIMODE_OK) return status;
     const size_t elem = trimode::dtype_size(p->dtype);
-    const size_t out_bytes = static_cast<size_t>(p->batch) * p->chunk * p->num_heads * p->head_dim * elem;
-    std::memset(p->out, 0, out_bytes);  // rows t >= n_b stay zero
-    // Sequence by sequence, attention before the write, as in the reference: batching never changes a result.
-    for (int b = 0; b < p->batch; ++b) {
-        attend_sequence(p, mask_kind, b);
-        if (p->write_kv) write_sequence_kv(p, b);
+    const size_t out_bytes = static_cast<size_t>(p->num_tokens) * p->num_heads * p->head_dim * elem;
+    std::memset(p->out, 0, out_bytes);  // tokens of no row stay zero
+    // Row by row, attention before the write, as in the reference: batching never changes a result.
+    for (int b = 0; b < p->num_rows; ++b) {
+        const Row r = row_of(p, b);
+        if (r.n == 0) continue;
+        attend_row(p, r);
+        if (r.write) write_row_kv(p, r);
     }
     return TRIMODE_OK;
 }

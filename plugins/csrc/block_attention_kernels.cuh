@@ -16,15 +16,16 @@ struct KernelArgs {
     const void* v_new;
     void* k_cache;
     void* v_cache;
-    const int32_t* slots;
-    const int32_t* cache_lens;
-    const int32_t* chunk_lens;
-    const int32_t* mask_kind_device;  // NULL: mask_kind below; else read by every block (see load_sequence)
+    const int32_t* cu_seqlens;  // [B+1]
+    const int32_t* slots;       // [B]
+    const int32_t* cache_lens;  // [B]
+    const int32_t* mask_kind;   // [B]
+    const int32_t* mask_param;  // [B]
+    const int32_t* write;       // [B] or NULL (no row writes)
     void* out;
-    float* part_o;    // [splits][B*T*Hq][D]
-    float* part_lse;  // [splits][B*T*Hq], log2 domain
-    int batch, chunk, num_heads, num_kv_heads, group, cache_slots, cache_capacity;
-    int mask_kind, write_kv;
+    float* part_o;    // [splits][N*Hq][D]
+    float* part_lse;  // [splits][N*Hq], log2 domain
+    int num_rows, num_tokens, num_heads, num_kv_heads, group, cache_slots, cache_capacity, max_chunk;
     float scale_log2;  // scale * log2(e): the softmax runs on exp2
     int splits, split_keys;
 };
@@ -37,49 +38,97 @@ inline KernelArgs make_kernel_args(const TrimodeAttentionParams* p, const SplitP
     a.v_new = p->v_new;
     a.k_cache = p->k_cache;
     a.v_cache = p->v_cache;
+    a.cu_seqlens = p->cu_seqlens;
     a.slots = p->slots;
     a.cache_lens = p->cache_lens;
-    a.chunk_lens = p->chunk_lens;
-    a.mask_kind_device = p->mask_kind_device;
+    a.mask_kind = p->mask_kind;
+    a.mask_param = p->mask_param;
+    a.write = p->write;
     a.out = p->out;
-    a.batch = p->batch;
-    a.chunk = p->chunk;
+    a.num_rows = p->num_rows;
+    a.num_tokens = p->num_tokens;
     a.num_heads = p->num_heads;
     a.num_kv_heads = p->num_kv_heads;
     a.group = p->num_heads / p->num_kv_heads;
     a.cache_slots = p->cache_slots;
     a.cache_capacity = p->cache_capacity;
-    a.mask_kind = p->mask_kind;
-    a.write_kv = p->write_kv != 0;
+    a.max_chunk = p->max_chunk;
     a.scale_log2 = p->scale * 1.4426950408889634f;
     a.splits = plan.splits;
     a.split_keys = plan.split_keys;
     if (plan.splits > 1) {
-        const size_t rows = static_cast<size_t>(p->batch) * p->chunk * p->num_heads;
+        const size_t rows = static_cast<size_t>(p->num_tokens) * p->num_heads;
         a.part_o = static_cast<float*>(p->workspace);
         a.part_lse = a.part_o + static_cast<size_t>(plan.splits) * rows * p->head_dim;
     }
     return a;
 }
 
-struct Sequence {
-    int slot, past, n;
-    bool causal;
+// One row's view of the device data. Device data cannot be validated without a host sync, so a row the
+// contract does not define (see block_attention.h) is made EMPTY (n = 0: zero output, no cache write) in the
+// attention and combine kernels alike; p_b is clamped to [0, L].
+struct Row {
+    int start, n, slot, past, kind, param;
+    bool write;
 };
 
-// The per-sequence view of the device data, clamped (device data cannot be validated without a host sync).
-// The mask kind comes from memory when mask_kind_device is set: a value other than causal/bidirectional makes
-// the sequence empty, like a bad slot (zero output, no cache write), in the attention and combine kernels alike.
-__device__ __forceinline__ Sequence load_sequence(const KernelArgs& a, int b) {
-    Sequence s;
-    const int mask_kind = a.mask_kind_device ? a.mask_kind_device[0] : a.mask_kind;
-    s.causal = mask_kind == TRIMODE_MASK_CAUSAL;
-    s.slot = a.slots ? a.slots[b] : b;
-    s.past = min(max(a.cache_lens[b], 0), a.cache_capacity);
-    s.n = min(max(a.chunk_lens[b], 0), a.chunk);
-    if (s.slot < 0 || s.slot >= a.cache_slots) s.n = 0;
-    if (mask_kind != TRIMODE_MASK_CAUSAL && mask_kind != TRIMODE_MASK_BIDIRECTIONAL) s.n = 0;
-    return s;
+__device__ __forceinline__ Row load_row(const KernelArgs& a, int b) {
+    Row r;
+    const int begin = a.cu_seqlens[b];
+    const int end = a.cu_seqlens[b + 1];
+    r.kind = a.mask_kind[b];
+    r.param = a.mask_param[b];
+    r.write = a.write != nullptr && a.write[b] != 0;
+    r.slot = a.slots[b];
+    r.past = min(max(a.cache_lens[b], 0), a.cache_capacity);
+    const bool range_ok = begin >= 0 && begin <= end && end <= a.num_tokens && end - begin <= a.max_chunk;
+    const bool ok = range_ok && r.slot >= 0 && r.slot < a.cache_slots &&
+                    row_status(r.kind, r.param, end - begin, r.write) == TRIMODE_OK;
+    r.start = ok ? begin : 0;
+    r.n = ok ? end - begin : 0;
+    return r;
+}
+
+// The chunk mask of a row, in the form the softmax loop evaluates per (query t, key s): for quad rows the
+// sub-block index and draft/mask role of both sides are computed once per query row and once per key column.
+struct ChunkMask {
+    int kind, width, prefix;  // width = L + 1 (quad), prefix = n - m (prefix_block)
+
+    __device__ __forceinline__ explicit ChunkMask(const Row& r)
+        : kind(r.kind), width(r.kind == TRIMODE_MASK_QUAD ? r.param + 1 : 1),
+          prefix(r.kind == TRIMODE_MASK_PREFIX_BLOCK ? r.n - r.param : r.n) {}
+
+    // One past the last chunk key that chunk query t_last (or any query before it) may see: bounds the keys
+    // a tile of queries ending at t_last visits.
+    __device__ __forceinline__ int visible_end(int t_last, int n) const {
+        switch (kind) {
+            case TRIMODE_MASK_CAUSAL: return t_last + 1;
+            case TRIMODE_MASK_QUAD: return min(n, (t_last / width + 1) * width);  // end of t_last's sub-block
+            case TRIMODE_MASK_PREFIX_BLOCK: return t_last >= prefix ? n : t_last + 1;
+            default: return n;  // bidirectional
+        }
+    }
+};
+
+// One side (query or key) of a chunk-mask test, as one int: negative for a cached key (always visible); else
+// the chunk position, except for quad rows, where it is 2 * sub-block + (1 for a mask token, 0 for the draft).
+// One register per side keeps the mask inside the softmax loop from costing registers (and spills).
+__device__ __forceinline__ int mask_side(const ChunkMask& m, int pos) {
+    if (pos < 0 || m.kind != TRIMODE_MASK_QUAD) return pos;
+    const int sub = pos / m.width;
+    return 2 * sub + (pos - sub * m.width != 0 ? 1 : 0);
+}
+
+// Chunk query t may see chunk key s (reference.chunk_mask), both given as mask_side values.
+__device__ __forceinline__ bool mask_allows(const ChunkMask& m, int t, int s) {
+    if (s < 0) return true;
+    switch (m.kind) {
+        case TRIMODE_MASK_CAUSAL: return s <= t;
+        // A draft key of this or an earlier sub-block, or (for a mask query) any key of its own sub-block.
+        case TRIMODE_MASK_QUAD: return ((s & 1) == 0 && (s >> 1) <= (t >> 1)) || ((t & 1) != 0 && (s >> 1) == (t >> 1));
+        case TRIMODE_MASK_PREFIX_BLOCK: return s <= t || t >= m.prefix;
+        default: return true;  // bidirectional
+    }
 }
 
 __device__ __forceinline__ float warp_max(float x) {
@@ -109,22 +158,26 @@ __device__ __forceinline__ void load_rows(T* dst, int ld, int rows, RowSource so
     }
 }
 
+// The written tokens of a valid writing row, kv head h: token written_offset(i) of the chunk goes to cache
+// position p_b + i (positions past L are dropped). Disjoint from every cache position any block reads.
 template <typename T, int D>
-__device__ void write_chunk_kv(const KernelArgs& a, int b, int h, const Sequence& s) {
+__device__ void write_row_kv(const KernelArgs& a, int h, const Row& r) {
     constexpr int kVec = 16 / sizeof(T);
     constexpr int kVecsPerRow = D / kVec;
     const T* k_new = static_cast<const T*>(a.k_new);
     const T* v_new = static_cast<const T*>(a.v_new);
     T* k_cache = static_cast<T*>(a.k_cache);
     T* v_cache = static_cast<T*>(a.v_cache);
-    for (int i = threadIdx.x; i < s.n * kVecsPerRow; i += kThreads) {
-        const int t = i / kVecsPerRow;
+    const int count = written_count(r.kind, r.param, r.n);
+    for (int i = threadIdx.x; i < count * kVecsPerRow; i += kThreads) {
+        const int w = i / kVecsPerRow;
         const int c = (i % kVecsPerRow) * kVec;
-        const int pos = s.past + t;
+        const int pos = r.past + w;
         if (pos >= a.cache_capacity) continue;
-        const long long src = ((static_cast<long long>(b) * a.chunk + t) * a.num_kv_heads + h) * D + c;
+        const int token = r.start + written_offset(r.kind, r.param, w);
+        const long long src = (static_cast<long long>(token) * a.num_kv_heads + h) * D + c;
         const long long dst =
-            ((static_cast<long long>(s.slot) * a.cache_capacity + pos) * a.num_kv_heads + h) * D + c;
+            ((static_cast<long long>(r.slot) * a.cache_capacity + pos) * a.num_kv_heads + h) * D + c;
         *reinterpret_cast<uint4*>(k_cache + dst) = *reinterpret_cast<const uint4*>(k_new + src);
         *reinterpret_cast<uint4*>(v_cache + dst) = *reinterpret_cast<const uint4*>(v_new + src);
     }
@@ -150,25 +203,18 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(KernelArgs a) {
     const int h = blockIdx.y % a.num_kv_heads;
     const int split = blockIdx.z;
     const int G = a.group;
-    const Sequence seq = load_sequence(a, b);
+    const Row row = load_row(a, b);
     const int row0 = tile * kTileRows;
-    const int rows_total = min(kTileRows, a.chunk * G - row0);       // rows of this tile inside [0, T*G)
-    const int rows_valid = max(0, min(rows_total, seq.n * G - row0));  // rows with t < n_b
+    const int rows_valid = max(0, min(kTileRows, row.n * G - row0));  // packed rows of this tile inside the row
 
-    if (a.write_kv && tile == 0 && split == 0) write_chunk_kv<T, D>(a, b, h, seq);
+    if (row.write && tile == 0 && split == 0) write_row_kv<T, D>(a, h, row);
+    // A tile past the row's tokens (or an empty row) has nothing to do: `out` was zeroed before the launch.
+    if (rows_valid == 0) return;
 
-    T* out = static_cast<T*>(a.out);
     auto out_row = [&](int r) -> long long {  // element offset of packed row r in out (and q)
         const int R = row0 + r;
-        return ((static_cast<long long>(b) * a.chunk + R / G) * a.num_heads + h * G + R % G) * D;
+        return (static_cast<long long>(row.start + R / G) * a.num_heads + h * G + R % G) * D;
     };
-    if (rows_valid == 0) {  // padding only: the output rows are zeros (the combine kernel zeros them when split)
-        if (a.splits == 1)
-            for (int i = threadIdx.x; i < rows_total * D; i += kThreads)
-                out[out_row(i / D) + i % D] = from_float<T>(0.0f);
-        return;
-    }
-
     const T* q = static_cast<const T*>(a.q);
     load_rows<T, D>(qs, L::ld_qkv, kTileRows,
                     [&](int r) -> const T* { return r < rows_valid ? q + out_row(r) : nullptr; });
@@ -181,9 +227,10 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(KernelArgs a) {
     Math math;
     math.begin(qs, ss, rows_valid);
 
-    // Keys this tile can see: causal rows stop at their own chunk token, so the last valid row bounds the range.
+    // Keys this tile can see: the mask bounds the chunk keys of the tile's last query token.
+    const ChunkMask mask(row);
     const int t_last = (row0 + rows_valid - 1) / G;
-    const int kv_total = seq.causal ? seq.past + t_last + 1 : seq.past + seq.n;
+    const int kv_total = row.past + mask.visible_end(t_last, row.n);
     const int kv_begin = split * a.split_keys;
     const int kv_end = split == a.splits - 1 ? kv_total : min(kv_total, kv_begin + a.split_keys);
 
@@ -191,40 +238,41 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(KernelArgs a) {
     const T* v_cache = static_cast<const T*>(a.v_cache);
     const T* k_new = static_cast<const T*>(a.k_new);
     const T* v_new = static_cast<const T*>(a.v_new);
-    const long long cache_row0 = static_cast<long long>(seq.slot) * a.cache_capacity;
-    const long long new_row0 = static_cast<long long>(b) * a.chunk;
+    const long long cache_row0 = static_cast<long long>(row.slot) * a.cache_capacity;
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
 
     for (int j0 = kv_begin; j0 < kv_end; j0 += kTileKeys) {
-        auto key_row = [&](int r) -> long long {  // element offset of key j0 + r in its source, -1 if masked
+        auto key_row = [&](int r) -> long long {  // element offset of key j0 + r in its source, -1 if past the end
             const int j = j0 + r;
             if (j >= kv_end) return -1;
-            const long long row = j < seq.past ? cache_row0 + j : new_row0 + (j - seq.past);
-            return (row * a.num_kv_heads + h) * D;
+            const long long source_row = j < row.past ? cache_row0 + j : row.start + (j - row.past);
+            return (source_row * a.num_kv_heads + h) * D;
         };
         load_rows<T, D>(ks, L::ld_qkv, kTileKeys, [&](int r) -> const T* {
             const long long off = key_row(r);
-            return off < 0 ? nullptr : (j0 + r < seq.past ? k_cache : k_new) + off;
+            return off < 0 ? nullptr : (j0 + r < row.past ? k_cache : k_new) + off;
         });
         load_rows<T, D>(vs, L::ld_qkv, kTileKeys, [&](int r) -> const T* {
             const long long off = key_row(r);
-            return off < 0 ? nullptr : (j0 + r < seq.past ? v_cache : v_new) + off;
+            return off < 0 ? nullptr : (j0 + r < row.past ? v_cache : v_new) + off;
         });
         __syncthreads();
         math.scores(ks, ss);
         __syncthreads();
+        // This lane's two key columns, as chunk-mask sides (negative position: a cached key).
+        int key[2];
+#pragma unroll
+        for (int c = 0; c < 2; ++c) key[c] = mask_side(mask, j0 + lane + 32 * c - row.past);
         // Masked online softmax: warp w owns rows 16w..16w+15, each lane two key columns.
         for (int i = 0; i < kWarpRows; ++i) {
             const int r = warp * kWarpRows + i;
-            const int t = (row0 + r) / G;
+            const int query = mask_side(mask, (row0 + r) / G);
             float s[2];
 #pragma unroll
             for (int c = 0; c < 2; ++c) {
                 const int col = lane + 32 * c;
-                const int j = j0 + col;
-                const bool visible = r < rows_valid && j < kv_end &&
-                                     (!seq.causal || j - seq.past <= t);
+                const bool visible = r < rows_valid && j0 + col < kv_end && mask_allows(mask, query, key[c]);
                 s[c] = visible ? ss[r * L::ld_s + col] * a.scale_log2 : -INFINITY;
             }
             const float m_old = m_s[r];
@@ -253,15 +301,15 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(KernelArgs a) {
 
     math.store_o(os);
     __syncthreads();
+    T* out = static_cast<T*>(a.out);
     if (a.splits == 1) {
-        for (int i = threadIdx.x; i < rows_total * D; i += kThreads) {
+        for (int i = threadIdx.x; i < rows_valid * D; i += kThreads) {
             const int r = i / D;
             const float l = l_s[r];
-            const float value = r < rows_valid && l > 0.0f ? os[r * L::ld_o + i % D] / l : 0.0f;
-            out[out_row(r) + i % D] = from_float<T>(value);
+            out[out_row(r) + i % D] = from_float<T>(l > 0.0f ? os[r * L::ld_o + i % D] / l : 0.0f);
         }
     } else {
-        const long long rows = static_cast<long long>(a.batch) * a.chunk * a.num_heads;
+        const long long rows = static_cast<long long>(a.num_tokens) * a.num_heads;
         float* part_o = a.part_o + split * rows * D;
         for (int i = threadIdx.x; i < rows_valid * D; i += kThreads) {
             const int r = i / D;
@@ -275,30 +323,30 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(KernelArgs a) {
     }
 }
 
-// Merges the split partial results of one output row (blockIdx.x = (b * T + t) * Hq + hq), one thread per dim.
+// Merges the split partial results of one output row: blockIdx.y = row b, blockIdx.x = t * Hq + hq for chunk
+// token t < max_chunk, one thread per dim. Tokens past the row's n_b (and every token of an empty row) return:
+// `out` was zeroed before the launch.
 template <typename T, int D>
 __global__ void __launch_bounds__(D) combine_kernel(KernelArgs a) {
-    const long long rows = static_cast<long long>(a.batch) * a.chunk * a.num_heads;
-    const long long row = blockIdx.x;
-    const int t = static_cast<int>((row / a.num_heads) % a.chunk);
-    const int b = static_cast<int>(row / (static_cast<long long>(a.num_heads) * a.chunk));
-    const Sequence seq = load_sequence(a, b);
-    T* out = static_cast<T*>(a.out) + row * D;
+    const int t = static_cast<int>(blockIdx.x) / a.num_heads;
+    const int hq = static_cast<int>(blockIdx.x) % a.num_heads;
+    const Row row = load_row(a, static_cast<int>(blockIdx.y));
+    if (t >= row.n) return;
+    const long long rows = static_cast<long long>(a.num_tokens) * a.num_heads;
+    const long long out_row = static_cast<long long>(row.start + t) * a.num_heads + hq;
+    float m = -INFINITY;
+    for (int s = 0; s < a.splits; ++s) m = fmaxf(m, a.part_lse[s * rows + out_row]);
     float value = 0.0f;
-    if (t < seq.n) {
-        float m = -INFINITY;
-        for (int s = 0; s < a.splits; ++s) m = fmaxf(m, a.part_lse[s * rows + row]);
-        if (m != -INFINITY) {
-            float num = 0.0f, den = 0.0f;
-            for (int s = 0; s < a.splits; ++s) {
-                const float w = exp2f(a.part_lse[s * rows + row] - m);
-                den += w;
-                num += w * a.part_o[(s * rows + row) * D + threadIdx.x];
-            }
-            value = num / den;
+    if (m != -INFINITY) {
+        float num = 0.0f, den = 0.0f;
+        for (int s = 0; s < a.splits; ++s) {
+            const float w = exp2f(a.part_lse[s * rows + out_row] - m);
+            den += w;
+            num += w * a.part_o[(s * rows + out_row) * D + threadIdx.x];
         }
+        value = num / den;
     }
-    out[threadIdx.x] = from_float<T>(value);
+    static_cast<T*>(a.out)[out_row * D + threadIdx.x] = from_float<T>(value);
 }
 
 }  // namespace trimode

@@ -48,12 +48,13 @@ void run_grid(Grid grid, int threads, size_t shared_bytes, const std::function<v
 template <typename T, int D>
 int launch(const TrimodeAttentionParams* p, const SplitPlan& plan) {
     const KernelArgs a = make_kernel_args(p, plan);
-    const Grid grid{static_cast<unsigned>(plan.q_tiles), static_cast<unsigned>(p->batch * p->num_kv_heads),
+    std::memset(p->out, 0, static_cast<size_t>(p->num_tokens) * p->num_heads * D * sizeof(T));  // cudaMemsetAsync
+    const Grid grid{static_cast<unsigned>(plan.q_tiles), static_cast<unsigned>(p->num_rows * p->num_kv_heads),
                     static_cast<unsigned>(plan.splits)};
     run_grid(grid, kThreads, SmemLayout<T, D>::total, [&a] { attention_kernel<T, D>(a); });
     if (plan.splits > 1) {
-        const unsigned rows = static_cast<unsigned>(p->batch) * p->chunk * p->num_heads;
-        run_grid(Grid{rows, 1, 1}, D, 0, [&a] { combine_kernel<T, D>(a); });
+        const Grid combine{static_cast<unsigned>(p->max_chunk) * p->num_heads, static_cast<unsigned>(p->num_rows), 1};
+        run_grid(combine, D, 0, [&a] { combine_kernel<T, D>(a); });
     }
     return TRIMODE_OK;
 }
