@@ -1,20 +1,27 @@
-"""The generation modes behind one call, written once against the step kinds of any backend.
+"""A request's settings, their validation, and `generate()`: several requests submitted together.
 
-`generate(engine, prompts, config)` runs a batch of prompts (of different lengths) in AR, diffusion or
-self-speculation mode and returns, per prompt, the generated tokens (cut after EOS), the forwards it took
-(prompt prefill included) and its tokens per forward. `validate_request` turns every bad argument into one
-clear `RequestError` before any work is done.
+`generate(engine, prompts, config)` submits every prompt to a `Scheduler` (runtime/scheduler/) and steps it
+until all are done; each returns its generated tokens (cut after EOS), the forwards it took (prompt prefill
+counted once) and its tokens per forward. `validate_request` turns every bad argument into one clear
+`RequestError` before any work is done - the scheduler calls it for every submission, so the CLI, the
+Python API, Triton and the OpenAI server refuse the same requests with the same words.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .backends.torch_engine import StepEngine
-from .modes.ar import run_ar
-from .modes.diffusion import run_diffusion
-from .modes.sequence import CancelCheck, SequenceResult, TokenCallback, make_sequences
-from .modes.spec import run_spec
+from .backends.limits import CapacityError
+from .backends.step import StepEngine
+from .modes.ar import ARMode
+from .modes.base import ModeState
+from .modes.diffusion import DiffusionMode
+from .modes.infill import InfillMode
+from .modes.quad import QuadMode
+from .modes.sampling import make_generator
+from .modes.sequence import CancelCheck, Sequence, SequenceResult, TokenCallback
+from .modes.spec import SpecMode
+from .scheduler.scheduler import Scheduler
 
 MODES = ("ar", "diffusion", "spec", "quad", "infill")
 AUTO = "auto"  # block_length for spec and quad: chosen by the scheduler from measured costs and acceptance
@@ -54,21 +61,48 @@ class GenerationConfig:
         return asdict(self)
 
 
-def required_length(prompt_length: int, config: GenerationConfig) -> int:
-    """Cache positions a request may touch: a verify pass writes a whole block before rolling back."""
-    extra = config.block_length if config.mode == "spec" else 0
-    return prompt_length + config.max_new_tokens + extra
+def resolved_block_length(engine: StepEngine, config: GenerationConfig) -> int:
+    """The block length a request runs with ("auto": the scheduler's choice, see runtime/scheduler/auto_block.py)."""
+    if config.block_length == AUTO:
+        from .scheduler.auto_block import choose_block_length
+
+        return choose_block_length(engine, config.mode)
+    return int(config.block_length)
+
+
+def extra_positions(config: GenerationConfig, block_length: int) -> int:
+    """Positions beyond prompt + max_new_tokens a request may touch: a verify pass writes (and a quad chunk
+    places) a whole block before rolling back; infill's suffix follows the hole."""
+    if config.mode == "spec":
+        return block_length
+    if config.mode == "quad":
+        return 2 * block_length
+    if config.mode == "infill":
+        return len(config.suffix)
+    return 0
 
 
 def validate_request(engine: StepEngine, prompts: list[list[int]], config: GenerationConfig) -> None:
     """Raise RequestError naming the first problem with this request."""
     if config.mode not in MODES:
-        raise RequestError(f"unknown mode '{config.mode}' (choose ar, diffusion or spec)")
-    if config.max_new_tokens <= 0:
-        raise RequestError(f"max_new_tokens must be positive, got {config.max_new_tokens}")
-    if config.block_length < 1 or (config.mode == "spec" and config.block_length < 2):
-        raise RequestError(f"block_length must be at least {2 if config.mode == 'spec' else 1}, "
-                           f"got {config.block_length}")
+        raise RequestError(f"unknown mode '{config.mode}' (choose {', '.join(MODES)})")
+    if isinstance(config.max_new_tokens, bool) or not isinstance(config.max_new_tokens, int) \
+            or config.max_new_tokens <= 0:
+        raise RequestError(f"max_new_tokens must be a positive integer, got {config.max_new_tokens!r}")
+    if config.block_length == AUTO:
+        if config.mode not in ("spec", "quad"):
+            raise RequestError(f"block_length 'auto' is for spec and quad modes, not {config.mode}")
+    elif isinstance(config.block_length, bool) or not isinstance(config.block_length, int):
+        raise RequestError(f"block_length must be an integer or 'auto', got {config.block_length!r}")
+    else:
+        least = 2 if config.mode in ("spec", "quad") else 1
+        if config.block_length < least:
+            raise RequestError(f"block_length must be at least {least}, got {config.block_length}")
+        try:
+            if config.mode != "infill":
+                engine.limits.check_block_length(config.block_length)
+        except CapacityError as exc:
+            raise RequestError(str(exc)) from None
     if config.mode == "diffusion" and config.max_new_tokens % config.block_length:
         raise RequestError(f"in diffusion mode max_new_tokens ({config.max_new_tokens}) must be a multiple of "
                            f"block_length ({config.block_length})")
@@ -76,38 +110,83 @@ def validate_request(engine: StepEngine, prompts: list[list[int]], config: Gener
         raise RequestError(f"threshold must be within [0, 1], got {config.threshold}")
     if config.temperature < 0:
         raise RequestError(f"temperature must be >= 0, got {config.temperature}")
+    if not 0.0 < config.top_p <= 1.0:
+        raise RequestError(f"top_p must be within (0, 1], got {config.top_p}")
+    if config.top_k < 0:
+        raise RequestError(f"top_k must be >= 0 (0: off), got {config.top_k}")
+    if config.max_thinking_tokens is not None and config.max_thinking_tokens < 0:
+        raise RequestError(f"max_thinking_tokens must be >= 0, got {config.max_thinking_tokens}")
+    if config.ar_mix_weight is not None and (config.mode != "quad" or not 0.0 <= config.ar_mix_weight <= 1.0):
+        raise RequestError("ar_mix_weight is a quad-mode weight within [0, 1]")
+    vocab = engine.config.vocab_size
+    if config.mode == "infill" and not config.suffix:
+        raise RequestError("infill mode needs a suffix (the text after the hole)")
+    if config.mode != "infill" and config.suffix:
+        raise RequestError(f"a suffix is only used in infill mode, not {config.mode}")
+    for name, ids in (("suffix", config.suffix), ("end_think_token_id", [config.end_think_token_id or 0])):
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"{name} has token id {bad[0]} outside the vocabulary [0, {vocab})")
     if not prompts:
         raise RequestError("no prompt given")
-    if len(prompts) > engine.max_batch_size:
-        raise RequestError(f"batch of {len(prompts)} prompts exceeds the engine's maximum batch size "
-                           f"{engine.max_batch_size}")
-    vocab = engine.config.vocab_size
+    try:
+        engine.limits.check_batch(len(prompts))
+    except CapacityError as exc:
+        raise RequestError(str(exc)) from None
+    block = resolved_block_length(engine, config) if config.mode in ("spec", "quad") else \
+        int(config.block_length)
     for number, prompt in enumerate(prompts):
         if not prompt:
             raise RequestError(f"prompt {number} is empty")
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise RequestError(f"prompt {number} has token id {bad[0]} outside the vocabulary [0, {vocab})")
-        need = required_length(len(prompt), config)
-        if need > engine.max_seq_len:
-            raise RequestError(f"prompt {number} ({len(prompt)} tokens) plus {config.max_new_tokens} new tokens"
-                               f"{' and a draft block' if config.mode == 'spec' else ''} needs {need} positions, "
-                               f"beyond the engine's maximum sequence length {engine.max_seq_len}")
+        need = len(prompt) + config.max_new_tokens + extra_positions(config, block)
+        try:
+            engine.limits.check_positions(need, f"prompt {number} ({len(prompt)} tokens) plus "
+                                                f"{config.max_new_tokens} new tokens")
+        except CapacityError as exc:
+            raise RequestError(str(exc)) from None
 
 
-def generate(engine: StepEngine, prompts: list[list[int]], config: GenerationConfig,
-             on_tokens: TokenCallback | None = None, is_cancelled: CancelCheck | None = None
-             ) -> list[SequenceResult]:
-    """Run one batch to completion; `on_tokens(i, ids)` streams committed tokens of prompt i in order."""
-    validate_request(engine, prompts, config)
-    cache = engine.new_cache(len(prompts))
-    sequences = make_sequences(prompts, config.max_new_tokens, engine.config.eos_token_id, config.seed)
+def make_mode(engine: StepEngine, config: GenerationConfig) -> ModeState:
+    """The state machine of one request's mode."""
+    c = engine.config
     if config.mode == "ar":
-        run_ar(engine, cache, sequences, config.temperature, on_tokens, is_cancelled)
-    elif config.mode == "diffusion":
-        run_diffusion(engine, cache, sequences, config.block_length, config.threshold, config.temperature,
-                      on_tokens, is_cancelled)
-    else:
-        run_spec(engine, cache, sequences, config.block_length, config.threshold, config.temperature,
-                 config.use_lora, on_tokens, is_cancelled)
+        return ARMode()
+    if config.mode == "diffusion":
+        return DiffusionMode(int(config.block_length), c.mask_token_id, c.eos_token_id, config.threshold)
+    if config.mode == "infill":
+        return InfillMode(config.max_new_tokens, list(config.suffix), c.mask_token_id, config.threshold)
+    block = resolved_block_length(engine, config)
+    if config.mode == "spec":
+        return SpecMode(block, c.mask_token_id, config.threshold, config.use_lora and engine.has_lora)
+    return QuadMode(block, c.mask_token_id, config.ar_mix_weight)
+
+
+def make_sequence(engine: StepEngine, prompt: list[int], config: GenerationConfig, index: int) -> Sequence:
+    return Sequence(index, list(prompt), config, engine.config.eos_token_id,
+                    make_generator(config.seed, engine.device), make_mode(engine, config))
+
+
+def generate(engine: StepEngine, prompts: list[list[int]], config: GenerationConfig | list[GenerationConfig],
+             on_tokens: TokenCallback | None = None, is_cancelled: CancelCheck | None = None,
+             scheduler: Scheduler | None = None) -> list[SequenceResult]:
+    """Run requests together to completion; `on_tokens(i, ids)` streams committed tokens of prompt i in order.
+
+    `config` may be one config for all prompts or one per prompt (any mix of modes and settings).
+    """
+    configs = config if isinstance(config, list) else [config] * len(prompts)
+    if len(configs) != len(prompts):
+        raise RequestError(f"{len(configs)} configs for {len(prompts)} prompts")
+    for prompt, cfg in zip(prompts, configs, strict=True):
+        validate_request(engine, [prompt], cfg)
+    if not prompts:
+        raise RequestError("no prompt given")
+    engine.limits.check_batch(len(prompts))
+    scheduler = scheduler or Scheduler(engine, num_slots=len(prompts))
+    sequences = [scheduler.submit(p, cfg, on_tokens, is_cancelled, index=i)
+                 for i, (p, cfg) in enumerate(zip(prompts, configs, strict=True))]
+    while not all(s.done for s in sequences):
+        scheduler.step()
     return [s.result() for s in sequences]

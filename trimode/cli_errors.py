@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .builder.errors import CheckpointError
-from .runtime.backends.torch_engine import CapacityError
+from .runtime.backends.limits import CapacityError
 from .runtime.generate import RequestError
 
 USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, CapacityError, RequestError)

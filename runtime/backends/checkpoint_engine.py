@@ -9,6 +9,7 @@ import torch
 from ...builder.checkpoint import load_checkpoint
 from ...builder.convert import convert_checkpoint, resolve_dtype
 from ..model.network import Transformer
+from .limits import EngineLimits
 from .torch_engine import TorchEngine
 
 
@@ -20,4 +21,4 @@ def engine_from_checkpoint(path: str | Path, dtype: str = "fp32", use_lora: bool
     weights = convert_checkpoint(checkpoint, resolve_dtype(dtype), use_lora=use_lora)
     lora_scale = checkpoint.lora.scale if (use_lora and checkpoint.lora) else 0.0
     model = Transformer(checkpoint.config, weights, lora_scale).to(device)
-    return TorchEngine(model, max_batch_size, max_seq_len, checkpoint.tokenizer_path)
+    return TorchEngine(model, EngineLimits(max_batch_size, max_seq_len), checkpoint.tokenizer_path)

@@ -8,7 +8,7 @@ from ...builder.errors import CheckpointError
 from ...builder.manifest import MANIFEST_FILE
 from .checkpoint_engine import engine_from_checkpoint
 from .engine_files import load_engine
-from .torch_engine import StepEngine
+from .step import StepEngine
 
 CHECKPOINT_MAX_BATCH = 64
 CHECKPOINT_MAX_SEQ = 4096

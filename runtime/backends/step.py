@@ -53,6 +53,7 @@ class StepBatch:
 
     rows: list[ChunkRow]
     cache_lens: list[int]      # p_b per row, host copy
+    cu: list[int]              # cu_seqlens, host copy
     tokens: torch.Tensor       # [N] int64
     positions: torch.Tensor    # [N] int64
     cu_seqlens: torch.Tensor   # [B+1] int32
@@ -92,7 +93,8 @@ class StepBatch:
         def i32(values: list[int]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.int32)
 
-        return cls(rows, cache_lens, torch.tensor(tokens, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+        return cls(rows, cache_lens, cu, torch.tensor(tokens, dtype=torch.long),
+                   torch.tensor(positions, dtype=torch.long),
                    i32(cu), i32([r.slot for r in rows]), i32(cache_lens), i32([r.mask_kind for r in rows]),
                    i32([r.mask_param for r in rows]), i32([int(r.write) for r in rows]),
                    torch.tensor(lora, dtype=torch.bool), torch.tensor(logit_index, dtype=torch.long), logit_rows)
@@ -100,6 +102,11 @@ class StepBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.shape[0])
+
+    @property
+    def max_position(self) -> int:
+        return max(max(r.positions) if r.positions is not None else p + len(r.tokens) - 1
+                   for r, p in zip(self.rows, self.cache_lens, strict=True))
 
     @property
     def any_lora(self) -> bool:

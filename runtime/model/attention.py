@@ -1,33 +1,146 @@
-"""Attention dispatch: the CUDA plugin's torch op on GPU tensors, the PyTorch reference elsewhere.
+"""Attention dispatch: the plugin's CUDA kernel on GPU tensors, a fast PyTorch path on the CPU.
 
-This is the single place where the runtime chooses an attention implementation, so the model code reads the
-same for every device and the choice is easy to test.
+This is the single place where the runtime chooses an attention implementation. Every implementation
+computes the packed per-row contract of `plugins/reference.py`; the reference itself (a slow, obvious loop
+that concatenates each row's cache) is the oracle of the tests and can be forced with
+`set_attention_impl("reference")`.
+
+The CPU fast path never copies a row's cached K/V: it scores the queries against a strided view of the
+cache and against the chunk's own keys separately, applies the chunk mask to the second part only, and
+takes one softmax over both. GQA is handled by folding each KV head's query group into the matmul's rows
+(no repeat_interleave). Prompt rows with nothing cached go to `scaled_dot_product_attention`.
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
+from functools import lru_cache
 
-from ...plugins.reference import block_attention_reference
+import torch
+import torch.nn.functional as F
+
+from ...plugins.reference import BIDIRECTIONAL, CAUSAL, block_attention_reference, chunk_mask, written_offsets
+
+_IMPL = {"cpu": "fast"}
+
+
+def set_attention_impl(name: str) -> None:
+    """"fast" (default) or "reference" for CPU tensors (tests compare the two)."""
+    if name not in ("fast", "reference"):
+        raise ValueError(f"unknown attention implementation {name!r}")
+    _IMPL["cpu"] = name
+
+
+class CudaPluginMissing(RuntimeError):
+    """CUDA tensors but no loadable CUDA attention library: a clear error, never a silent slow fallback."""
+
+
+@dataclass
+class AttentionRows:
+    """One step's row layout: host lists for the CPU loop, device int32 tensors for the kernel."""
+
+    cu: list[int]
+    slots: list[int]
+    cache_lens: list[int]
+    kinds: list[int]
+    params: list[int]
+    writes: list[bool]
+    device_arrays: tuple[torch.Tensor, ...] | None  # cu_seqlens, slots, cache_lens, mask_kind, mask_param, write
+    max_chunk: int
+    max_cache_len: int
+
+    @classmethod
+    def from_batch(cls, batch, device: torch.device) -> AttentionRows:
+        cu = batch.cu
+        arrays = None
+        if device.type == "cuda":
+            arrays = tuple(t.to(device, non_blocking=True) for t in (
+                batch.cu_seqlens, batch.slots, batch.cache_lens_t, batch.mask_kind, batch.mask_param, batch.write))
+        return cls(cu, [r.slot for r in batch.rows], list(batch.cache_lens), [r.mask_kind for r in batch.rows],
+                   [r.mask_param for r in batch.rows], [r.write for r in batch.rows], arrays,
+                   max(b - a for a, b in zip(cu, cu[1:], strict=False)), max(batch.cache_lens))
 
 
 def _cuda_op():
-    """The plugin's torch op when the CUDA library is built and loadable, else None."""
     try:
         from ...plugins import torch_op
-    except (ImportError, OSError):
-        return None
-    return torch_op if torch_op.cuda_available() else None
+    except (ImportError, OSError) as exc:
+        raise CudaPluginMissing(f"the CUDA attention plugin cannot be imported ({exc}); run `make plugins`") from None
+    if not torch_op.cuda_available():
+        raise CudaPluginMissing("CUDA tensors but the CUDA attention library (plugins/build/libtrimode_attention.so) "
+                                "is not built or cannot be loaded; run `make plugins` on this machine")
+    return torch_op
 
 
 def attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-           v_cache: torch.Tensor, slots: torch.Tensor, cache_lens: torch.Tensor, chunk_lens: torch.Tensor,
-           mask_kind: int, write_kv: bool, scale: float) -> torch.Tensor:
-    """Block attention per the contract in `plugins/reference.py`."""
+           v_cache: torch.Tensor, rows: AttentionRows, scale: float) -> torch.Tensor:
+    """Block attention per the contract in `plugins/reference.py`; q [N, Hq, D] -> [N, Hq, D]."""
     if q.is_cuda:
-        op = _cuda_op()
-        if op is not None:
-            return op.block_attention(q, k_new, v_new, k_cache, v_cache, slots.int(), cache_lens.int(),
-                                      chunk_lens.int(), mask_kind, write_kv, scale)
-    return block_attention_reference(q, k_new, v_new, k_cache, v_cache, slots, cache_lens, chunk_lens,
-                                     mask_kind, write_kv, scale)
+        cu, slots, lens, kinds, params, writes = rows.device_arrays
+        return _cuda_op().block_attention(q, k_new, v_new, k_cache, v_cache, cu, slots, lens, kinds, params,
+                                          writes, scale, rows.max_chunk, rows.max_cache_len)
+    if _IMPL["cpu"] == "reference":
+        def i32(values: list) -> torch.Tensor:
+            return torch.tensor([int(v) for v in values], dtype=torch.int32)
+
+        return block_attention_reference(q, k_new, v_new, k_cache, v_cache, i32(rows.cu), i32(rows.slots),
+                                         i32(rows.cache_lens), i32(rows.kinds), i32(rows.params), i32(rows.writes),
+                                         scale)
+    return attend_cpu(q, k_new, v_new, k_cache, v_cache, rows, scale)
+
+
+@lru_cache(maxsize=256)
+def _hidden(kind: int, param: int, n: int, group: int) -> torch.Tensor | None:
+    """[n * group, n] bool of the chunk keys a (token, group member) query row may NOT see; None if none."""
+    if kind == BIDIRECTIONAL or n == 1:
+        return None
+    hidden = ~chunk_mask(kind, param, n)
+    return hidden.repeat_interleave(group, dim=0) if bool(hidden.any()) else None
+
+
+@lru_cache(maxsize=256)
+def _offsets(kind: int, param: int, n: int) -> torch.Tensor:
+    return torch.tensor(written_offsets(kind, param, n), dtype=torch.long)
+
+
+def attend_cpu(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, rows: AttentionRows, scale: float) -> torch.Tensor:
+    """The CPU fast path (see the module docstring); equal to the reference within fp32 rounding."""
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    n_kv = k_new.shape[1]
+    group = n_heads // n_kv
+    out = torch.empty_like(q)
+    for b, slot in enumerate(rows.slots):
+        start, end = rows.cu[b], rows.cu[b + 1]
+        n, past, kind, param = end - start, rows.cache_lens[b], rows.kinds[b], rows.params[b]
+        if n == 0:
+            continue
+        kn, vn = k_new[start:end], v_new[start:end]
+        if past == 0 and kind in (CAUSAL, BIDIRECTIONAL):
+            out[start:end] = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1), kn.transpose(0, 1), vn.transpose(0, 1),
+                is_causal=kind == CAUSAL and n > 1, scale=scale, enable_gqa=group > 1).transpose(0, 1)
+        else:
+            # [Hkv, n * group, D]: query row t * group + i is head h * group + i of token t
+            qb = q[start:end].view(n, n_kv, group, head_dim).transpose(0, 1).reshape(n_kv, n * group, head_dim)
+            own = torch.matmul(qb, kn.permute(1, 2, 0)).float() * scale  # [Hkv, n*g, n]
+            hidden = _hidden(kind, param, n, group)
+            if hidden is not None:
+                own.masked_fill_(hidden, float("-inf"))
+            if past:
+                cached = torch.matmul(qb, k_cache[slot, :past].permute(1, 2, 0)).float() * scale  # [Hkv, n*g, p]
+                probs = torch.softmax(torch.cat([cached, own], dim=-1), dim=-1).to(q.dtype)
+                mixed = torch.matmul(probs[..., :past], v_cache[slot, :past].transpose(0, 1))
+                mixed += torch.matmul(probs[..., past:], vn.transpose(0, 1))
+            else:
+                mixed = torch.matmul(torch.softmax(own, dim=-1).to(q.dtype), vn.transpose(0, 1))
+            out[start:end] = mixed.view(n_kv, n, group, head_dim).transpose(0, 1).reshape(n, n_heads, head_dim)
+        if rows.writes[b]:
+            if kind == CAUSAL:
+                k_cache[slot, past : past + n] = kn
+                v_cache[slot, past : past + n] = vn
+            else:
+                index = _offsets(kind, param, n)
+                k_cache[slot, past : past + len(index)] = kn[index]
+                v_cache[slot, past : past + len(index)] = vn[index]
+    return out

@@ -4,21 +4,26 @@ Ministral-3 decoder blocks (RMSNorm in fp32, GQA attention with YaRN RoPE and th
 SwiGLU MLP), a final RMSNorm and the untied `diffusion_head`. Weights come in the converted layout of
 `builder/convert.py` (fused qkv and gate_up). Two entry points:
 
-* `forward_chunk` - the engine's step: a chunk of new tokens per sequence against the KV cache, with a
-  causal or bidirectional mask inside the chunk, writing the chunk's K/V or not.
+* `forward_step` - the engine's step: a packed batch of chunk rows against the KV cache, each row with its
+  own mask kind (causal, bidirectional, quad, prefix_block), writing its causal K/V or not.
 * `forward_masked` - a whole sequence with an arbitrary boolean attention mask and no cache, differentiable;
   used by training and as an independent check of the cached path.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from ...builder.config import ModelConfig
-from .attention import attend
+from .attention import AttentionRows, attend
 from .kv_cache import KVCache
 from .rope import Rotary, apply_rotary
+
+if TYPE_CHECKING:
+    from ..backends.step import StepBatch
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -89,36 +94,27 @@ class Transformer:
 
     # -- the engine step --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward_chunk(self, tokens: torch.Tensor, chunk_lens: torch.Tensor, slots: torch.Tensor,
-                      cache: KVCache, mask_kind: int, write_kv: bool, lora: bool = False,
-                      last_only: bool = False) -> torch.Tensor:
-        """Logits [B, T, V] (or [B, V] at each sequence's last valid token) for a chunk of new tokens.
+    def forward_step(self, cache: KVCache, batch: StepBatch) -> torch.Tensor:
+        """Logits [M, V] fp32 at batch.logit_index for one packed step of rows (any mix of mask kinds).
 
-        Sequence b's chunk sits at positions cache.lens[slots[b]] + t; with `write_kv` its K/V are stored
-        and the slot's length advances by chunk_lens[b]. Padding rows (t >= chunk_lens[b]) give garbage
-        logits that callers ignore.
+        Row b's tokens sit at batch.positions and attend to its slot's cached prefix plus its own chunk under
+        its mask kind; writing rows store their causal K/V (plugins/reference.py). The caller advances the
+        host lengths (`StepBatch.commit_lengths`).
         """
-        if lora and not self.has_lora:
+        if batch.any_lora and not self.has_lora:
             raise ValueError("this model has no LoRA adapter")
-        slots = slots.to(self.device, torch.long)
-        chunk_lens = chunk_lens.to(self.device, torch.int32)
-        cache_lens = cache.lens[slots]
-        length = tokens.shape[1]
-        positions = cache_lens[:, None].long() + torch.arange(length, device=self.device)
-        h = F.embedding(tokens.to(self.device), self.w["embed"])
+        rows = AttentionRows.from_batch(batch, self.device)
+        positions = batch.positions.to(self.device)[None]
+        lora: bool | torch.Tensor = False
+        if batch.any_lora:
+            lora = True if all(r.lora for r in batch.rows) else batch.lora.to(self.device)[None]
+        h = F.embedding(batch.tokens.to(self.device), self.w["embed"])[None]  # [1, N, H]
         for i in range(self.config.num_hidden_layers):
             q, k, v = self._qkv(i, h, positions)
-            attn = attend(q, k, v, cache.k[i], cache.v[i], slots, cache_lens, chunk_lens, mask_kind,
-                          write_kv, self.scale)
-            h = self._attn_out(i, h, attn, lora)
+            attn = attend(q[0], k[0], v[0], cache.k[i], cache.v[i], rows, self.scale)
+            h = self._attn_out(i, h, attn[None], lora)
             h = self._mlp(i, h)
-        if write_kv:
-            cache.lens[slots] = cache_lens + chunk_lens
-        if last_only:
-            index = (chunk_lens.long() - 1).clamp(min=0)
-            h = h[torch.arange(h.shape[0], device=self.device), index][:, None]
-            return self._logits(h)[:, 0]
-        return self._logits(h)
+        return self._logits(h[0, batch.logit_index.to(self.device)])
 
     # -- whole sequences, any mask ----------------------------------------------------------------------
     def forward_masked(self, tokens: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor,

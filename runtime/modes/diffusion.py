@@ -1,19 +1,21 @@
-"""Diffusion mode: blocks of masked tokens denoised in parallel, causal across blocks (DESIGN.md section 3).
+"""Diffusion mode: blocks of masked tokens denoised in parallel, causal across blocks.
 
 Per block: `[seed, MASK x (L-1)]`; bidirectional passes (reading the cache, never writing it) propose x0 and
 commit the most confident masked slots - by threshold, or an even split of the masked count over L steps
 with the remainder front-loaded. Then one causal pass over the finished block writes its exact K/V and its
-last logit seeds the next block (skipped after the last block: nothing follows it).
+last logit seeds the next block (skipped after the last block: nothing follows it). The same denoising
+loop serves infill (runtime/modes/infill.py), whose chunk also carries clean suffix tokens.
 """
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
-from ..backends.torch_engine import StepEngine
+from ...plugins.reference import BIDIRECTIONAL, CAUSAL
+from ..backends.step import ChunkRow
 from ..model.kv_cache import KVCache
-from .sampling import denoise_candidates
-from .sequence import CancelCheck, Sequence, TokenCallback, prefill_all, still_running
+from .base import DENOISE, Decided, ModeState, Pick, RowPlan
+from .sequence import Sequence
 
 
 def transfer_schedule(masked: int, steps: int) -> list[int]:
@@ -22,67 +24,113 @@ def transfer_schedule(masked: int, steps: int) -> list[int]:
     return [base + 1 if i < extra else base for i in range(steps)]
 
 
-def block_finished(block: torch.Tensor, mask_id: int, eos_id: int) -> bool:
+def block_finished(block: list[int], mask_id: int, eos_id: int) -> bool:
     """No mask left, or an EOS placed with no mask before it (later slots would be cut anyway)."""
-    masked = block == mask_id
-    if not bool(masked.any()):
+    if mask_id not in block:
         return True
-    eos_at = (block == eos_id).nonzero()
-    return bool(eos_at.numel()) and not bool(masked[: int(eos_at[0])].any())
+    return eos_id in block and mask_id not in block[: block.index(eos_id)]
 
 
-def commit_step(block: torch.Tensor, x0: torch.Tensor, confidence: torch.Tensor, mask_id: int,
-                threshold: float | None, count: int) -> None:
-    """Write the chosen proposals into the block in place (a slot given the mask id stays masked)."""
-    masked = block == mask_id
-    confidence = torch.where(masked, confidence.double(), torch.tensor(float("-inf"), dtype=torch.float64))
+def commit_step(block: list[int], x0: np.ndarray, confidence: np.ndarray, mask_id: int,
+                threshold: float | None, count: int) -> list[int]:
+    """Write the chosen proposals into the block in place; returns the committed positions.
+
+    Without a threshold the `count` most confident masked slots (ties: lowest position); with one, every
+    masked slot at or above it plus always the single most confident. A slot given the mask id stays masked.
+    """
+    masked = [i for i, t in enumerate(block) if t == mask_id]
+    ranked = sorted(masked, key=lambda i: (-float(confidence[i]), i))
     if threshold is None:
-        chosen = torch.topk(confidence, min(count, int(masked.sum()))).indices
-        select = torch.zeros_like(masked)
-        select[chosen] = True
+        chosen = ranked[: min(count, len(masked))]
     else:
-        select = masked & (confidence >= threshold)
-        select[int(confidence.argmax())] = True
-    block[select] = x0[select]
+        chosen = sorted({ranked[0], *[i for i in masked if confidence[i] >= threshold]})
+    for i in chosen:
+        block[i] = int(x0[i])
+    return chosen
 
 
-def run_diffusion(engine: StepEngine, cache: KVCache, sequences: list[Sequence], block_length: int,
-                  threshold: float | None, temperature: float, on_tokens: TokenCallback | None,
-                  is_cancelled: CancelCheck | None) -> None:
-    mask_id, eos_id = engine.config.mask_token_id, engine.config.eos_token_id
-    length = block_length
-    logits = prefill_all(engine, cache, sequences)
-    seeds: dict[int, int] = {}
-    for row, seq in enumerate(sequences):
-        seeds[seq.index] = int(denoise_candidates(logits[row : row + 1], temperature, seq.generator)[0][0])
-    num_blocks = sequences[0].max_new_tokens // length
-    for block_number in range(num_blocks):
-        running = still_running(sequences, is_cancelled)
-        if not running:
+class Denoiser:
+    """The denoising loop over one chunk's masked slots (`span` = the chunk offsets that may be masked)."""
+
+    def __init__(self, chunk: list[int], span: int, mask_id: int, eos_id: int | None, threshold: float | None,
+                 steps: int) -> None:
+        self.chunk = chunk
+        self.span = span
+        self.mask_id = mask_id
+        self.eos_id = eos_id
+        self.threshold = threshold
+        self.steps = steps
+        self.schedule = transfer_schedule(chunk[:span].count(mask_id), steps)
+        self.done_steps = 0
+        self.commits: list[list[int]] = []  # positions committed per pass (tests read it)
+
+    @property
+    def finished(self) -> bool:
+        head = self.chunk[: self.span]
+        if self.done_steps >= self.steps or self.mask_id not in head:
+            return True
+        return self.eos_id is not None and block_finished(head, self.mask_id, self.eos_id)
+
+    def row(self, slot: int) -> RowPlan:
+        chunk = ChunkRow(slot, list(self.chunk), BIDIRECTIONAL, logit_offsets=list(range(self.span)))
+        return RowPlan(chunk, Pick(DENOISE, confidence=True))
+
+    def consume(self, decided: Decided) -> None:
+        head = self.chunk[: self.span]
+        count = self.schedule[self.done_steps]
+        self.commits.append(commit_step(head, decided.tokens, decided.confidence, self.mask_id, self.threshold,
+                                        count))
+        self.chunk[: self.span] = head
+        self.done_steps += 1
+
+
+class DiffusionMode(ModeState):
+    prefill_pick = Pick(DENOISE)
+
+    def __init__(self, block_length: int, mask_id: int, eos_id: int, threshold: float | None) -> None:
+        self.length = block_length
+        self.mask_id = mask_id
+        self.eos_id = eos_id
+        self.threshold = threshold
+        self.seed: int | None = None
+        self.denoiser: Denoiser | None = None
+        self.blocks_done = 0
+        self.history: list[list[list[int]]] = []  # commits per pass, per block
+
+    def consume_prefill(self, seq: Sequence, plan: RowPlan, decided: Decided, cache: KVCache) -> None:
+        self.seed = int(decided.tokens[0])
+
+    def _new_block(self) -> None:
+        block = [self.seed] + [self.mask_id] * (self.length - 1)
+        self.denoiser = Denoiser(block, self.length, self.mask_id, self.eos_id, self.threshold, self.length)
+        self.history.append(self.denoiser.commits)
+
+    def plan_decode(self, seq: Sequence, cache: KVCache) -> RowPlan | None:
+        if self.denoiser is None:
+            self._new_block()
+            if self.denoiser.finished:  # block length 1: nothing to denoise
+                self._finish_block(seq)
+                if seq.done:
+                    return None
+        if not self.denoiser.finished:
+            return self.denoiser.row(seq.slot)
+        # the block is final and another block follows: one causal pass writes its exact K/V
+        row = ChunkRow(seq.slot, list(self.denoiser.chunk), CAUSAL, write=True, logit_offsets=[self.length - 1])
+        return RowPlan(row, Pick(DENOISE))
+
+    def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided, cache: KVCache) -> None:
+        if plan.row.mask_kind == CAUSAL:  # the re-encode
+            self.seed = int(decided.tokens[0])
+            self.denoiser = None
             return
-        blocks = {s.index: torch.full((length,), mask_id, dtype=torch.long) for s in running}
-        for seq in running:
-            blocks[seq.index][0] = seeds[seq.index]
-        schedules = {s.index: transfer_schedule(int((blocks[s.index] == mask_id).sum()), length) for s in running}
-        steps = dict.fromkeys(blocks, 0)
-        denoising = [s for s in running if not block_finished(blocks[s.index], mask_id, eos_id)]
-        while denoising:
-            logits = engine.draft(cache, [s.slot for s in denoising], torch.stack([blocks[s.index] for s in denoising]))
-            for row, seq in enumerate(denoising):
-                seq.forwards += 1
-                x0, confidence = denoise_candidates(logits[row], temperature, seq.generator)
-                step = steps[seq.index]
-                commit_step(blocks[seq.index], x0, confidence, mask_id, threshold, schedules[seq.index][step])
-                steps[seq.index] = step + 1
-            denoising = [s for s in denoising
-                         if not block_finished(blocks[s.index], mask_id, eos_id) and steps[s.index] < length]
-        for seq in running:
-            seq.emit(blocks[seq.index].tolist(), on_tokens)
-        continuing = [s for s in running if not s.done]
-        if continuing and block_number + 1 < num_blocks:
-            logits = engine.verify(cache, [s.slot for s in continuing],
-                                   torch.stack([blocks[s.index] for s in continuing]))
-            for row, seq in enumerate(continuing):
-                seq.forwards += 1
-                last = logits[row, -1:]
-                seeds[seq.index] = int(denoise_candidates(last, temperature, seq.generator)[0][0])
+        self.denoiser.consume(decided)
+        if self.denoiser.finished:
+            self._finish_block(seq)
+
+    def _finish_block(self, seq: Sequence) -> None:
+        seq.emit(self.denoiser.chunk, truncate_on_force=False)
+        self.blocks_done += 1
+        if seq.done:
+            return
+        if self.blocks_done * self.length >= seq.max_new_tokens:
+            seq.finish_reason = "length"

@@ -1,18 +1,22 @@
-"""Per-sequence bookkeeping shared by the generation modes.
+"""One request's state while the scheduler runs it: its tokens, counters, slot and mode state machine.
 
-A batch is a list of `Sequence`s, each owning one KV-cache slot. Modes call `emit` to commit tokens: it cuts
-at EOS and at max_new_tokens, counts nothing twice, and reports the new tokens to the streaming callback.
-Forwards are counted per sequence (only passes the sequence took part in), prompt prefill included.
+`emit` is the only way tokens are committed: it cuts after EOS and at max_new_tokens, forces the
+end-of-thinking token once the thinking budget is spent, and reports new tokens to the request's callback.
+It returns how many of the offered tokens it kept, so a speculative mode can roll its cache back to match.
+Forwards are counted per sequence (only passes the sequence took part in), the prompt prefill as one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from .sampling import make_generator
+if TYPE_CHECKING:
+    from ..generate import GenerationConfig
+    from .base import ModeState
 
 TokenCallback = Callable[[int, list[int]], None]
 CancelCheck = Callable[[int], bool]
@@ -24,12 +28,14 @@ class SequenceResult:
 
     tokens: list[int]
     forwards: int
-    finish_reason: str  # "eos" | "length" | "cancelled"
+    finish_reason: str  # "eos" | "length" | "cancelled" | "stop" | "error"
     prompt_length: int = 0
+    steps_waited: int = 0      # scheduler steps between submission and admission
+    first_token_step: int = -1  # scheduler steps between submission and the first committed token
 
     @property
     def tokens_per_forward(self) -> float:
-        """Generated tokens / forwards after the prompt prefill (DESIGN.md section 3)."""
+        """Generated tokens / forwards after the prompt prefill."""
         after_prefill = self.forwards - 1
         return len(self.tokens) / after_prefill if after_prefill > 0 else float(len(self.tokens))
 
@@ -40,64 +46,71 @@ class SequenceResult:
 
 @dataclass
 class Sequence:
+    """A request in the scheduler. `index` is the caller's id for callbacks; `slot` its cache slot once admitted."""
+
     index: int
-    slot: int
     prompt: list[int]
-    max_new_tokens: int
+    config: GenerationConfig
     eos: int
     generator: torch.Generator
+    mode: ModeState
+    on_tokens: TokenCallback | None = None
+    is_cancelled: CancelCheck | None = None
+    slot: int = -1
     tokens: list[int] = field(default_factory=list)
     forwards: int = 0
+    prefilled: int = 0  # prompt tokens already in the cache
     finish_reason: str | None = None
+    submitted_step: int = 0
+    admitted_step: int = -1
+    first_token_step: int = -1
 
     @property
     def done(self) -> bool:
         return self.finish_reason is not None
 
-    def emit(self, new: list[int], on_tokens: TokenCallback | None) -> None:
-        """Commit tokens in order, stopping after EOS or at max_new_tokens."""
+    @property
+    def max_new_tokens(self) -> int:
+        return self.config.max_new_tokens
+
+    def _forced(self) -> int | None:
+        """The end-of-thinking token when the budget is spent at this position and it has not appeared."""
+        budget, end = self.config.max_thinking_tokens, self.config.end_think_token_id
+        if budget is None or end is None or len(self.tokens) != budget or end in self.tokens:
+            return None
+        return end
+
+    def emit(self, new: list[int], truncate_on_force: bool = True) -> int:
+        """Commit tokens in order; returns how many were kept.
+
+        Stops after EOS or at max_new_tokens. When the thinking budget runs out, the end-of-thinking token
+        replaces the token at that position; with `truncate_on_force` the rest of `new` is dropped (it was
+        conditioned on the replaced token), otherwise it is kept (a diffusion block is committed whole).
+        """
         kept: list[int] = []
         for token in new:
             if self.done:
                 break
+            forced = self._forced()
+            if forced is not None:
+                token = forced
             kept.append(token)
             self.tokens.append(token)
             if token == self.eos:
                 self.finish_reason = "eos"
             elif len(self.tokens) >= self.max_new_tokens:
                 self.finish_reason = "length"
-        if kept and on_tokens is not None:
-            on_tokens(self.index, kept)
+            if forced is not None and forced != new[len(kept) - 1] and truncate_on_force:
+                break
+        if kept and self.on_tokens is not None:
+            self.on_tokens(self.index, kept)
+        return len(kept)
+
+    def cancel_requested(self) -> bool:
+        return self.is_cancelled is not None and bool(self.is_cancelled(self.index))
 
     def result(self) -> SequenceResult:
-        return SequenceResult(self.tokens, self.forwards, self.finish_reason or "length", len(self.prompt))
-
-
-def prefill_all(engine, cache, sequences: list[Sequence]) -> torch.Tensor:
-    """Causal prefill of every prompt (one forward each); last-token logits [B, V]."""
-    logits = engine.prefill(cache, [s.slot for s in sequences], [s.prompt for s in sequences])
-    for seq in sequences:
-        seq.forwards += 1
-    return logits
-
-
-def make_sequences(prompts: list[list[int]], max_new_tokens: int, eos: int, seed: int) -> list[Sequence]:
-    return [Sequence(i, i, list(p), max_new_tokens, eos, make_generator(seed)) for i, p in enumerate(prompts)]
-
-
-def drop_cancelled(sequences: list[Sequence], is_cancelled: CancelCheck | None) -> None:
-    if is_cancelled is None:
-        return
-    for seq in sequences:
-        if not seq.done and is_cancelled(seq.index):
-            seq.finish_reason = "cancelled"
-
-
-def active(sequences: list[Sequence]) -> list[Sequence]:
-    return [s for s in sequences if not s.done]
-
-
-def still_running(sequences: list[Sequence], is_cancelled: CancelCheck | None) -> list[Sequence]:
-    """The sequences that go on into the next round: unfinished and not cancelled since the last one."""
-    drop_cancelled(sequences, is_cancelled)
-    return active(sequences)
+        waited = max(self.admitted_step - self.submitted_step, 0)
+        first = self.first_token_step - self.submitted_step if self.first_token_step >= 0 else -1
+        return SequenceResult(self.tokens, self.forwards, self.finish_reason or "length", len(self.prompt),
+                              waited, first)

@@ -2,69 +2,72 @@
 
 Greedy output is AR's exactly: every emitted token is the causal model's choice given the tokens before it,
 because a draft token is only kept while it equals that choice. With temperature > 0 the verify pass samples
-each position from the causal distribution and a draft is kept while it equals the sample, which is again
-exactly AR sampling. The cache is rolled back per sequence by moving its length; nothing is copied.
+each position from the causal distribution (top-k / top-p filtered alike) and a draft is kept while it
+equals the sample, which is again exactly AR sampling. Rolling back is moving the slot's length.
 """
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
-from ..backends.torch_engine import StepEngine
+from ...plugins.reference import BIDIRECTIONAL, CAUSAL
+from ..backends.step import ChunkRow
 from ..model.kv_cache import KVCache
-from .ar import prefill_first_tokens
-from .sampling import pick_tokens
-from .sequence import CancelCheck, Sequence, TokenCallback, still_running
+from .base import ARGMAX, Decided, ModeState, Pick, RowPlan
+from .sequence import Sequence
 
 
-def fill_draft(block: torch.Tensor, logits: torch.Tensor, mask_id: int, threshold: float | None) -> None:
-    """One draft pass: every mask takes its argmax (threshold 0), or only confident ones (at least one)."""
-    masked = block == mask_id
-    x0 = logits.argmax(-1).cpu()
+def fill_draft(block: list[int], x0: np.ndarray, confidence: np.ndarray, mask_id: int,
+               threshold: float | None) -> None:
+    """One draft pass: every mask takes its argmax (no threshold), or only confident ones (at least one)."""
+    masked = [i for i, t in enumerate(block) if t == mask_id]
     if not threshold:
-        block[masked] = x0[masked]
-        return
-    confidence = torch.softmax(logits.float().cpu(), dim=-1).gather(-1, x0[:, None])[:, 0]
-    select = masked & (confidence >= threshold)
-    if not bool(select.any()):
-        best = torch.where(masked, confidence, torch.tensor(-1.0)).argmax()
-        select[int(best)] = True
-    block[select] = x0[select]
+        chosen = masked
+    else:
+        chosen = [i for i in masked if confidence[i] >= threshold]
+        if not chosen:
+            chosen = [max(masked, key=lambda i: (confidence[i], -i))]
+    for i in chosen:
+        block[i] = int(x0[i])
 
 
-def accepted_length(block: torch.Tensor, verified: torch.Tensor) -> int:
+def accepted_length(block: list[int], verified: np.ndarray) -> int:
     """c = length of the longest run with verified[i] == block[i + 1]."""
-    agree = (verified[:-1] == block[1:]).int()
-    return int(agree.cumprod(0).sum())
+    count = 0
+    while count + 1 < len(block) and int(verified[count]) == block[count + 1]:
+        count += 1
+    return count
 
 
-def run_spec(engine: StepEngine, cache: KVCache, sequences: list[Sequence], block_length: int,
-             threshold: float | None, temperature: float, use_lora: bool, on_tokens: TokenCallback | None,
-             is_cancelled: CancelCheck | None) -> None:
-    mask_id, length = engine.config.mask_token_id, block_length
-    lora = use_lora and engine.has_lora
-    prefill_first_tokens(engine, cache, sequences, temperature, on_tokens)
-    while True:
-        running = still_running(sequences, is_cancelled)
-        if not running:
+class SpecMode(ModeState):
+    def __init__(self, block_length: int, mask_id: int, threshold: float | None, lora: bool) -> None:
+        self.length = block_length
+        self.mask_id = mask_id
+        self.threshold = threshold
+        self.lora = lora
+        self.block: list[int] | None = None
+        self.passes = 0
+
+    def _drafting(self) -> bool:
+        return self.block is not None and self.mask_id in self.block and self.passes < self.length
+
+    def plan_decode(self, seq: Sequence, cache: KVCache) -> RowPlan:
+        if self.block is None:
+            self.block = [seq.tokens[-1]] + [self.mask_id] * (self.length - 1)
+            self.passes = 0
+        offsets = list(range(self.length))
+        if self._drafting():
+            row = ChunkRow(seq.slot, list(self.block), BIDIRECTIONAL, lora=self.lora, logit_offsets=offsets)
+            return RowPlan(row, Pick(ARGMAX, confidence=bool(self.threshold)))
+        return RowPlan(ChunkRow(seq.slot, list(self.block), CAUSAL, write=True, logit_offsets=offsets), Pick())
+
+    def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided, cache: KVCache) -> None:
+        if plan.row.mask_kind == BIDIRECTIONAL:
+            fill_draft(self.block, decided.tokens, decided.confidence, self.mask_id, self.threshold)
+            self.passes += 1
             return
-        blocks = {s.index: torch.full((length,), mask_id, dtype=torch.long) for s in running}
-        for seq in running:
-            blocks[seq.index][0] = seq.tokens[-1]
-        drafting, passes = list(running), 0
-        while drafting and passes < length:  # bounded: a predicted mask id keeps its slot masked
-            logits = engine.draft(cache, [s.slot for s in drafting],
-                                  torch.stack([blocks[s.index] for s in drafting]), lora=lora)
-            for row, seq in enumerate(drafting):
-                seq.forwards += 1
-                fill_draft(blocks[seq.index], logits[row], mask_id, threshold)
-            passes += 1
-            drafting = [s for s in drafting if bool((blocks[s.index] == mask_id).any())]
-        old_lens = [cache.length(s.slot) for s in running]
-        logits = engine.verify(cache, [s.slot for s in running], torch.stack([blocks[s.index] for s in running]))
-        for row, seq in enumerate(running):
-            seq.forwards += 1
-            verified = pick_tokens(logits[row], temperature, seq.generator).cpu()
-            accepted = accepted_length(blocks[seq.index], verified)
-            seq.emit(verified[: accepted + 1].tolist(), on_tokens)
-            cache.rollback([seq.slot], [old_lens[row] + accepted + 1])
+        old_len = cache.lengths[seq.slot] - self.length
+        accepted = accepted_length(self.block, decided.tokens)
+        kept = seq.emit([int(t) for t in decided.tokens[: accepted + 1]])
+        cache.rollback(seq.slot, old_len + kept)
+        self.block = None

@@ -1,0 +1,42 @@
+"""Infill (fill-in-the-middle): the prefix in the cache, one chunk `[MASK x n][suffix]` denoised bidirectionally.
+
+The prompt (prefix) is prefilled causally. The chunk sits right after it; inside it every token sees every
+other, so the masked slots condition on the clean suffix that follows them - what an AR model cannot do.
+Nothing of the chunk is ever written (the cache only holds the prefix). Slots are committed by confidence
+as diffusion does (runtime/modes/diffusion.py `Denoiser`): with a threshold, the best slot plus every slot
+at or above it; without one, one slot per pass (the hole's n masks over n passes). Every pass is bounded:
+at most n passes. The output is the n middle tokens (cut after an EOS, like every mode).
+The chunk is one block however long n + suffix is: measured on the demo model, a single chunk in which the
+masks see the whole suffix infills better than splitting it (see benchmarks/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from ..model.kv_cache import KVCache
+from .base import ARGMAX, Decided, ModeState, Pick, RowPlan
+from .diffusion import Denoiser
+from .sequence import Sequence
+
+
+class InfillMode(ModeState):
+    prefill_pick = Pick(ARGMAX)
+
+    def __init__(self, hole: int, suffix: list[int], mask_id: int, threshold: float | None) -> None:
+        self.denoiser = Denoiser([mask_id] * hole + list(suffix), hole, mask_id, None, threshold, hole)
+
+    def extend_last_prefill(self, seq: Sequence, row) -> RowPlan:
+        row.logit_offsets = []  # the prefix's logits are not needed: the hole is denoised from masks
+        return RowPlan(row, Pick(ARGMAX), is_prefill=True)
+
+    def consume_prefill(self, seq: Sequence, plan: RowPlan, decided: Decided, cache: KVCache) -> None:
+        pass
+
+    def plan_decode(self, seq: Sequence, cache: KVCache) -> RowPlan | None:
+        return self.denoiser.row(seq.slot)
+
+    def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided, cache: KVCache) -> None:
+        self.denoiser.consume(decided)
+        if self.denoiser.finished:
+            seq.emit(self.denoiser.chunk[: self.denoiser.span], truncate_on_force=False)
+            if not seq.done:
+                seq.finish_reason = "length"
