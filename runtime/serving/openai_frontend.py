@@ -1,0 +1,293 @@
+"""What the OpenAI server and the Python API share: text in, scheduler jobs out, text and results back.
+
+`Frontend` owns an engine's tokenizer and chat template and the one scheduler loop its requests run on. It
+turns checked request settings into `GenerationConfig`s (validated by the engine's own rules, so a request
+beyond the engine's limits is refused with the reason), and submits each prompt as a `Job` whose sink is a
+`TextSink`: the sink assembles text as tokens arrive (see openai_text.py), marks the job cancelled as soon as
+a stop string completes (so the scheduler frees its slot at the next step), records metrics, and hands
+events - ("text", piece), ("done", Completion), ("error", message) - to a callback the caller chooses (a
+thread-safe hop into asyncio for the server, a queue for the Python API).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..generate import GenerationConfig, RequestError, validate_request
+from .openai_chat_template import ChatTemplate, ChatTemplateError, end_think_token_id
+from .openai_metrics import ServerMetrics
+from .openai_text import TextAssembler
+
+try:  # the iteration-level scheduler; the request batcher has the same interface
+    from ..scheduler.loop import EngineLoop as _Loop
+    from ..scheduler.loop import Job
+except ImportError:  # pragma: no cover - until the scheduler lands
+    from .request_batcher import Job
+    from .request_batcher import RequestBatcher as _Loop
+
+LOG = logging.getLogger("trimode.openai")
+
+Event = tuple[str, Any]
+EventCallback = Callable[[Event], None]
+
+
+@dataclass
+class Completion:
+    """One finished choice."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    forwards: int
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    engine_finish_reason: str  # "eos" | "length" | "cancelled"
+    stop_string: str | None = None
+
+    @property
+    def tokens_per_forward(self) -> float:
+        after_prefill = self.forwards - 1
+        return len(self.token_ids) / after_prefill if after_prefill > 0 else float(len(self.token_ids))
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A request's settings in the terms of the engine (what SamplingParams and the OpenAI bodies map to)."""
+
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+    mode: str | None = None
+    block_length: int | str | None = None
+    threshold: float | None = None
+    max_thinking_tokens: int | None = None
+    suffix: str | None = None
+    use_lora: bool | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class TextSink:
+    """The ResponseSink of one job: text assembly, stop strings, cancellation, metrics; never raises."""
+
+    def __init__(self, assembler: TextAssembler, on_event: EventCallback, mode: str, prompt_tokens: int,
+                 metrics: ServerMetrics | None) -> None:
+        self.assembler = assembler
+        self.on_event = on_event
+        self.mode = mode
+        self.prompt_tokens = prompt_tokens
+        self.metrics = metrics
+        self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self._cancel = threading.Event()
+        self._done = False
+        self._lock = threading.Lock()
+
+    def cancel(self) -> None:
+        """The consumer is gone (client disconnected, iterator closed): free the slot at the next step."""
+        self._cancel.set()
+
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def tokens(self, ids: list[int]) -> None:
+        try:
+            with self._lock:
+                if self._done or self.assembler.finished:
+                    return
+                now = time.monotonic()
+                if self.metrics is not None:
+                    if self.first_token_at is None:
+                        self.metrics.first_token(self.mode, now - self.submitted)
+                    gap = None if self.last_token_at is None else now - self.last_token_at
+                    self.metrics.tokens(self.mode, len(ids), gap)
+                if self.first_token_at is None:
+                    self.first_token_at = now
+                self.last_token_at = now
+                pieces = []
+                for token in ids:
+                    pieces.append(self.assembler.add(int(token)))
+                    if self.assembler.finished:
+                        self._cancel.set()  # a stop string: the scheduler drops the job at its next step
+                        break
+                piece = "".join(pieces)
+            if piece:
+                self.on_event(("text", piece))
+        except Exception:  # a sink must not raise into the scheduler
+            LOG.exception("streaming tokens to a client failed")
+            self._cancel.set()
+
+    def finish(self, result: Any) -> None:
+        try:
+            with self._lock:
+                if self._done:
+                    return
+                self._done = True
+                stopped = self.assembler.stopped_by is not None
+                rest = self.assembler.finish(None if stopped else list(result.tokens))
+                stopped = self.assembler.stopped_by is not None
+                if stopped:
+                    token_ids = self.assembler.ids[:self.assembler.tokens_used]
+                    reason = "stop"
+                else:
+                    token_ids = list(result.tokens)
+                    reason = {"eos": "stop", "length": "length"}.get(result.finish_reason, result.finish_reason)
+                completion = Completion(self.assembler.final_text, token_ids, self.prompt_tokens,
+                                        int(result.forwards), reason, result.finish_reason,
+                                        self.assembler.stopped_by)
+                if self.metrics is not None:
+                    self.metrics.done(self.mode, self.first_token_at is not None, reason, completion.forwards,
+                                      len(token_ids), time.monotonic() - self.submitted)
+            if rest:
+                self.on_event(("text", rest))
+            self.on_event(("done", completion))
+        except Exception:
+            LOG.exception("finishing a response failed")
+
+    def fail(self, message: str) -> None:
+        try:
+            with self._lock:
+                if self._done:
+                    return
+                self._done = True
+                if self.metrics is not None:
+                    self.metrics.done(self.mode, self.first_token_at is not None, "error", 0, 0,
+                                      time.monotonic() - self.submitted)
+            self.on_event(("error", message))
+        except Exception:
+            LOG.exception("reporting a failure failed")
+
+
+@dataclass
+class Prepared:
+    """One choice, ready to submit."""
+
+    prompt: list[int]
+    config: GenerationConfig
+    stop: tuple[str, ...]
+
+
+class Frontend:
+    """An engine's tokenizer, chat template and scheduler loop; see the module docstring."""
+
+    def __init__(self, engine: Any, *, default_mode: str = "spec", default_max_tokens: int = 64,
+                 use_lora: bool = True, metrics: ServerMetrics | None = None) -> None:
+        self.engine = engine
+        self.default_mode = default_mode
+        self.default_max_tokens = default_max_tokens
+        self.use_lora = use_lora
+        self.metrics = metrics
+        self.tokenizer = None
+        self.template: ChatTemplate | None = None
+        tokenizer_path = getattr(engine, "tokenizer_path", None)
+        if tokenizer_path is not None:
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
+            self.template = ChatTemplate.from_dir(Path(tokenizer_path).parent)
+        self.end_think_id = end_think_token_id(self.tokenizer)
+        self.loop = _Loop(engine)
+        self._started = False
+        self._lock = threading.Lock()
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            if not self._started:
+                self.loop.start()
+                self._started = True
+
+    def stop(self) -> None:
+        with self._lock:
+            if self._started:
+                self.loop.stop()
+                self._started = False
+
+    # -- text -------------------------------------------------------------------------------------------------
+
+    def _need_tokenizer(self, what: str) -> Any:
+        if self.tokenizer is None:
+            raise RequestError(f"{what} needs a tokenizer, and this engine has no tokenizer.json (send token ids)")
+        return self.tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._need_tokenizer("a text prompt").encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def render_chat(self, messages: list[dict], enable_thinking: bool | None = None,
+                    add_generation_prompt: bool = True) -> str:
+        self._need_tokenizer("chat")
+        if self.template is None:
+            raise RequestError("this model has no chat template (no chat_template in tokenizer_config.json); "
+                               "use /v1/completions")
+        try:
+            return self.template.render(messages, add_generation_prompt=add_generation_prompt,
+                                        enable_thinking=enable_thinking)
+        except ChatTemplateError as exc:
+            raise RequestError(f"chat template: {exc}") from None
+
+    def encode_chat(self, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
+        return self.encode(self.render_chat(messages, enable_thinking), add_special_tokens=False)
+
+    # -- requests ---------------------------------------------------------------------------------------------
+
+    def config(self, settings: Settings, prompt: list[int], choice: int = 0) -> GenerationConfig:
+        """The engine's config for one choice, validated by the engine's rules (RequestError if refused)."""
+        mode = settings.mode or ("infill" if settings.suffix is not None else self.default_mode)
+        suffix: tuple[int, ...] = ()
+        if settings.suffix is not None:
+            if mode != "infill":
+                raise RequestError(f"a suffix needs mode 'infill', got mode '{mode}'")
+            suffix = tuple(self.encode(settings.suffix, add_special_tokens=False))
+        end_think = None
+        if settings.max_thinking_tokens is not None:
+            if self.end_think_id is None:
+                raise RequestError("max_thinking_tokens needs a tokenizer with a </think> token, and this model's "
+                                   "tokenizer has none")
+            end_think = self.end_think_id
+        config = GenerationConfig(
+            mode=mode,
+            max_new_tokens=settings.max_tokens if settings.max_tokens is not None else self.default_max_tokens,
+            block_length=settings.block_length if settings.block_length is not None
+            else self.engine.config.block_size,
+            threshold=settings.threshold, temperature=settings.temperature, top_p=settings.top_p,
+            top_k=settings.top_k, seed=settings.seed + choice,
+            use_lora=self.use_lora if settings.use_lora is None else settings.use_lora,
+            max_thinking_tokens=settings.max_thinking_tokens, end_think_token_id=end_think, suffix=suffix,
+            **settings.extra)
+        try:
+            validate_request(self.engine, [prompt], config)
+        except RequestError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise RequestError(f"invalid settings: {exc}") from None
+        return config
+
+    def prepare(self, prompts: Sequence[list[int]], settings: Settings, n: int = 1) -> list[Prepared]:
+        """Every choice of a request (prompt-major, then n), all validated before anything is submitted."""
+        prepared = []
+        for prompt in prompts:
+            for choice in range(n):
+                prepared.append(Prepared(list(prompt), self.config(settings, list(prompt), choice),
+                                         settings.stop))
+        return prepared
+
+    def submit(self, item: Prepared, on_event: EventCallback) -> TextSink:
+        self.start()
+        sink = TextSink(TextAssembler(self.decode, item.stop), on_event, item.config.mode, len(item.prompt),
+                        self.metrics)
+        if self.metrics is not None:
+            self.metrics.submitted(item.config.mode, len(item.prompt))
+        self.loop.submit(Job(item.prompt, item.config, sink))
+        return sink

@@ -1,0 +1,347 @@
+"""The OpenAI-compatible HTTP server: FastAPI on uvicorn, every request on the one scheduler loop.
+
+Endpoints: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream: true` as
+server-sent events ending in `data: [DONE]`), `GET /health`, `GET /metrics` (Prometheus). Bodies are read and
+checked by openai_protocol (unknown fields, wrong types and out-of-range values are a 400 with OpenAI's error
+object) and then by the engine's own rules (a request beyond its limits is a 400 with the reason). A client
+that disconnects - mid-stream or while waiting for a whole answer - has its jobs cancelled, so the scheduler
+frees their slots at the next step. SIGTERM (or Ctrl-C) stops accepting connections, lets in-flight requests
+finish for up to `shutdown_timeout_s`, cancels what is left, stops the loop and returns (the CLI exits 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..generate import RequestError
+from .openai_frontend import Completion, Frontend, Prepared, Settings, TextSink
+from .openai_metrics import ServerMetrics
+from .openai_protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Sampling,
+    check_chat,
+    check_completion,
+    parse_body,
+    prompt_list,
+)
+
+LOG = logging.getLogger("trimode.openai")
+DISCONNECT_POLL_S = 0.25
+
+
+def _settings(sampling: Sampling, suffix: str | None = None) -> Settings:
+    return Settings(max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                    top_k=sampling.top_k, seed=sampling.seed, stop=sampling.stop, mode=sampling.mode,
+                    block_length=sampling.block_length, threshold=sampling.threshold,
+                    max_thinking_tokens=sampling.max_thinking_tokens, suffix=suffix)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _sse(payload: dict | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+class Choices:
+    """The jobs of one HTTP request and their events, delivered into the event loop."""
+
+    def __init__(self, frontend: Frontend, prepared: list[Prepared]) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.sinks: list[TextSink] = []
+        for index, item in enumerate(prepared):
+            self.sinks.append(frontend.submit(item, self._callback(index)))
+
+    def _callback(self, index: int):
+        def deliver(event: tuple[str, Any]) -> None:
+            try:
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, *event))
+            except RuntimeError:  # the event loop is closed: the server is gone, nobody listens
+                pass
+        return deliver
+
+    def cancel(self) -> None:
+        for sink in self.sinks:
+            sink.cancel()
+
+
+class OpenAIServer:
+    """Builds the FastAPI app over a Frontend."""
+
+    def __init__(self, frontend: Frontend, model_name: str, shutdown_timeout_s: float = 10.0) -> None:
+        self.frontend = frontend
+        self.model_name = model_name
+        self.metrics = frontend.metrics or ServerMetrics()
+        frontend.metrics = self.metrics
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.created = int(time.time())
+        self.app = self._build()
+
+    # -- app --------------------------------------------------------------------------------------------------
+
+    def _build(self) -> FastAPI:
+        @asynccontextmanager
+        async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+            self.frontend.start()
+            try:
+                yield
+            finally:
+                await asyncio.to_thread(self.frontend.stop)
+
+        app = FastAPI(title="trimode OpenAI-compatible server", lifespan=lifespan, docs_url=None, redoc_url=None,
+                      openapi_url=None)
+
+        def error_response(exc: APIError, endpoint: str) -> JSONResponse:
+            self.metrics.http(endpoint, exc.status)
+            return JSONResponse(exc.body(), status_code=exc.status)
+
+        @app.exception_handler(HTTPException)
+        async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+            kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+            return error_response(APIError(str(exc.detail), exc.status_code, kind=kind), request.url.path)
+
+        @app.exception_handler(RequestValidationError)
+        async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+            return error_response(APIError(f"invalid request: {exc.errors()[0].get('msg')}"), request.url.path)
+
+        @app.get("/health")
+        async def health() -> dict:
+            return {"status": "ok"}
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+        @app.get("/v1/models")
+        async def models() -> dict:
+            self.metrics.http("/v1/models", 200)
+            return {"object": "list", "data": [self._model_card()]}
+
+        @app.get("/v1/models/{name:path}")
+        async def model(name: str) -> Any:
+            if name != self.model_name:
+                return error_response(self._no_model(name), "/v1/models")
+            return self._model_card()
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> Any:
+            try:
+                body = parse_body(await request.body(), CompletionRequest)
+                sampling = check_completion(body)
+                self._check_model(body.model)
+                prepared, prompt_texts = await asyncio.to_thread(self._prepare_completion, body, sampling)
+            except APIError as exc:
+                return error_response(exc, "/v1/completions")
+            except RequestError as exc:
+                return error_response(APIError(str(exc)), "/v1/completions")
+            return await self._respond(request, "/v1/completions", prepared, sampling.n, body.stream,
+                                       body.stream_options, chat=False, echo=prompt_texts if body.echo else None)
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Any:
+            try:
+                body = parse_body(await request.body(), ChatRequest)
+                sampling = check_chat(body)
+                self._check_model(body.model)
+                prepared = await asyncio.to_thread(self._prepare_chat, body, sampling)
+            except APIError as exc:
+                return error_response(exc, "/v1/chat/completions")
+            except RequestError as exc:
+                return error_response(APIError(str(exc)), "/v1/chat/completions")
+            return await self._respond(request, "/v1/chat/completions", prepared, sampling.n, body.stream,
+                                       body.stream_options, chat=True)
+
+        return app
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "trimode",
+                "max_model_len": int(self.frontend.engine.limits.max_seq_len)}
+
+    def _no_model(self, name: str) -> APIError:
+        return APIError(f"The model '{name}' does not exist (this server serves '{self.model_name}')", 404,
+                        param="model", kind="not_found_error", code="model_not_found")
+
+    def _check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise self._no_model(name)
+
+    # -- preparing --------------------------------------------------------------------------------------------
+
+    def _prepare_completion(self, body: CompletionRequest, sampling: Sampling) -> tuple[list[Prepared], list[str]]:
+        prompts, texts = [], []
+        for prompt in prompt_list(body.prompt):
+            if isinstance(prompt, str):
+                if not prompt:
+                    raise APIError("prompt must not be empty", param="prompt")
+                prompts.append(self.frontend.encode(prompt))
+                texts.append(prompt)
+            else:
+                prompts.append(list(prompt))
+                texts.append(self.frontend.decode(list(prompt)))
+        return self.frontend.prepare(prompts, _settings(sampling, body.suffix), sampling.n), texts
+
+    def _prepare_chat(self, body: ChatRequest, sampling: Sampling) -> list[Prepared]:
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in body.messages]
+        prompt = self.frontend.encode_chat(messages, body.enable_thinking)
+        return self.frontend.prepare([prompt], _settings(sampling), sampling.n)
+
+    # -- responding -------------------------------------------------------------------------------------------
+
+    async def _respond(self, request: Any, endpoint: str, prepared: list[Prepared], n: int, stream: bool,
+                       stream_options: Any, chat: bool, echo: list[str] | None = None) -> Any:
+        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        choices = Choices(self.frontend, prepared)
+        prompt_tokens = sum(len(prepared[i].prompt) for i in range(0, len(prepared), n))  # each prompt once
+        if stream:
+            include_usage = bool(stream_options is not None and stream_options.include_usage)
+            self.metrics.http(endpoint, 200)
+            return StreamingResponse(self._stream(choices, ident, created, chat, include_usage, prompt_tokens),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        results: dict[int, Completion] = {}
+        errors: list[str] = []
+        try:
+            while len(results) + len(errors) < len(prepared):
+                try:
+                    index, kind, value = await asyncio.wait_for(choices.queue.get(), DISCONNECT_POLL_S)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        choices.cancel()
+                        return JSONResponse({}, status_code=499)
+                    continue
+                if kind == "done":
+                    results[index] = value
+                elif kind == "error":
+                    errors.append(value)
+        except asyncio.CancelledError:
+            choices.cancel()
+            raise
+        if errors:
+            choices.cancel()
+            status = 503 if "shutting down" in errors[0] else 500
+            self.metrics.http(endpoint, status)
+            return JSONResponse(APIError(errors[0], status, kind="server_error").body(), status_code=status)
+        completion_tokens = sum(len(r.token_ids) for r in results.values())
+        out = []
+        for index in range(len(prepared)):
+            result = results[index]
+            if chat:
+                out.append({"index": index, "message": {"role": "assistant", "content": result.text},
+                            "logprobs": None, "finish_reason": result.finish_reason})
+            else:
+                text = (echo[index // n] + result.text) if echo is not None else result.text
+                out.append({"index": index, "text": text, "logprobs": None, "finish_reason": result.finish_reason})
+        self.metrics.http(endpoint, 200)
+        body = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": self.model_name, "choices": out, "usage": _usage(prompt_tokens, completion_tokens),
+                "trimode": [{"forwards": r.forwards, "tokens_per_forward": round(r.tokens_per_forward, 4),
+                             "mode": prepared[i].config.mode} for i, r in sorted(results.items())]}
+        return JSONResponse(body)
+
+    async def _stream(self, choices: Choices, ident: str, created: int, chat: bool, include_usage: bool,
+                      prompt_tokens: int) -> AsyncIterator[bytes]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        total = len(choices.sinks)
+        finished = 0
+
+        def chunk(index: int, text: str | None, finish_reason: str | None, first: bool = False) -> dict:
+            if chat:
+                delta: dict = {}
+                if first:
+                    delta["role"] = "assistant"
+                if text is not None:
+                    delta["content"] = text
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            else:
+                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            body = {"id": ident, "object": kind, "created": created, "model": self.model_name, "choices": [choice]}
+            if include_usage:
+                body["usage"] = None
+            return body
+
+        completion_tokens = 0
+        try:
+            if chat:
+                for index in range(total):
+                    yield _sse(chunk(index, "", None, first=True))
+            while finished < total:
+                index, event, value = await choices.queue.get()
+                if event == "text":
+                    yield _sse(chunk(index, value, None))
+                elif event == "done":
+                    finished += 1
+                    completion_tokens += len(value.token_ids)
+                    yield _sse(chunk(index, None if chat else "", value.finish_reason))
+                else:
+                    finished += 1
+                    yield _sse(APIError(value, 500, kind="server_error").body())
+            if include_usage:
+                yield _sse({"id": ident, "object": kind, "created": created, "model": self.model_name,
+                            "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+            yield _sse("[DONE]")
+        finally:  # the client went away (or we are done): nothing more is wanted from these jobs
+            choices.cancel()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket (port 0: a free one), so that a taken port is a clear error before anything loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(server: OpenAIServer, sock: socket.socket, log_level: str = "warning",
+               on_ready: Any = None) -> None:
+    """Serve on `sock` until SIGTERM or Ctrl-C; returns normally after a graceful shutdown."""
+    import uvicorn
+
+    config = uvicorn.Config(server.app, log_level=log_level, timeout_graceful_shutdown=server.shutdown_timeout_s,
+                            access_log=False, lifespan="on", timeout_keep_alive=5)
+    userver = uvicorn.Server(config)
+    # uvicorn re-raises the signal it caught once it has shut down; these handlers take it, so we return
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    async def main() -> None:
+        task = asyncio.create_task(userver.serve(sockets=[sock]))
+        if on_ready is not None:
+            while not userver.started and not task.done():
+                await asyncio.sleep(0.02)
+            if userver.started:
+                on_ready()
+        await task
+
+    try:
+        asyncio.run(main())
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
