@@ -33,6 +33,10 @@ INPUTS: tuple[tuple[str, str, str], ...] = (
     ("temperature", "TYPE_FP32", "[ 1 ]"),
     ("seed", "TYPE_INT64", "[ 1 ]"),
     ("stream", "TYPE_BOOL", "[ 1 ]"),
+    ("top_p", "TYPE_FP32", "[ 1 ]"),
+    ("top_k", "TYPE_INT32", "[ 1 ]"),
+    ("suffix_text", "TYPE_STRING", "[ 1 ]"),
+    ("suffix_ids", "TYPE_INT32", "[ -1 ]"),
 )
 OUTPUTS: tuple[tuple[str, str, str], ...] = (
     ("text_output", "TYPE_STRING", "[ -1 ]"),
@@ -61,8 +65,7 @@ except ImportError as exc:  # the stub runs a Python that lacks trimode: say whi
 class ServingSettings:
     """What the Triton model needs to open the engine and schedule requests; stored in config.pbtxt.
 
-    `max_batch_size` / `max_seq_len` of 0 mean "the engine's own limits". `batch_window_ms` is how long the
-    worker waits after a request arrives for companions it can share one `generate()` call with.
+    `max_batch_size` / `max_seq_len` / `max_step_tokens` of 0 mean "the engine's own limits".
     """
 
     engine_path: str
@@ -71,7 +74,7 @@ class ServingSettings:
     use_lora: bool = True
     max_batch_size: int = 0
     max_seq_len: int = 0
-    batch_window_ms: float = 5.0
+    max_step_tokens: int = 0
     default_mode: str = "spec"
     default_max_tokens: int = 64
     torch_threads: int = 0
@@ -155,7 +158,7 @@ def write_triton_repo(engine_dir: str | Path, repo_dir: str | Path, *, model_nam
                       **settings: object) -> list[Path]:
     """Write the model repository; returns the model directories written.
 
-    `settings` are `ServingSettings` fields (dtype, device, batch_window_ms, ...). The engine path is stored
+    `settings` are `ServingSettings` fields (dtype, device, max_step_tokens, ...). The engine path is stored
     absolute so the repository works from any working directory. An existing model directory of the same
     name is an error unless `force` (other models in the repository are left alone).
     """

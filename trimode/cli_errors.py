@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from .builder.errors import CheckpointError
+from .runtime.backends.devices import DeviceError
 from .runtime.backends.limits import CapacityError
 from .runtime.generate import RequestError
 
-USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, CapacityError, RequestError)
+USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, CapacityError, RequestError, DeviceError)

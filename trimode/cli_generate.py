@@ -1,7 +1,8 @@
-"""`trimode generate`: run the three generation modes on a checkpoint or an engine."""
+"""`trimode generate`: run any generation mode on a checkpoint or an engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -9,8 +10,10 @@ from pathlib import Path
 
 import click
 
+from .runtime.backends.devices import resolve_device
 from .runtime.backends.engine_loader import open_engine
-from .runtime.generate import MODES, GenerationConfig, RequestError, generate, validate_request
+from .runtime.generate import AUTO, MODES, GenerationConfig, RequestError, generate, validate_request
+from .runtime.serving.openai_text import TextAssembler
 
 
 def parse_ids(text: str) -> list[int]:
@@ -33,45 +36,123 @@ def default_model() -> Path | None:
     return demo_model_path()
 
 
-class TextStreamer:
-    """Prints a single sequence's text as tokens are committed (decoding the whole so far, printing the new tail)."""
+def apply_threads(threads: int | None) -> None:
+    """--threads N: torch's intra-op threads (0/None keeps torch's default; see README "Threads")."""
+    if threads:
+        import torch
 
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.printed = ""
+        torch.set_num_threads(threads)
 
-    def __call__(self, index: int, new: list[int]) -> None:
-        self.tokens.extend(new)
-        text = self.tokenizer.decode(self.tokens)
-        if text.startswith(self.printed):
-            sys.stdout.write(text[len(self.printed):])
-            sys.stdout.flush()
-            self.printed = text
+
+def parse_block_length(value: str | None) -> int | str | None:
+    if value is None or value == AUTO:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not an integer or 'auto'", param_hint="--block-length") from None
+
+
+def device_options(function):
+    """--device and --threads, shared by generate, bench and serve."""
+    function = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
+                            help="torch CPU threads (0: torch's default; on a busy machine 1 is often fastest)."
+                            )(function)
+    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                        help="Where the engine runs (auto: cuda when a GPU is visible). cuda needs the CUDA "
+                             "plugin library (make plugins); a missing one is an error.")(function)
+
+
+# -- `--chat` and the thinking budget: the OpenAI server's chat path (runtime/serving/openai_chat_template.py) --
+
+def chat_options(function):
+    options = [
+        click.option("--chat", is_flag=True,
+                     help="Each --prompt is a user message, rendered with the model's chat template "
+                          "(tokenizer_config.json) exactly as /v1/chat/completions does."),
+        click.option("--system", default=None, help="With --chat: a system message before the user message."),
+        click.option("--enable-thinking/--no-enable-thinking", default=None,
+                     help="With --chat: the template's enable_thinking (default: the template's own)."),
+        click.option("--max-thinking-tokens", type=click.IntRange(min=0), default=None,
+                     help="Force </think> once this many tokens pass without it (needs the token in the "
+                          "tokenizer)."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def chat_batch(engine, tokenizer, prompts: tuple[str, ...], prompt_ids: tuple[str, ...], system: str | None,
+               enable_thinking: bool | None, chat: bool) -> list[list[int]]:
+    from .runtime.serving.openai_chat_template import ChatTemplate, ChatTemplateError, chat_prompt_ids
+
+    if not chat:
+        raise click.UsageError("--system and --enable-thinking need --chat")
+    if prompt_ids or tokenizer is None:
+        raise click.UsageError("--chat takes --prompt texts (and a model with tokenizer.json), not --prompt-ids")
+    template = ChatTemplate.from_dir(Path(engine.tokenizer_path).parent)
+    if template is None:
+        raise click.UsageError("--chat needs a chat_template in the model's tokenizer_config.json, and it has none")
+    batch = []
+    for text in prompts:
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+            [{"role": "user", "content": text}]
+        try:
+            batch.append(chat_prompt_ids(template, tokenizer, messages, enable_thinking))
+        except ChatTemplateError as exc:
+            raise click.UsageError(f"chat template: {exc}") from None
+    return batch
+
+
+def with_thinking_budget(config: GenerationConfig, tokenizer, max_thinking_tokens: int | None) -> GenerationConfig:
+    if max_thinking_tokens is None:
+        return config
+    from .runtime.serving.openai_chat_template import end_think_token_id
+
+    end_think = end_think_token_id(tokenizer)
+    if end_think is None:
+        raise click.UsageError("--max-thinking-tokens needs a tokenizer with a </think> token, and this one has none")
+    return dataclasses.replace(config, max_thinking_tokens=max_thinking_tokens, end_think_token_id=end_think)
 
 
 @click.command("generate")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="Engine directory or checkpoint directory (default: the shipped demo model).")
 @click.option("--mode", type=click.Choice(MODES), default="spec", show_default=True,
-              help="ar: token by token; diffusion: denoise blocks; spec: self-speculation (AR-exact).")
+              help="ar: token by token; diffusion: denoise blocks; spec: self-speculation (AR-exact); quad: "
+                   "draft and verify in one forward (AR-exact); infill: fill --max-new-tokens between the "
+                   "prompt and --suffix.")
 @click.option("--prompt", "prompts", multiple=True, help="Prompt text (needs tokenizer.json); repeatable.")
 @click.option("--prompt-ids", "prompt_ids", multiple=True, help="Prompt as token ids, e.g. 1,2,3; repeatable.")
-@click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--block-length", type=int, default=None, help="Block length (default: the model's block_size).")
+@click.option("--suffix", default=None, help="Infill mode: the text after the hole (needs tokenizer.json).")
+@click.option("--suffix-ids", default=None, help="Infill mode: the tokens after the hole, e.g. 4,5,6.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True,
+              help="Tokens to generate (infill: the length of the hole).")
+@click.option("--block-length", default=None,
+              help="Block length, or 'auto' for spec/quad (default: the model's block_size).")
 @click.option("--threshold", type=float, default=None,
               help="Confidence threshold in [0, 1] (diffusion commits / draft passes).")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass (1: off).")
+@click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest (0: off).")
+@click.option("--ar-mix-weight", type=float, default=None,
+              help="Quad mode: blend the AR logit into the first draft slot (tokens may then differ from AR).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling (temperature > 0).")
 @click.option("--lora/--no-lora", default=True, show_default=True,
               help="Use the linear_spec_lora adapter in self-speculation draft passes, if present.")
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-              help="Serving dtype when --model is a checkpoint.")
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Serving dtype when --model is a checkpoint (auto: the checkpoint's torch_dtype, as "
+                   "`trimode build` does). An engine's dtype is fixed: another value is an error.")
 @click.option("--verify", is_flag=True, help="Check the SHA-256 of every engine file before loading.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with tokens, text and forwards.")
+@chat_options
+@device_options
 def generate_command(model_path: Path | None, mode: str, prompts: tuple[str, ...], prompt_ids: tuple[str, ...],
-                     max_new_tokens: int, block_length: int | None, threshold: float | None, temperature: float,
-                     seed: int, lora: bool, dtype: str, verify: bool, as_json: bool) -> None:
+                     suffix: str | None, suffix_ids: str | None, max_new_tokens: int, block_length: str | None,
+                     threshold: float | None, temperature: float, top_p: float, top_k: int,
+                     ar_mix_weight: float | None, seed: int, lora: bool, dtype: str, verify: bool, as_json: bool,
+                     device: str, threads: int, chat: bool, system: str | None, enable_thinking: bool | None,
+                     max_thinking_tokens: int | None) -> None:
     """Generate from prompts in AR, diffusion or self-speculation mode; reports forwards and tokens/forward."""
     if model_path is None:
         model_path = default_model()
@@ -79,7 +160,8 @@ def generate_command(model_path: Path | None, mode: str, prompts: tuple[str, ...
             raise click.UsageError("no --model given and no demo model is installed")
     if not prompts and not prompt_ids:
         raise click.UsageError("give at least one --prompt or --prompt-ids")
-    engine = open_engine(model_path, dtype=dtype, use_lora=lora, verify=verify)
+    apply_threads(threads)
+    engine = open_engine(model_path, dtype=dtype, use_lora=lora, verify=verify, device=resolve_device(device))
     tokenizer = None
     if engine.tokenizer_path is not None:
         from tokenizers import Tokenizer
@@ -89,19 +171,33 @@ def generate_command(model_path: Path | None, mode: str, prompts: tuple[str, ...
         raise click.UsageError(f"--prompt needs a tokenizer.json, and {model_path} has none (use --prompt-ids)")
     batch = [tokenizer.encode(text).ids for text in prompts] if prompts else []
     batch += [parse_ids(ids) for ids in prompt_ids]
+    if chat or system is not None or enable_thinking is not None:
+        batch = chat_batch(engine, tokenizer, prompts, prompt_ids, system, enable_thinking, chat)
+    if suffix is not None and tokenizer is None:
+        raise click.UsageError(f"--suffix needs a tokenizer.json, and {model_path} has none (use --suffix-ids)")
+    suffix_tokens = tokenizer.encode(suffix).ids if suffix is not None else []
+    suffix_tokens += parse_ids(suffix_ids) if suffix_ids else []
     config = GenerationConfig(mode=mode, max_new_tokens=max_new_tokens,
-                              block_length=block_length or engine.config.block_size, threshold=threshold,
-                              temperature=temperature, seed=seed, use_lora=lora)
+                              block_length=parse_block_length(block_length) or engine.config.block_size,
+                              threshold=threshold, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                              use_lora=lora, suffix=tuple(suffix_tokens), ar_mix_weight=ar_mix_weight)
+    config = with_thinking_budget(config, tokenizer, max_thinking_tokens)
     try:
         validate_request(engine, batch, config)
     except RequestError as exc:
         raise click.UsageError(str(exc)) from None
 
-    stream = None if as_json or len(batch) != 1 or tokenizer is None else TextStreamer(tokenizer)
-    if stream is not None and prompts:
+    text = None if as_json or len(batch) != 1 or tokenizer is None or mode == "infill" else \
+        TextAssembler(tokenizer.decode)
+
+    def stream(_index: int, ids: list[int]) -> None:
+        sys.stdout.write(text.add_many(ids))
+        sys.stdout.flush()
+
+    if text is not None and prompts and not chat:
         sys.stdout.write(prompts[0])
     start = time.perf_counter()
-    results = generate(engine, batch, config, on_tokens=stream)
+    results = generate(engine, batch, config, on_tokens=stream if text is not None else None)
     elapsed = time.perf_counter() - start
     outputs = []
     for result in results:
@@ -112,7 +208,8 @@ def generate_command(model_path: Path | None, mode: str, prompts: tuple[str, ...
     if as_json:
         click.echo(json.dumps({"mode": mode, "outputs": outputs, "elapsed_s": round(elapsed, 4)}))
         return
-    if stream is not None:
+    if text is not None:
+        sys.stdout.write(text.finish())
         click.echo()
     else:
         for number, entry in enumerate(outputs):

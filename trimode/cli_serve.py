@@ -1,4 +1,5 @@
-"""`trimode triton-repo` and `trimode serve`: Triton Inference Server."""
+"""`trimode triton-repo` and `trimode serve`: Triton Inference Server, or (`--api openai`) an OpenAI-compatible
+HTTP server."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any
 import click
 
 from .builder.triton_repo import DEFAULT_MODEL_NAME, SYNC_SUFFIX, write_triton_repo
+from .runtime.backends.devices import resolve_device
 from .runtime.generate import MODES
 
 
@@ -24,23 +26,25 @@ def repo_options(function: Any) -> Any:
                           "(a second copy of the engine in memory)."),
         click.option("--instance-count", type=click.IntRange(min=1), default=1, show_default=True,
                      help="Model instances (each holds the engine and batches its own requests)."),
-        click.option("--batch-window-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
-                     help="How long a request waits for companions to share one generate() call."),
+        click.option("--max-step-tokens", type=click.IntRange(min=0), default=0,
+                     help="Most tokens one forward carries; longer prompts are prefilled in chunks (0: the "
+                          "engine's default)."),
         click.option("--max-batch-size", type=click.IntRange(min=0), default=0,
-                     help="Most requests per generate() call (0: the engine's maximum)."),
+                     help="Requests running at once, each holding a KV-cache slot (0: the engine's maximum)."),
         click.option("--max-seq-len", type=click.IntRange(min=0), default=0,
                      help="Serve at most this many positions per sequence (0: the engine's maximum)."),
         click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
                      help="Serving dtype when ENGINE_DIR is a checkpoint (an engine keeps its own)."),
-        click.option("--device", default="cpu", show_default=True, help="torch device of the engine (cpu, cuda)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="torch device of the engine (auto: cuda when available)."),
         click.option("--lora/--no-lora", default=True, show_default=True,
                      help="Use the draft adapter in self-speculation, if the engine has one."),
         click.option("--default-mode", type=click.Choice(MODES), default="spec", show_default=True,
                      help="Mode of requests that do not say."),
         click.option("--default-max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
                      help="max_tokens of requests that do not say."),
-        click.option("--torch-threads", type=click.IntRange(min=0), default=0,
-                     help="torch CPU threads per model instance (0: torch's default)."),
+        click.option("--threads", "--torch-threads", "torch_threads", type=click.IntRange(min=0), default=0,
+                     help="torch CPU threads per model instance (0: torch's default; see README, Threads)."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -48,9 +52,9 @@ def repo_options(function: Any) -> Any:
 
 
 def _write(engine_dir: Path, repo: Path, force: bool, **kw: Any) -> list[Path]:
-    settings = {"dtype": kw["dtype"], "device": kw["device"], "use_lora": kw["lora"],
+    settings = {"dtype": kw["dtype"], "device": resolve_device(kw["device"]), "use_lora": kw["lora"],
                 "max_batch_size": kw["max_batch_size"], "max_seq_len": kw["max_seq_len"],
-                "batch_window_ms": kw["batch_window_ms"], "default_mode": kw["default_mode"],
+                "max_step_tokens": kw["max_step_tokens"], "default_mode": kw["default_mode"],
                 "default_max_tokens": kw["default_max_tokens"], "torch_threads": kw["torch_threads"]}
     try:
         return write_triton_repo(engine_dir, repo, model_name=kw["model_name"], sync_model=kw["sync_model"],
@@ -81,6 +85,15 @@ class _Stop(Exception):
 
 @click.command("serve")
 @click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--api", type=click.Choice(["triton", "openai"]), default="triton", show_default=True,
+              help="triton: Triton Inference Server (HTTP, gRPC, metrics ports); openai: an OpenAI-compatible HTTP "
+                   "server on --host:--http-port (/v1/completions, /v1/chat/completions, /v1/models, /health, "
+                   "/metrics), see examples/openai/.")
+@click.option("--served-model-name", default=None,
+              help="[openai] The model name clients use (default: the engine directory's name).")
+@click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="[openai] On SIGTERM/Ctrl-C, seconds in-flight requests may take to finish before they are "
+                   "cancelled.")
 @click.option("--repo", type=click.Path(path_type=Path), default=None,
               help="Write the model repository here and keep it (default: a temporary folder).")
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -95,10 +108,14 @@ class _Stop(Exception):
               help="tritonserver's log (default: a file in the temporary folder, shown on failure).")
 @click.option("--log-verbose", type=click.IntRange(min=0), default=0, show_default=True)
 @repo_options
-def serve_command(engine_dir: Path, repo: Path | None, host: str, http_port: int, grpc_port: int,
-                  metrics_port: int, startup_timeout: float, log_file: Path | None, log_verbose: int,
-                  **kw: Any) -> None:
-    """Serve ENGINE_DIR with Triton Inference Server until Ctrl-C (which stops the server and exits 0)."""
+def serve_command(engine_dir: Path, api: str, served_model_name: str | None, shutdown_timeout: float,
+                  repo: Path | None, host: str, http_port: int, grpc_port: int, metrics_port: int,
+                  startup_timeout: float, log_file: Path | None, log_verbose: int, **kw: Any) -> None:
+    """Serve ENGINE_DIR with Triton Inference Server (or, with --api openai, an OpenAI-compatible server) until
+    Ctrl-C or SIGTERM (which stop the server and exit 0)."""
+    if api == "openai":
+        _serve_openai(engine_dir, host, http_port, served_model_name, shutdown_timeout, log_verbose, **kw)
+        return
     from .runtime.serving.triton_server import TritonServer, TritonStartError, TritonUnavailable
 
     with tempfile.TemporaryDirectory(prefix="trimode-repo-") as scratch:
@@ -134,6 +151,39 @@ def serve_command(engine_dir: Path, repo: Path | None, host: str, http_port: int
         finally:
             server.stop()
             signal.signal(signal.SIGTERM, previous)
+
+
+def _serve_openai(engine_dir: Path, host: str, http_port: int, served_model_name: str | None,
+                  shutdown_timeout: float, log_verbose: int, **kw: Any) -> None:
+    """`--api openai`: load the engine in this process and serve it with uvicorn until SIGTERM / Ctrl-C."""
+    from .runtime.backends.engine_loader import open_engine
+    from .runtime.serving.openai_frontend import Frontend
+    from .runtime.serving.openai_metrics import ServerMetrics
+    from .runtime.serving.openai_server import OpenAIServer, bind_socket, run_server
+
+    try:
+        sock = bind_socket(host, http_port)
+    except OSError as exc:
+        raise click.ClickException(str(exc)) from None
+    if kw["torch_threads"]:
+        import torch
+
+        torch.set_num_threads(kw["torch_threads"])
+    engine = open_engine(engine_dir, dtype=kw["dtype"], use_lora=kw["lora"], device=resolve_device(kw["device"]),
+                         max_batch_size=kw["max_batch_size"] or None, max_seq_len=kw["max_seq_len"] or None)
+    frontend = Frontend(engine, default_mode=kw["default_mode"], default_max_tokens=kw["default_max_tokens"],
+                        use_lora=kw["lora"], metrics=ServerMetrics())
+    name = served_model_name or Path(engine_dir).resolve().name
+    server = OpenAIServer(frontend, name, shutdown_timeout_s=shutdown_timeout)
+    port = sock.getsockname()[1]
+
+    def ready() -> None:
+        limits = engine.limits
+        click.echo(f"trimode OpenAI-compatible server ready: http://{host}:{port}/v1 (model '{name}', max batch "
+                   f"{limits.max_batch_size}, max length {limits.max_seq_len}); Ctrl-C or SIGTERM stops it", err=True)
+
+    run_server(server, sock, log_level="info" if log_verbose else "warning", on_ready=ready)
+    click.echo("trimode OpenAI-compatible server stopped", err=True)
 
 
 COMMANDS = [triton_repo_command, serve_command]

@@ -13,11 +13,13 @@ from .limits import EngineLimits
 from .torch_engine import TorchEngine
 
 
-def engine_from_checkpoint(path: str | Path, dtype: str = "fp32", use_lora: bool = True,
+def engine_from_checkpoint(path: str | Path, dtype: str = "auto", use_lora: bool = True,
                            max_batch_size: int = 64, max_seq_len: int = 4096,
                            device: str | torch.device = "cpu") -> TorchEngine:
     """Validate, convert and place a checkpoint's weights; returns the torch engine."""
     checkpoint = load_checkpoint(path, with_lora=use_lora)
+    if dtype == "auto":
+        dtype = {"float32": "fp32", "float16": "fp16"}.get(checkpoint.config.torch_dtype, "bf16")
     weights = convert_checkpoint(checkpoint, resolve_dtype(dtype), use_lora=use_lora)
     lora_scale = checkpoint.lora.scale if (use_lora and checkpoint.lora) else 0.0
     model = Transformer(checkpoint.config, weights, lora_scale).to(device)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ...plugins.reference import BIDIRECTIONAL, CAUSAL, block_attention_reference, chunk_mask, written_offsets
+from ..backends.devices import DeviceError
 
 _IMPL = {"cpu": "fast"}
 
@@ -31,7 +32,7 @@ def set_attention_impl(name: str) -> None:
     _IMPL["cpu"] = name
 
 
-class CudaPluginMissing(RuntimeError):
+class CudaPluginMissing(DeviceError):
     """CUDA tensors but no loadable CUDA attention library: a clear error, never a silent slow fallback."""
 
 

@@ -61,6 +61,7 @@ class Sequence:
     forwards: int = 0
     prefilled: int = 0  # prompt tokens already in the cache
     finish_reason: str | None = None
+    error: str | None = None
     submitted_step: int = 0
     admitted_step: int = -1
     first_token_step: int = -1

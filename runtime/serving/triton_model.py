@@ -26,7 +26,7 @@ from ...builder.triton_repo import ServingSettings
 from ..backends.engine_loader import open_engine
 from ..generate import RequestError
 from ..modes.sequence import SequenceResult
-from .request_batcher import BatchRecord, Job, RequestBatcher
+from ..scheduler.loop import EngineLoop, Job
 from .triton_request import INPUT_NAMES, parse_request
 
 CANCEL_POLL_S = 0.005
@@ -170,10 +170,10 @@ class TritonPythonModel:
             from tokenizers import Tokenizer
 
             self.tokenizer = Tokenizer.from_file(str(self.engine.tokenizer_path))
-        self.batcher = RequestBatcher(self.engine, self.settings.batch_window_ms / 1000.0, on_batch=self._on_batch)
-        self.batcher.start()
+        self.loop = EngineLoop(self.engine, max_step_tokens=self.settings.max_step_tokens or None)
+        self.loop.start()
         self.log(f"serving {Path(self.settings.engine_path).name} (decoupled={self.decoupled}, "
-                 f"max batch {self.batcher.max_batch_size}, max sequence {self.engine.max_seq_len}, "
+                 f"max batch {self.loop.max_batch_size}, max sequence {self.engine.limits.max_seq_len}, "
                  f"tokenizer {'yes' if self.tokenizer else 'no'})")
 
     def log(self, message: str) -> None:
@@ -184,14 +184,11 @@ class TritonPythonModel:
         else:
             print(f"[{self.name}] {message}", file=sys.stderr, flush=True)
 
-    def _on_batch(self, record: BatchRecord) -> None:
-        self.log(f"batch of {record.size} {record.mode} requests in {record.seconds:.3f}s")
-
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
 
     def execute(self, requests: list[Any]) -> None:
-        """Parse and queue; all responses are sent by the batcher's worker through each request's sender."""
+        """Parse and queue; all responses are sent by the engine loop's worker through each request's sender."""
         for request in requests:
             sender = request.get_response_sender()
             try:
@@ -208,8 +205,8 @@ class TritonPythonModel:
                             flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             sink = TritonSink(self.pb, sender, self.tokenizer, parsed.stream, self.log)
-            self.batcher.submit(Job(parsed.prompt, parsed.config, sink))
+            self.loop.submit(Job(parsed.prompt, parsed.config, sink))
         return None
 
     def finalize(self) -> None:
-        self.batcher.stop()
+        self.loop.stop()

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends.torch_engine import StepEngine
-from ..generate import GenerationConfig, RequestError, validate_request
+from ..backends.step import StepEngine
+from ..generate import AUTO, GenerationConfig, RequestError, validate_request
 
 INPUT_NAMES = ("text_input", "input_ids", "max_tokens", "mode", "block_length", "threshold", "temperature", "seed",
-               "stream")
+               "stream", "top_p", "top_k", "suffix_text", "suffix_ids")
 
 
 @dataclass(frozen=True)
@@ -62,31 +62,36 @@ def _scalar(inputs: Mapping[str, np.ndarray | None], name: str, kind: str) -> ob
     return number
 
 
-def _prompt(inputs: Mapping[str, np.ndarray | None], encode: Callable[[str], list[int]] | None) -> list[int]:
-    text = inputs.get("text_input")
-    ids = inputs.get("input_ids")
+def _tokens(inputs: Mapping[str, np.ndarray | None], encode: Callable[[str], list[int]] | None,
+            text_name: str = "text_input", ids_name: str = "input_ids", required: bool = True) -> list[int]:
+    """A token list given as text (encoded) or as ids, never both."""
+    text = inputs.get(text_name)
+    ids = inputs.get(ids_name)
     if text is None and ids is None:
-        raise RequestError("missing input: give text_input (BYTES) or input_ids (INT32)")
+        if not required:
+            return []
+        raise RequestError(f"missing input: give {text_name} (BYTES) or {ids_name} (INT32)")
     if text is not None and ids is not None:
-        raise RequestError("give text_input or input_ids, not both")
+        raise RequestError(f"give {text_name} or {ids_name}, not both")
     if ids is not None:
         if not np.issubdtype(ids.dtype, np.integer):
-            raise RequestError(f"input 'input_ids' must be INT32 token ids, got {ids.dtype}")
+            raise RequestError(f"input '{ids_name}' must be INT32 token ids, got {ids.dtype}")
         if ids.ndim != 1:
-            raise RequestError(f"input 'input_ids' must be one-dimensional [num_tokens], got shape "
+            raise RequestError(f"input '{ids_name}' must be one-dimensional [num_tokens], got shape "
                                f"{list(ids.shape)}")
         return [int(t) for t in ids]
-    prompt_text = _scalar(inputs, "text_input", "str")
+    value = _scalar(inputs, text_name, "str")
     if encode is None:
-        raise RequestError("text_input needs a tokenizer, and this engine has none (send input_ids)")
-    return list(encode(str(prompt_text)))
+        raise RequestError(f"{text_name} needs a tokenizer, and this engine has none (send {ids_name})")
+    return list(encode(str(value)))
 
 
 def parse_request(inputs: Mapping[str, np.ndarray | None], engine: StepEngine, *, default_mode: str = "spec",
                   default_max_tokens: int = 64, use_lora: bool = True, allow_stream: bool = True,
                   encode: Callable[[str], list[int]] | None = None) -> ParsedRequest:
     """Read and validate one request; every problem is a `RequestError` whose message the client sees."""
-    prompt = _prompt(inputs, encode)
+    prompt = _tokens(inputs, encode)
+    suffix = _tokens(inputs, encode, "suffix_text", "suffix_ids", required=False)
     mode = _scalar(inputs, "mode", "str")
     max_tokens = _scalar(inputs, "max_tokens", "int")
     block_length = _scalar(inputs, "block_length", "int")
@@ -94,6 +99,8 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], engine: StepEngine, *
     temperature = _scalar(inputs, "temperature", "float")
     threshold = _scalar(inputs, "threshold", "float")
     stream = bool(_scalar(inputs, "stream", "bool") or False)
+    top_p = _scalar(inputs, "top_p", "float")
+    top_k = _scalar(inputs, "top_k", "int")
     if max_tokens is not None and max_tokens <= 0:  # type: ignore[operator]
         raise RequestError(f"max_tokens must be positive, got {max_tokens}")
     if stream and not allow_stream:
@@ -101,10 +108,14 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], engine: StepEngine, *
     config = GenerationConfig(
         mode=str(mode).strip().lower() if mode is not None else default_mode,
         max_new_tokens=int(max_tokens) if max_tokens is not None else default_max_tokens,  # type: ignore[arg-type]
-        block_length=int(block_length) if block_length is not None else engine.config.block_size,  # type: ignore[arg-type]
+        block_length=(AUTO if block_length == 0 else int(block_length)) if block_length is not None  # type: ignore[arg-type]
+        else engine.config.block_size,
         threshold=threshold,  # type: ignore[arg-type]
         temperature=float(temperature) if temperature is not None else 0.0,  # type: ignore[arg-type]
         seed=int(seed) if seed is not None else 0,  # type: ignore[arg-type]
+        top_p=float(top_p) if top_p is not None else 1.0,  # type: ignore[arg-type]
+        top_k=int(top_k) if top_k is not None else 0,  # type: ignore[arg-type]
+        suffix=tuple(suffix),
         use_lora=use_lora,
     )
     validate_request(engine, [prompt], config)

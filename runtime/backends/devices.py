@@ -1,0 +1,31 @@
+"""Choosing the engine's device: one rule for every command and the Python API."""
+
+from __future__ import annotations
+
+import torch
+
+
+class DeviceError(ValueError):
+    """The asked-for device cannot be used here (no GPU, or no CUDA plugin library)."""
+
+
+def resolve_device(name: str | None) -> str:
+    """"auto"/None: cuda when a GPU is visible, else cpu. "cuda" without a GPU is a clear error."""
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"--device {name}: no CUDA GPU is visible to torch on this machine "
+                              f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA)")
+        check_cuda_plugin()
+        return name
+    if name != "cpu":
+        raise DeviceError(f"unknown device {name!r} (choose auto, cpu or cuda)")
+    return name
+
+
+def check_cuda_plugin() -> None:
+    """The CUDA engine needs the plugin's kernel; never fall back silently to the slow reference."""
+    from ..model.attention import _cuda_op
+
+    _cuda_op()
