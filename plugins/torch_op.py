@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import native
-from .reference import block_attention_reference
+from .reference import PREFIX_BLOCK, block_attention_reference
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ROW_ARRAYS = ("slots", "cache_lens", "mask_kind", "mask_param", "write")
@@ -84,6 +84,11 @@ def block_attention_op(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor
     rows = dict(slots=slots, cache_lens=cache_lens, mask_kind=mask_kind, mask_param=mask_param, write=write)
     _check(q, k_new, v_new, k_cache, v_cache, cu_seqlens, rows, max_chunk, max_cache_len)
     _check_bounds_on_host(cu_seqlens, cache_lens, max_chunk, max_cache_len, k_cache.shape[1])
+    # A prefix_block row whose tail is the whole chunk writes no token; the reference would index with an empty
+    # float tensor there, so such a row's flag is dropped (same result: nothing to write).
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    writes_nothing = (mask_kind == PREFIX_BLOCK) & (mask_param == lengths)
+    write = torch.where(writes_nothing, torch.zeros_like(write), write)
     return block_attention_reference(q, k_new, v_new, k_cache, v_cache, cu_seqlens, slots, cache_lens, mask_kind,
                                      mask_param, write, scale)
 

@@ -86,6 +86,7 @@ __device__ __forceinline__ Row load_row(const KernelArgs& a, int b) {
                     row_status(r.kind, r.param, end - begin, r.write) == TRIMODE_OK;
     r.start = ok ? begin : 0;
     r.n = ok ? end - begin : 0;
+    r.write = ok && r.write;  // an empty row writes nothing (quad's written count does not depend on n)
     return r;
 }
 
