@@ -34,6 +34,7 @@ WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 LORA_AUTO = "auto"
 CHECKPOINT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+DEFAULT_MAX_SEQ_LEN = 4096  # capped by the model's max_position_embeddings
 
 
 class BuildError(ValueError):
@@ -42,13 +43,14 @@ class BuildError(ValueError):
 
 @dataclass(frozen=True)
 class BuildOptions:
-    """What to build. `dtype` None = the checkpoint's (fp32 for onnx); `block_lengths` empty = block_size;
-    `lora` "auto" = the checkpoint's linear_spec_lora/ if present, None = no adapter, else an adapter dir."""
+    """What to build. `dtype` None = the checkpoint's (fp32 for onnx); `max_seq_len` None =
+    min(4096, the model's max_position_embeddings); `block_lengths` empty = block_size; `lora` "auto" = the
+    checkpoint's linear_spec_lora/ if present, None = no adapter, else an adapter dir."""
 
     backend: str = "torch"
     dtype: str | None = None
     max_batch_size: int = 8
-    max_seq_len: int = 4096
+    max_seq_len: int | None = None
     block_lengths: tuple[int, ...] = ()
     lora: str | Path | None = LORA_AUTO
     plugin_library: Path | None = None
@@ -96,14 +98,17 @@ def resolve_plan(options: BuildOptions, checkpoint: Checkpoint) -> BuildPlan:
                          f"with --dtype fp32 ({dtype} is for --backend tensorrt or torch)")
     if options.max_batch_size < 1:
         raise BuildError(f"--max-batch-size must be at least 1, got {options.max_batch_size}")
-    if not 1 <= options.max_seq_len <= config.max_position_embeddings:
+    max_seq_len = options.max_seq_len
+    if max_seq_len is None:
+        max_seq_len = min(DEFAULT_MAX_SEQ_LEN, config.max_position_embeddings)
+    if not 1 <= max_seq_len <= config.max_position_embeddings:
         raise BuildError(f"--max-seq-len must be within [1, {config.max_position_embeddings}] (the model's "
-                         f"max_position_embeddings), got {options.max_seq_len}")
+                         f"max_position_embeddings), got {max_seq_len}")
     blocks = tuple(sorted(set(options.block_lengths or (config.block_size,))))
     for length in blocks:
-        if not 1 <= length <= options.max_seq_len:
-            raise BuildError(f"--block-length {length} must be within [1, --max-seq-len {options.max_seq_len}]")
-    return BuildPlan(options.backend, dtype, options.max_batch_size, options.max_seq_len, blocks)
+        if not 1 <= length <= max_seq_len:
+            raise BuildError(f"--block-length {length} must be within [1, --max-seq-len {max_seq_len}]")
+    return BuildPlan(options.backend, dtype, options.max_batch_size, max_seq_len, blocks)
 
 
 def resolve_lora(checkpoint: Checkpoint, choice: str | Path | None) -> LoraAdapter | None:
@@ -165,10 +170,18 @@ def write_onnx(staging: Path, checkpoint: Checkpoint, plan: BuildPlan, lora: Lor
 
 def write_tensorrt(staging: Path, checkpoint: Checkpoint, plan: BuildPlan, lora: LoraAdapter | None,
                    show: bool | None, plugin_library: Path | None) -> BackendOutput:
-    """The tensorrt backend's artifacts: a serialized plan plus the plugin library it needs (GPU only)."""
-    from ..runtime.backends.tensorrt_backend import build_tensorrt
+    """The tensorrt backend's artifacts: a serialized plan plus the plugin library it needs (GPU only).
 
-    files, artifacts, options, tools = build_tensorrt(staging, checkpoint, plan, lora, plugin_library, show)
+    The TensorRT build lives with the rest of TensorRT in runtime/backends/tensorrt_backend.py (the only module
+    importing tensorrt); it is imported here, lazily, and it never imports this module (it takes the plan as
+    plain fields and raises its own TensorRTBuildError), so the two never form an import cycle."""
+    from ..runtime.backends.tensorrt_backend import TensorRTBuildError, TensorRTBuildSpec, build_tensorrt
+
+    spec = TensorRTBuildSpec(plan.torch_dtype, plan.max_batch_size, plan.max_seq_len, plan.block_lengths)
+    try:
+        files, artifacts, options, tools = build_tensorrt(staging, checkpoint, spec, lora, plugin_library, show)
+    except TensorRTBuildError as exc:
+        raise BuildError(str(exc)) from None
     return BackendOutput(files, artifacts, options, tools)
 
 

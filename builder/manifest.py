@@ -7,10 +7,10 @@ paths (so the same inputs always give the same bytes), and it is versioned: the 
 
 Layout (docs/engine-format.md describes every field):
 
-    {"format": "trimode-engine", "format_version": 1, "backend": "torch" | "onnx" | "tensorrt",
+    {"format": "trimode-engine", "format_version": 2, "backend": "torch" | "onnx" | "tensorrt",
      "model": {"config": {<config.json of the checkpoint>}, "lora": {"rank", "alpha", "scale"} | null},
      "build": {"dtype": "fp32" | "bf16" | "fp16", "backend_options": {...}},
-     "serves": {"max_batch_size", "max_seq_len", "block_lengths": [...], "step_kinds": [...]},
+     "serves": {"max_batch_size", "max_seq_len", "block_lengths": [...], "mask_kinds": [...], "lora_draft"},
      "artifacts": {"weights" | "onnx" | "onnx_data" | "plan" | "plugin_library" | "tokenizer": "<file>"},
      "tools": {"trimode": ..., "torch": ..., ...},
      "files": {"<relative path>": {"sha256": "<hex>", "size": <bytes>}}}
@@ -28,11 +28,12 @@ from .config import ModelConfig, parse_config
 from .errors import CheckpointError
 
 FORMAT = "trimode-engine"
-FORMAT_VERSION = 1
+# 2: one packed step over rows of any mask kind (the ONNX graph's inputs are a StepBatch's tensors)
+FORMAT_VERSION = 2
 MANIFEST_FILE = "manifest.json"
 BACKENDS = ("torch", "onnx", "tensorrt")
 ENGINE_DTYPES = ("fp32", "bf16", "fp16")
-STEP_KINDS = ("prefill", "decode", "draft", "verify")
+MASK_KINDS = ("causal", "bidirectional", "quad", "prefix_block")  # what one step's rows may use
 HASH_CHUNK = 8 * 1024 * 1024
 
 
@@ -84,7 +85,7 @@ class Manifest:
                                                               "scale": self.lora.scale}},
             "build": {"dtype": self.dtype, "backend_options": self.backend_options},
             "serves": {"max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,
-                       "block_lengths": list(self.block_lengths), "step_kinds": list(STEP_KINDS),
+                       "block_lengths": list(self.block_lengths), "mask_kinds": list(MASK_KINDS),
                        "lora_draft": self.lora is not None},
             "artifacts": dict(self.artifacts),
             "tools": dict(self.tools),

@@ -1,45 +1,50 @@
-"""ONNX export: ONE graph that serves every step kind (prefill, decode, draft, verify).
+"""ONNX export: ONE stateless step graph over a packed batch of rows (any mix of mask kinds).
 
 The graph is built node by node with `onnx.helper` straight from the converted weights, not traced: every
 name and every byte is fixed by the config and the weights, so the export is deterministic, and weights are
 streamed into one external-data file a tensor at a time (no 2 GiB protobuf limit, no second copy in
-memory). The graph has no state: the caller owns the KV cache, passes it in, and writes the returned K/V
-of causal chunks into it itself (no in-place updates inside the graph).
+memory). The graph has no state: the caller owns the KV cache, passes it in, and writes the returned K/V of
+the writing rows into it itself, at the offsets `plugins.reference.written_offsets` names (no in-place
+updates inside the graph).
 
-Graph inputs (B batch, T chunk, L cache positions, N logit rows; dims are symbolic):
+Graph inputs (N packed tokens, B rows, M logits, S cache slots, L cache positions; dims are symbolic). They
+are exactly the tensors of a `runtime.backends.step.StepBatch`:
 
-    input_ids   [B, T] int64     chunk tokens (rows t >= chunk_lens[b] are padding)
-    positions   [B, T] int64     absolute position of each chunk token (cache_lens[b] + t for every step kind)
-    cache_lens  [B]    int32     valid cached positions of each sequence
-    chunk_lens  [B]    int32     valid chunk tokens of each sequence
-    mask_kind   [1]    int32     0 causal (prefill/decode/verify) | 1 bidirectional block (draft)
-    logit_index [B, N] int64     chunk rows whose logits are wanted (last token only for prefill/decode)
-    use_lora    [1]    int32     1: add the draft adapter's delta to o_proj (present only with an adapter)
-    k_cache.{i}, v_cache.{i}  [B, L, Hkv, D] (serving dtype), one pair per layer i; row b is sequence b's
-                cache, positions >= cache_lens[b] are never read
+    tokens      [N]   int64     the rows' chunk tokens, packed end to end (no padding)
+    positions   [N]   int64     absolute position of each token (RoPE and the Llama-4 query scale)
+    cu_seqlens  [B+1] int32     row b owns tokens cu_seqlens[b] .. cu_seqlens[b+1]-1
+    slots       [B]   int32     cache slot of row b
+    cache_lens  [B]   int32     valid cached positions of row b's slot
+    mask_kind   [B]   int32     0 causal | 1 bidirectional | 2 quad(L) | 3 prefix_block(m)
+    mask_param  [B]   int32     quad: L; prefix_block: m; otherwise 0
+    lora        [N]   bool      the draft adapter's delta is added to o_proj at this token (only in graphs
+                                exported with an adapter)
+    logit_index [M]   int64     packed tokens whose logits are wanted
+    k_cache.{i}, v_cache.{i}  [S, L, Hkv, D] (serving dtype), one pair per layer i; slot s's positions
+                >= its cache length are never read
 
 Graph outputs:
 
-    logits  [B, N, V] float32
-    new_k, new_v  [layers, B, T, Hkv, D] (serving dtype): the chunk's keys (RoPE applied) and values
+    logits        [M, V] float32
+    new_k, new_v  [layers, N, Hkv, D] (serving dtype): every token's key (RoPE applied) and value; the host
+                  stores the writing rows' written offsets into the cache
 
 Per-layer caches (rather than one [layers, ...] tensor) let TensorRT bind each input to a slice of one
 preallocated cache without a copy.
 
-The attention node contract (one node per layer, implemented by `plugins/reference.py` semantics in
-onnxruntime and by the C++/CUDA plugin in TensorRT):
+The attention node contract (one node per layer; `plugins/reference.py` semantics in onnxruntime, the
+C++/CUDA plugin in TensorRT):
 
     op_type  "BlockAttention"
     domain   "ai.onnx.contrib" for onnxruntime-extensions; for TensorRT the op is resolved by name in the
              plugin registry, so the export uses domain "trimode" and adds the string attributes
              plugin_namespace="trimode" and plugin_version="1"
-    inputs   q [B, T, Hq, D], k_new [B, T, Hkv, D], v_new [B, T, Hkv, D], k_cache [B, L, Hkv, D],
-             v_cache [B, L, Hkv, D], cache_lens [B] int32, chunk_lens [B] int32, mask_kind [1] int32
+    inputs   q [N, Hq, D], k_new [N, Hkv, D], v_new [N, Hkv, D], k_cache [S, L, Hkv, D],
+             v_cache [S, L, Hkv, D], cu_seqlens [B+1] int32, slots [B] int32, cache_lens [B] int32,
+             mask_kind [B] int32, mask_param [B] int32
     attrs    num_heads (int), num_kv_heads (int), head_dim (int), scale (float: head_dim ** -0.5)
-    output   [B, T, Hq, D], same dtype as q: query t < chunk_lens[b] of row b attends to cached positions
-             0..cache_lens[b]-1 and to chunk keys j < chunk_lens[b] with j <= t (causal) or any j
-             (bidirectional); rows t >= chunk_lens[b] are zero; softmax in fp32. Slot s of the reference
-             contract is row b here (the caller hands each row its own cache); the node never writes.
+    output   [N, Hq, D], same dtype as q: `block_attention_reference` with write = 0 for every row (the node
+             never writes the cache; tokens owned by no row are zero); softmax in fp32
 """
 
 from __future__ import annotations
@@ -70,8 +75,9 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 DATA_ALIGNMENT = 4096  # page-aligned offsets, so runtimes may memory-map the weights
 
-INPUT_IDS, POSITIONS, CACHE_LENS, CHUNK_LENS = "input_ids", "positions", "cache_lens", "chunk_lens"
-MASK_KIND, LOGIT_INDEX, USE_LORA = "mask_kind", "logit_index", "use_lora"
+TOKENS, POSITIONS, CU_SEQLENS, SLOTS = "tokens", "positions", "cu_seqlens", "slots"
+CACHE_LENS, MASK_KIND, MASK_PARAM, LORA, LOGIT_INDEX = "cache_lens", "mask_kind", "mask_param", "lora", "logit_index"
+ROW_INPUTS = (CU_SEQLENS, SLOTS, CACHE_LENS, MASK_KIND, MASK_PARAM)  # the node's int32 inputs, in order
 LOGITS, NEW_K, NEW_V = "logits", "new_k", "new_v"
 ONNX_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
                torch.bfloat16: TensorProto.BFLOAT16}
@@ -172,14 +178,14 @@ def write_weight_data(path: Path, checkpoint: Checkpoint, dtype: torch.dtype, lo
 
 
 def _rotary_tables(g: _GraphBuilder, config: ModelConfig) -> tuple[str, str, str]:
-    """cos/sin [B, T, 1, D] and the Llama-4 query scale [B, T, 1, 1], from positions, as runtime/model/rope.py."""
+    """cos/sin [N, 1, D] and the Llama-4 query scale [N, 1, 1], from positions, as runtime/model/rope.py."""
     dt = g.dtype
     pos = g.one("Cast", [POSITIONS], "rope/pos_f", to=TensorProto.FLOAT)
     axis_last = g.const("const/axis_last", np.array([-1], dtype=np.int64))
     inv_freq = g.const("rope/inv_freq", inverse_frequencies(config).numpy().astype(np.float32))
     freqs = g.one("Mul", [g.one("Unsqueeze", [pos, axis_last], "rope/pos_u"), inv_freq], "rope/freqs")
     emb = g.one("Concat", [freqs, freqs], "rope/emb", axis=-1)
-    axis_head = g.const("const/axis_head", np.array([2], dtype=np.int64))
+    axis_head = g.const("const/axis_head", np.array([1], dtype=np.int64))
     tables = []
     for fn in ("Cos", "Sin"):
         value = g.one(fn, [emb], f"rope/{fn.lower()}_f")
@@ -196,7 +202,7 @@ def _rotary_tables(g: _GraphBuilder, config: ModelConfig) -> tuple[str, str, str
     log = g.one("Log", [g.one("Add", [steps, one], "qscale/add1")], "qscale/log")
     scale = g.one("Add", [g.one("Mul", [log, beta], "qscale/mul"), one], "qscale/scale_f")
     scale = g.cast(scale, dt, "qscale/cast", TensorProto.FLOAT)
-    axes = g.const("const/axes_head_dim", np.array([2, 3], dtype=np.int64))
+    axes = g.const("const/axes_head_dim", np.array([1, 2], dtype=np.int64))
     return tables[0], tables[1], g.one("Unsqueeze", [scale, axes], "qscale")
 
 
@@ -217,6 +223,25 @@ def _rotate(g: _GraphBuilder, x: str, cos: str, sin: str, half: str, name: str) 
     return g.one("Add", [g.one("Mul", [x, cos], f"{name}/cos"), g.one("Mul", [rotated, sin], f"{name}/sin")], name)
 
 
+def graph_inputs(config: ModelConfig, dtype: torch.dtype, with_lora: bool) -> list[onnx.ValueInfoProto]:
+    """The graph's inputs in order (see the module docstring)."""
+    c, dt = config, ONNX_DTYPES[dtype]
+    inputs = [
+        helper.make_tensor_value_info(TOKENS, TensorProto.INT64, ["tokens"]),
+        helper.make_tensor_value_info(POSITIONS, TensorProto.INT64, ["tokens"]),
+        helper.make_tensor_value_info(CU_SEQLENS, TensorProto.INT32, ["rows_plus_one"]),
+        *(helper.make_tensor_value_info(name, TensorProto.INT32, ["rows"]) for name in ROW_INPUTS[1:]),
+    ]
+    if with_lora:
+        inputs.append(helper.make_tensor_value_info(LORA, TensorProto.BOOL, ["tokens"]))
+    inputs.append(helper.make_tensor_value_info(LOGIT_INDEX, TensorProto.INT64, ["logits"]))
+    for i in range(c.num_hidden_layers):
+        for name in (k_cache_name(i), v_cache_name(i)):
+            inputs.append(helper.make_tensor_value_info(name, dt, ["cache_slots", "cache_len",
+                                                                   c.num_key_value_heads, c.head_dim]))
+    return inputs
+
+
 def build_graph(config: ModelConfig, weights: list[TensorProto], dtype: torch.dtype, lora: LoraAdapter | None,
                 attention: AttentionNode) -> onnx.ModelProto:
     """The step graph over the given (external) weight initializers; see the module docstring."""
@@ -231,14 +256,15 @@ def build_graph(config: ModelConfig, weights: list[TensorProto], dtype: torch.dt
     qkv_split = g.const("const/qkv_split", np.array([q_dim, kv_dim, kv_dim], dtype=np.int64))
     gate_split = g.const("const/gate_split", np.array([c.intermediate_size] * 2, dtype=np.int64))
     half = g.const("const/rope_half", np.array([head_dim // 2] * 2, dtype=np.int64))
-    q_shape = g.const("const/q_shape", np.array([0, 0, heads, head_dim], dtype=np.int64))
-    kv_shape = g.const("const/kv_shape", np.array([0, 0, kv_heads, head_dim], dtype=np.int64))
-    flat_shape = g.const("const/flat_shape", np.array([0, 0, q_dim], dtype=np.int64))
+    q_shape = g.const("const/q_shape", np.array([0, heads, head_dim], dtype=np.int64))
+    kv_shape = g.const("const/kv_shape", np.array([0, kv_heads, head_dim], dtype=np.int64))
+    flat_shape = g.const("const/flat_shape", np.array([0, q_dim], dtype=np.int64))
     axis0 = g.const("const/axis0", np.array([0], dtype=np.int64))
     cos, sin, qscale = _rotary_tables(g, c)
     gate = None
-    if lora is not None:
-        gate = g.one("Cast", [USE_LORA], "lora/gate", to=dt)
+    if lora is not None:  # [N, 1]: 1 where the adapter applies, so rows of one step may differ
+        axis1 = g.const("const/axis1", np.array([1], dtype=np.int64))
+        gate = g.one("Unsqueeze", [g.one("Cast", [LORA], "lora/gate_flat", to=dt), axis1], "lora/gate")
         lora_scale = g.scalar("lora/scale", lora.scale, dt)
 
     attn_attrs: dict[str, object] = {"num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim,
@@ -248,7 +274,7 @@ def build_graph(config: ModelConfig, weights: list[TensorProto], dtype: torch.dt
     if attention.plugin_version is not None:
         attn_attrs["plugin_version"] = attention.plugin_version
 
-    h = g.one("Gather", ["embed", INPUT_IDS], "embed/out", axis=0)
+    h = g.one("Gather", ["embed", TOKENS], "embed/out", axis=0)  # [N, hidden]
     new_k, new_v = [], []
     for i in range(c.num_hidden_layers):
         p = f"layers.{i}"
@@ -260,11 +286,11 @@ def build_graph(config: ModelConfig, weights: list[TensorProto], dtype: torch.dt
         v = g.one("Reshape", [v, kv_shape], f"{p}/v")
         q = g.one("Mul", [_rotate(g, q, cos, sin, half, f"{p}/q_rope"), qscale], f"{p}/q")
         k = _rotate(g, k, cos, sin, half, f"{p}/k")
-        attn = g.one(ATTENTION_OP, [q, k, v, k_cache_name(i), v_cache_name(i), CACHE_LENS, CHUNK_LENS, MASK_KIND],
-                     f"{p}/attention", domain=attention.domain, **attn_attrs)
+        attn = g.one(ATTENTION_OP, [q, k, v, k_cache_name(i), v_cache_name(i), *ROW_INPUTS], f"{p}/attention",
+                     domain=attention.domain, **attn_attrs)
         flat = g.one("Reshape", [attn, flat_shape], f"{p}/attn_flat")
         out = g.one("MatMul", [flat, f"{p}.o"], f"{p}/o")
-        if lora is not None:
+        if gate is not None:
             low = g.one("MatMul", [flat, f"{p}.lora_a"], f"{p}/lora_low")
             delta = g.one("Mul", [g.one("MatMul", [low, f"{p}.lora_b"], f"{p}/lora_up"), lora_scale],
                           f"{p}/lora_scaled")
@@ -279,37 +305,22 @@ def build_graph(config: ModelConfig, weights: list[TensorProto], dtype: torch.dt
         new_k.append(g.one("Unsqueeze", [k, axis0], f"{p}/k_out"))
         new_v.append(g.one("Unsqueeze", [v, axis0], f"{p}/v_out"))
 
-    index = g.one("Unsqueeze", [LOGIT_INDEX, g.const("const/axis_last_idx", np.array([-1], np.int64))],
-                  "head/index")
-    picked = g.one("GatherND", [h, index], "head/rows", batch_dims=1)
+    picked = g.one("Gather", [h, LOGIT_INDEX], "head/rows", axis=0)  # [M, hidden]
     x = _rms_norm(g, picked, "norm", eps, "head/norm")
     g.one("Cast", [g.one("MatMul", [x, "head"], "head/matmul")], LOGITS, to=TensorProto.FLOAT)
     g.one("Concat", new_k, NEW_K, axis=0)
     g.one("Concat", new_v, NEW_V, axis=0)
 
-    inputs = [
-        helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["batch", "chunk"]),
-        helper.make_tensor_value_info(POSITIONS, TensorProto.INT64, ["batch", "chunk"]),
-        helper.make_tensor_value_info(CACHE_LENS, TensorProto.INT32, ["batch"]),
-        helper.make_tensor_value_info(CHUNK_LENS, TensorProto.INT32, ["batch"]),
-        helper.make_tensor_value_info(MASK_KIND, TensorProto.INT32, [1]),
-        helper.make_tensor_value_info(LOGIT_INDEX, TensorProto.INT64, ["batch", "num_logits"]),
-    ]
-    if lora is not None:
-        inputs.append(helper.make_tensor_value_info(USE_LORA, TensorProto.INT32, [1]))
-    for i in range(c.num_hidden_layers):
-        for name in (k_cache_name(i), v_cache_name(i)):
-            inputs.append(helper.make_tensor_value_info(name, dt, ["batch", "cache_len", kv_heads, head_dim]))
     outputs = [
-        helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", "num_logits", c.vocab_size]),
-        helper.make_tensor_value_info(NEW_K, dt, [c.num_hidden_layers, "batch", "chunk", kv_heads, head_dim]),
-        helper.make_tensor_value_info(NEW_V, dt, [c.num_hidden_layers, "batch", "chunk", kv_heads, head_dim]),
+        helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["logits", c.vocab_size]),
+        helper.make_tensor_value_info(NEW_K, dt, [c.num_hidden_layers, "tokens", kv_heads, head_dim]),
+        helper.make_tensor_value_info(NEW_V, dt, [c.num_hidden_layers, "tokens", kv_heads, head_dim]),
     ]
-    graph = helper.make_graph(g.nodes, "trimode_step", inputs, outputs, g.initializers)
+    graph = helper.make_graph(g.nodes, "trimode_step", graph_inputs(c, dtype, lora is not None), outputs,
+                              g.initializers)
     opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(attention.domain, 1)]
-    model = helper.make_model(graph, opset_imports=opsets, producer_name="trimode", producer_version=__version__,
-                              ir_version=IR_VERSION)
-    return model
+    return helper.make_model(graph, opset_imports=opsets, producer_name="trimode", producer_version=__version__,
+                             ir_version=IR_VERSION)
 
 
 def export_onnx(out_dir: Path, checkpoint: Checkpoint, dtype: torch.dtype, lora: LoraAdapter | None,

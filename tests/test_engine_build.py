@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,10 +19,15 @@ from trimode.builder.engine_build import BuildError, BuildOptions, build_engine
 from trimode.builder.errors import CheckpointError
 from trimode.builder.manifest import MANIFEST_FILE, hash_file, read_manifest
 from trimode.builder.safetensors_io import write_safetensors
+from trimode.plugins.reference import BIDIRECTIONAL, PREFIX_BLOCK
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
+from trimode.runtime.backends.engine_files import serving_limits
 from trimode.runtime.backends.engine_loader import open_engine
-from trimode.runtime.backends.torch_engine import CapacityError
+from trimode.runtime.backends.limits import CapacityError
+from trimode.runtime.backends.step import ChunkRow, StepBatch
 from trimode.runtime.generate import GenerationConfig, RequestError, generate
+
+from .conftest import build_checkpoint
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31,
             32, 33, 34, 35, 36, 37], [1, 9, 3]]
@@ -59,14 +66,23 @@ def fresh_engine(tiny_checkpoint, tmp_path) -> Path:
     return out
 
 
+def step(engine, cache, rows: list[ChunkRow]) -> torch.Tensor:
+    return engine.step(cache, StepBatch.from_rows(rows, cache))
+
+
 def all_steps(engine, lora: bool) -> list[torch.Tensor]:
-    """Logits of every step kind on one cache: prefill (2 lengths), decode, draft, verify."""
-    cache = engine.new_cache(2)
-    out = [engine.prefill(cache, [0, 1], PROMPTS), engine.decode(cache, [1, 0], [40, 41])]
-    block = torch.tensor([[3, 100, 100, 100, 100, 100, 100, 100], [7, 100, 100, 100, 100, 100, 100, 100]])
-    out.append(engine.draft(cache, [0, 1], block, lora=lora))
-    out.append(engine.verify(cache, [0, 1], block))
-    out.append(cache.k[:, :, : int(cache.lens.max())].clone())
+    """Logits of prefill rows (2 lengths), then one step of decode, draft (bidirectional), verify and
+    prefix_block rows on one cache, then the cache itself."""
+    cache = engine.new_cache(4)
+    out = [step(engine, cache, [ChunkRow(s, p, write=True, logit_offsets=[len(p) - 1])
+                                for s, p in enumerate(PROMPTS + PROMPTS[::-1])])]
+    block = [3, 100, 100, 100, 100, 100, 100, 100]
+    out.append(step(engine, cache, [
+        ChunkRow(1, [40], write=True, logit_offsets=[0]),
+        ChunkRow(0, block, mask_kind=BIDIRECTIONAL, lora=lora, logit_offsets=list(range(8))),
+        ChunkRow(2, block, write=True, logit_offsets=list(range(8))),
+        ChunkRow(3, [7, 100, 100], mask_kind=PREFIX_BLOCK, mask_param=2, write=True, logit_offsets=[0, 1, 2])]))
+    out.append(cache.k[:, :, : max(cache.lengths)].clone())
     return out
 
 
@@ -75,7 +91,7 @@ def test_torch_engine_equals_checkpoint(tiny_checkpoint, torch_engine_dir):
     engine = open_engine(torch_engine_dir)
     reference = engine_from_checkpoint(tiny_checkpoint)
     assert engine.config == reference.config
-    assert (engine.max_batch_size, engine.max_seq_len, engine.has_lora) == (4, 128, True)
+    assert (engine.limits.max_batch_size, engine.limits.max_seq_len, engine.has_lora) == (4, 128, True)
     assert engine.tokenizer_path == torch_engine_dir / "tokenizer.json"
     for lora in (False, True):
         for got, want in zip(all_steps(engine, lora), all_steps(reference, lora), strict=True):
@@ -105,9 +121,9 @@ def test_no_lora_engine_has_no_adapter(tiny_checkpoint, fresh_engine):
     engine = open_engine(fresh_engine)
     assert not engine.has_lora and not any(".lora_" in name for name in engine.model.w)
     cache = engine.new_cache(1)
-    engine.prefill(cache, [0], [[1, 2, 3]])
+    step(engine, cache, [ChunkRow(0, [1, 2, 3], write=True, logit_offsets=[2])])
     with pytest.raises(ValueError, match="no LoRA adapter"):
-        engine.draft(cache, [0], torch.tensor([[4, 100]]), lora=True)
+        step(engine, cache, [ChunkRow(0, [4, 100], mask_kind=BIDIRECTIONAL, lora=True, logit_offsets=[0])])
 
 
 def test_engine_opened_without_lora(torch_engine_dir):
@@ -136,9 +152,9 @@ def test_manifest_lists_every_file_with_its_hash(torch_engine_dir):
     for name, entry in manifest.files.items():
         assert hash_file(torch_engine_dir / name) == entry
     data = json.loads((torch_engine_dir / MANIFEST_FILE).read_text())
-    assert data["format_version"] == 1 and data["backend"] == "torch"
+    assert data["format_version"] == 2 and data["backend"] == "torch"
     assert data["serves"] == {"max_batch_size": 4, "max_seq_len": 128, "block_lengths": [4, 8],
-                              "step_kinds": ["prefill", "decode", "draft", "verify"], "lora_draft": True}
+                              "mask_kinds": ["causal", "bidirectional", "quad", "prefix_block"], "lora_draft": True}
     assert data["tools"]["trimode"] and data["tools"]["torch"]
     assert (torch_engine_dir / MANIFEST_FILE).read_text() == json.dumps(data, indent=2, sort_keys=True) + "\n"
 
@@ -258,11 +274,75 @@ def test_requests_beyond_built_shapes_are_refused(torch_engine_dir):
     engine = open_engine(torch_engine_dir, max_seq_len=64)  # smaller limits are fine
     cache = engine.new_cache(1)
     with pytest.raises(CapacityError, match="beyond the engine's maximum sequence length 64"):
-        engine.prefill(cache, [0], [[1] * 65])
+        step(engine, cache, [ChunkRow(0, [1] * 65, write=True, logit_offsets=[0])])
     with pytest.raises(CapacityError, match="exceeds the engine's maximum batch size 4"):
         engine.new_cache(5)
     with pytest.raises(RequestError, match="beyond the engine's maximum sequence length 64"):
         generate(engine, [[1, 2, 3]], GenerationConfig(mode="ar", max_new_tokens=62))
+
+
+# -- defaults and block lengths -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def short_checkpoint(tmp_path_factory) -> Path:
+    """A checkpoint whose max_position_embeddings (768) is below the default --max-seq-len 4096."""
+    return build_checkpoint(tmp_path_factory.mktemp("short") / "ckpt", max_position_embeddings=768)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_default_options_fit_a_short_model(short_checkpoint, tmp_path, backend):
+    manifest = build_engine(short_checkpoint, tmp_path / "e", BuildOptions(backend=backend))
+    assert manifest.max_seq_len == 768 and manifest.max_batch_size == 8 and manifest.block_lengths == (8,)
+    assert open_engine(tmp_path / "e").limits.max_seq_len == 768
+
+
+def test_default_max_seq_len_is_4096_when_the_model_allows(tiny_checkpoint, tmp_path):
+    assert build_engine(tiny_checkpoint, tmp_path / "e", BuildOptions()).max_seq_len == 4096
+
+
+def test_cli_default_options_fit_a_short_model(short_checkpoint, tmp_path):
+    from trimode.cli_build import build_command
+
+    default = next(p.default for p in build_command.params if p.name == "max_seq_len")
+    if default is not None:
+        pytest.xfail(f"trimode/cli_build.py passes --max-seq-len {default} explicitly; its default must be None "
+                     "for BuildOptions' min(4096, max_position_embeddings) to apply")
+    proc = trimode("build", str(short_checkpoint), "-o", str(tmp_path / "e"), "--no-progress")
+    assert proc.returncode == 0, proc.stderr
+    assert read_manifest(tmp_path / "e").max_seq_len == 768
+
+
+def test_torch_and_onnx_engines_serve_any_block_length(torch_engine_dir):
+    """Built for blocks 4 and 8, a torch engine still serves 16 (only TensorRT is shape-specialised)."""
+    engine = open_engine(torch_engine_dir)
+    assert engine.limits.block_lengths == ()
+    engine.limits.check_block_length(16)
+    got = generate(engine, [[1, 2, 3]], GenerationConfig(mode="spec", max_new_tokens=16, block_length=16))
+    assert len(got[0].tokens) == 16
+
+
+def test_tensorrt_engines_refuse_unbuilt_block_lengths(torch_engine_dir):
+    """The limits a tensorrt manifest gives: only the built block lengths (checked without TensorRT)."""
+    manifest = dataclasses.replace(read_manifest(torch_engine_dir), backend="tensorrt")
+    limits = serving_limits(manifest, None, None)
+    assert limits.block_lengths == (4, 8)
+    limits.check_block_length(8)
+    with pytest.raises(CapacityError, match="block length 16 is not one this engine was built for"):
+        limits.check_block_length(16)
+    assert serving_limits(read_manifest(torch_engine_dir), None, None).block_lengths == ()
+
+
+def test_builder_and_tensorrt_backend_do_not_import_each_other():
+    """engine_build imports the TensorRT backend lazily, inside the build; the backend never imports the
+    builder's engine_build (checked on the source: tensorrt is not importable here)."""
+    source = Path(engine_build.__file__).parent.parent / "runtime" / "backends" / "tensorrt_backend.py"
+    imported = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+    assert not any(name.endswith("engine_build") for name in imported), imported
+    top_level = [n for n in ast.parse(Path(engine_build.__file__).read_text()).body
+                 if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert not any("runtime" in (getattr(n, "module", "") or "") for n in top_level)
 
 
 # -- the command line ------------------------------------------------------------------------------------------

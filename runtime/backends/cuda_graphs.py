@@ -1,123 +1,250 @@
-"""The GPU path of the torch backend: static buffers, batch buckets and CUDA graphs.
+"""The GPU path of the torch backend: static buffers, shape buckets and CUDA graphs.
 
-A decode step of a small batch is dominated by kernel-launch overhead, not by math. Capturing each
-(step kind, batch bucket, chunk length) once into a `torch.cuda.CUDAGraph` and replaying it turns a step
-into one graph launch. Graphs replay fixed addresses, so everything a step touches lives in static
-buffers: the engine owns ONE preallocated KV cache (plus a scratch slot), and inputs are copied into
-static tensors before each replay. A batch smaller than its bucket is padded with rows that point at the
-scratch slot with a chunk length of 0, so they read nothing and write nothing.
+A decode step of a small batch is dominated by kernel-launch overhead, not by math. Capturing a step once
+into a `torch.cuda.CUDAGraph` and replaying it turns it into one graph launch. Graphs replay fixed
+addresses and fixed shapes, so everything a step touches lives in static buffers: the engine owns ONE
+preallocated KV cache (plus a scratch slot), and each step's packed tensors are copied into the static
+tensors of its bucket before the replay.
 
-Prefill (variable length) runs eagerly. With `use_graphs=False` the same static-buffer machinery runs
-eagerly; that is how the bucketing and padding are tested on machines without a GPU.
+Mask kind, write flag and LoRA are per-row (per-token) *data* of a `StepBatch`, read by the kernel on the
+device, so one captured graph per bucket serves any mix of modes. A bucket is (row bucket, token bucket,
+logit bucket, whether any row uses the adapter, cache-length bucket): the last two are the only host-side
+choices baked into a capture (the LoRA matmuls are skipped when no row needs them; the kernel's grid is
+sized for the cache-length bound). A step smaller than its bucket is padded:
+
+* the static buffers hold `rows + 1` rows; rows past the batch's are padding rows on the scratch slot with
+  cache length 0, causal mask and write 0, so they read nothing and write nothing;
+* the first padding row owns the padding tokens (N..N_bucket-1, token 0 at position 0); the others own none;
+* padding logit indices point at token 0 and their logits are dropped.
+
+There is always at least one padding row, so the adapter is always applied through the per-token mask
+(never the all-rows shortcut), whatever rows a capture saw.
+
+The bookkeeping (`Bucketing`, `StaticStep`) is plain tensor code with no CUDA call, so it runs and is tested
+on the CPU: with `use_graphs=False` the engine runs the same static buffers eagerly. Only `_capture` and
+`replay` need a GPU. Steps of more tokens than the largest graph bucket (long prefills) run eagerly on the
+engine's cache. The TensorRT backend reuses the same bucketing and padding for its graphs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ...plugins.reference import CAUSAL
 from ..model.kv_cache import KVCache
 from ..model.network import Transformer
-from .torch_engine import TorchEngine
+from .limits import EngineLimits
+from .step import StepBatch
+from .torch_engine import TorchEngine, check_step_fits
+
+MIN_CACHE_BUCKET = 64
+
+
+def buckets(maximum: int, smallest: int = 1) -> list[int]:
+    """Powers of two from `smallest` below the maximum, and the maximum itself."""
+    out, size = [], smallest
+    while size < maximum:
+        out.append(size)
+        size *= 2
+    return out + [maximum]
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
-    """Powers of two up to the maximum, and the maximum itself."""
-    buckets, size = [], 1
-    while size < max_batch_size:
-        buckets.append(size)
-        size *= 2
-    return buckets + [max_batch_size]
+    return buckets(max_batch_size)
+
+
+def _first_at_least(options: list[int], value: int) -> int:
+    return next(b for b in options if b >= value)
+
+
+@dataclass(frozen=True)
+class BucketKey:
+    """The static shape of a step: rows, packed tokens, logits, LoRA matmuls or not, cache-length bound."""
+
+    rows: int
+    tokens: int
+    logits: int
+    lora: bool
+    cache_len: int
+
+
+class Bucketing:
+    """Which bucket a step falls in (None: beyond the largest token bucket; run it eagerly)."""
+
+    def __init__(self, max_rows: int, max_tokens: int, max_cache_len: int) -> None:
+        self.rows = buckets(max_rows)
+        self.tokens = buckets(max_tokens)
+        self.cache = buckets(max_cache_len, MIN_CACHE_BUCKET)
+
+    def key(self, batch: StepBatch) -> BucketKey | None:
+        n, m = batch.num_tokens, int(batch.logit_index.shape[0])
+        if n > self.tokens[-1] or max(m, 1) > self.tokens[-1] or len(batch.rows) > self.rows[-1]:
+            return None
+        return BucketKey(_first_at_least(self.rows, len(batch.rows)), _first_at_least(self.tokens, n),
+                         _first_at_least(self.tokens, max(m, 1)), batch.any_lora,
+                         _first_at_least(self.cache, max(batch.cache_lens)))
 
 
 @dataclass
-class StaticStep:
-    """Input/output buffers of one captured step, and its graph (None when running eagerly)."""
+class PaddingRow:
+    """A row of the static buffers that no request owns: on the scratch slot, causal, never writes."""
 
-    tokens: torch.Tensor
-    chunk_lens: torch.Tensor
-    slots: torch.Tensor
-    output: torch.Tensor | None = None
-    graph: torch.cuda.CUDAGraph | None = None
+    slot: int
+    tokens: list[int]
+    mask_kind: int = CAUSAL
+    mask_param: int = 0
+    write: bool = False
+    lora: bool = False
+    written: int = 0
+
+
+class StaticStep:
+    """The static input buffers of one bucket, its captured graph and that graph's output."""
+
+    def __init__(self, key: BucketKey, scratch_slot: int, device: torch.device | str) -> None:
+        rows = key.rows + 1  # always one padding row at least
+        self.key = key
+        self.scratch_slot = scratch_slot
+        self.tokens = torch.zeros(key.tokens, dtype=torch.long, device=device)
+        self.positions = torch.zeros(key.tokens, dtype=torch.long, device=device)
+        self.lora = torch.zeros(key.tokens, dtype=torch.bool, device=device)
+        self.cu_seqlens = torch.zeros(rows + 1, dtype=torch.int32, device=device)
+        self.slots = torch.full((rows,), scratch_slot, dtype=torch.int32, device=device)
+        self.cache_lens = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.mask_kind = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.mask_param = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.write = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.logit_index = torch.zeros(key.logits, dtype=torch.long, device=device)
+        self.output: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.uses = 0
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.slots.shape[0])
+
+    def padded(self, batch: StepBatch) -> dict[str, torch.Tensor]:
+        """The batch's tensors padded to this bucket (host tensors): see the module docstring."""
+        n, rows, m = batch.num_tokens, len(batch.rows), int(batch.logit_index.shape[0])
+        key = self.key
+        if n > key.tokens or rows > key.rows or m > key.logits:
+            raise ValueError(f"a step of {rows} rows, {n} tokens and {m} logits does not fit bucket {key}")
+        pad_rows, pad_tokens = self.num_rows - rows, key.tokens - n
+
+        def pad(t: torch.Tensor, count: int, value: int) -> torch.Tensor:
+            return torch.cat([t.cpu(), torch.full((count,), value, dtype=t.dtype)])
+
+        return {
+            "tokens": pad(batch.tokens.long(), pad_tokens, 0),
+            "positions": pad(batch.positions.long(), pad_tokens, 0),
+            "lora": pad(batch.lora.bool(), pad_tokens, False),
+            "cu_seqlens": pad(batch.cu_seqlens.int(), pad_rows, key.tokens),
+            "slots": pad(batch.slots.int(), pad_rows, self.scratch_slot),
+            "cache_lens": pad(batch.cache_lens_t.int(), pad_rows, 0),
+            "mask_kind": pad(batch.mask_kind.int(), pad_rows, CAUSAL),
+            "mask_param": pad(batch.mask_param.int(), pad_rows, 0),
+            "write": pad(batch.write.int(), pad_rows, 0),
+            "logit_index": pad(batch.logit_index.long(), key.logits - m, 0),
+        }
+
+    def fill(self, batch: StepBatch) -> None:
+        """Copy the batch, padded, into the static buffers (same addresses every step)."""
+        for name, host in self.padded(batch).items():
+            getattr(self, name).copy_(host, non_blocking=True)
+        self.uses += 1
+
+    def view(self, batch: StepBatch, exact: bool) -> StepBatch:
+        """A StepBatch over the static buffers. Its host lists are the padded layout itself (`exact`, what the
+        CPU attention loops over) or only the bounds a capture may bake in (the token bucket as the longest
+        row, the cache-length bucket as the longest cache): the kernel reads the actual rows on the device."""
+        key, rows = self.key, len(batch.rows)
+        pad_rows = self.num_rows - rows
+        padding = [PaddingRow(self.scratch_slot, [0] * (key.tokens - batch.num_tokens))]
+        padding += [PaddingRow(self.scratch_slot, []) for _ in range(pad_rows - 1)]
+        if exact:
+            cu = list(batch.cu) + [key.tokens] * pad_rows
+            cache_lens = list(batch.cache_lens) + [0] * pad_rows
+        else:
+            cu = [0] + [key.tokens] * self.num_rows
+            cache_lens = [key.cache_len] + [0] * (self.num_rows - 1)
+        logit_rows = list(batch.logit_rows) + [rows] * (key.logits - int(batch.logit_index.shape[0]))
+        return StepBatch(rows=list(batch.rows) + padding, cache_lens=cache_lens, cu=cu, tokens=self.tokens,
+                         positions=self.positions, cu_seqlens=self.cu_seqlens, slots=self.slots,
+                         cache_lens_t=self.cache_lens, mask_kind=self.mask_kind, mask_param=self.mask_param,
+                         write=self.write, lora=self.lora, logit_index=self.logit_index, logit_rows=logit_rows)
 
 
 class GraphEngine(TorchEngine):
-    """TorchEngine whose decode/draft/verify steps replay captured graphs from static buffers."""
+    """TorchEngine whose steps run from static buffers per bucket, replayed as CUDA graphs on a GPU."""
 
     backend = "torch-cuda-graphs"
 
-    def __init__(self, model: Transformer, max_batch_size: int = 8, max_seq_len: int = 4096,
-                 tokenizer_path=None, use_graphs: bool | None = None, max_graph_chunk: int = 64) -> None:
-        super().__init__(model, max_batch_size, max_seq_len, tokenizer_path)
+    def __init__(self, model: Transformer, limits: EngineLimits, tokenizer_path: Path | None = None,
+                 use_graphs: bool | None = None, max_graph_tokens: int = 256) -> None:
+        super().__init__(model, limits, tokenizer_path)
         self.use_graphs = model.device.type == "cuda" if use_graphs is None else use_graphs
-        self.max_graph_chunk = max_graph_chunk
-        self.buckets = batch_buckets(max_batch_size)
-        self.scratch_slot = max_batch_size
-        self.cache = model.new_cache(max_batch_size + 1, self.max_seq_len)
-        self.steps: dict[tuple, StaticStep] = {}
+        if self.use_graphs and model.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device (use_graphs=False runs them eagerly)")
+        batch = self.limits.max_batch_size
+        self.scratch_slot = batch
+        self.cache = model.new_cache(batch + 1, self.limits.max_seq_len)
+        self.bucketing = Bucketing(batch, min(max_graph_tokens, self.limits.max_step_tokens), self.cache.max_len)
+        self.steps: dict[BucketKey, StaticStep] = {}
+        self.eager_steps = 0
         self.pool = None
 
     def new_cache(self, num_slots: int) -> KVCache:
         """The engine's one cache, emptied: graphs captured its addresses, so it is never reallocated."""
-        super().new_cache(num_slots)  # capacity check
+        self.limits.check_batch(num_slots)
         self.cache.reset()
         return self.cache
 
-    def _bucket(self, batch: int) -> int:
-        return next(b for b in self.buckets if b >= batch)
+    def static_step(self, key: BucketKey) -> StaticStep:
+        """The bucket's static buffers, allocated on first use and reused by every later step of the bucket."""
+        static = self.steps.get(key)
+        if static is None:
+            static = self.steps[key] = StaticStep(key, self.scratch_slot, self.model.device)
+        return static
 
-    def _static(self, key: tuple, bucket: int, length: int) -> StaticStep:
-        device = self.model.device
-        return StaticStep(tokens=torch.zeros(bucket, length, dtype=torch.long, device=device),
-                          chunk_lens=torch.zeros(bucket, dtype=torch.int32, device=device),
-                          slots=torch.full((bucket,), self.scratch_slot, dtype=torch.long, device=device))
+    def step(self, cache: KVCache, batch: StepBatch) -> torch.Tensor:
+        if cache is not self.cache:
+            raise ValueError("GraphEngine steps must use the cache returned by its new_cache()")
+        if any(row.slot == self.scratch_slot for row in batch.rows):
+            raise ValueError(f"slot {self.scratch_slot} is the engine's scratch slot, not a sequence's")
+        check_step_fits(batch, cache, self.limits)
+        key = self.bucketing.key(batch)
+        if key is None:
+            self.eager_steps += 1
+            return super().step(cache, batch)
+        if batch.any_lora and not self.model.has_lora:
+            raise ValueError("this model has no LoRA adapter")
+        static = self.static_step(key)
+        static.fill(batch)
+        view = static.view(batch, exact=self.model.device.type != "cuda")
+        if self.use_graphs:
+            if static.graph is None:
+                self._capture(static, view)
+            static.graph.replay()
+            logits = static.output
+        else:
+            logits = self.model.forward_step(cache, view)
+        batch.commit_lengths(cache)
+        return logits[: batch.logit_index.shape[0]].clone()
 
-    def _forward(self, step: StaticStep, mask_kind: int, write_kv: bool, lora: bool, last_only: bool) -> torch.Tensor:
-        return self.model.forward_chunk(step.tokens, step.chunk_lens, step.slots, self.cache, mask_kind, write_kv,
-                                        lora=lora, last_only=last_only)
-
-    def _capture(self, step: StaticStep, mask_kind: int, write_kv: bool, lora: bool, last_only: bool) -> None:
-        """Warm up on a side stream (all rows padding: nothing is written), then capture."""
+    def _capture(self, static: StaticStep, view: StepBatch) -> None:
+        """Warm up on a side stream, then capture (GPU only). The warm-up runs the filled step itself: a
+        writing row stores the same K/V at the same positions each time, and padding rows write nothing."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward(step, mask_kind, write_kv, lora, last_only)
+                self.model.forward_step(self.cache, view)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            step.output = self._forward(step, mask_kind, write_kv, lora, last_only)
+            static.output = self.model.forward_step(self.cache, view)
         self.pool = graph.pool()
-        step.graph = graph
-
-    def _run(self, cache: KVCache, slots: list[int], tokens: torch.Tensor, chunk_lens: torch.Tensor,
-             mask_kind: int, write_kv: bool, lora: bool, last_only: bool) -> torch.Tensor:
-        if cache is not self.cache:
-            raise ValueError("GraphEngine steps must use the cache returned by its new_cache()")
-        length = tokens.shape[1]
-        prefill = mask_kind == CAUSAL and last_only and length > 1
-        if prefill or length > self.max_graph_chunk:
-            return super()._run(cache, slots, tokens, chunk_lens, mask_kind, write_kv, lora, last_only)
-        self._check_room(cache, slots, [int(n) for n in chunk_lens])
-        batch = len(slots)
-        bucket = self._bucket(batch)
-        key = (mask_kind, write_kv, lora, last_only, bucket, length)
-        step = self.steps.get(key)
-        if step is None:
-            step = self.steps[key] = self._static(key, bucket, length)
-            if self.use_graphs:
-                self._capture(step, mask_kind, write_kv, lora, last_only)
-        step.tokens.zero_()
-        step.tokens[:batch] = tokens.to(step.tokens.device)
-        step.chunk_lens.zero_()
-        step.chunk_lens[:batch] = chunk_lens.to(step.chunk_lens.device)
-        step.slots.fill_(self.scratch_slot)
-        step.slots[:batch] = torch.as_tensor(slots, device=step.slots.device)
-        if step.graph is not None:
-            step.graph.replay()
-            output = step.output
-        else:
-            output = self._forward(step, mask_kind, write_kv, lora, last_only)
-        return output[:batch].clone()
+        static.graph = graph

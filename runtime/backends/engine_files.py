@@ -17,7 +17,9 @@ from ...builder.errors import CheckpointError
 from ...builder.manifest import Manifest, hash_file, read_manifest
 from ...builder.safetensors_io import SafetensorsFile
 from ..model.network import Transformer
-from .torch_engine import CapacityError, StepEngine, TorchEngine
+from .limits import CapacityError, EngineLimits
+from .step import StepEngine
+from .torch_engine import TorchEngine
 
 
 def check_files(root: Path, manifest: Manifest, verify: bool) -> None:
@@ -58,8 +60,11 @@ def backend_unavailable(backend: str, device: str) -> str | None:
     return None
 
 
-def serving_limits(manifest: Manifest, max_batch_size: int | None, max_seq_len: int | None) -> tuple[int, int]:
-    """The engine's built limits, or smaller ones on request; larger ones are a CapacityError."""
+def serving_limits(manifest: Manifest, max_batch_size: int | None, max_seq_len: int | None) -> EngineLimits:
+    """The engine's built limits, or smaller ones on request; larger ones are a CapacityError.
+
+    Block lengths: torch and onnx engines serve any (their limits list none); a tensorrt engine serves only
+    those it was built for (`EngineLimits.check_block_length` refuses the others)."""
     batch = manifest.max_batch_size if max_batch_size is None else max_batch_size
     length = manifest.max_seq_len if max_seq_len is None else max_seq_len
     if batch > manifest.max_batch_size:
@@ -68,7 +73,8 @@ def serving_limits(manifest: Manifest, max_batch_size: int | None, max_seq_len: 
     if length > manifest.max_seq_len:
         raise CapacityError(f"sequence length {length} exceeds the engine's built maximum {manifest.max_seq_len} "
                             "(rebuild with a larger --max-seq-len)")
-    return batch, length
+    blocks = manifest.block_lengths if manifest.backend == "tensorrt" else ()
+    return EngineLimits(max_batch_size=batch, max_seq_len=length, block_lengths=tuple(blocks))
 
 
 def tokenizer_of(root: Path, manifest: Manifest) -> Path | None:
@@ -76,7 +82,7 @@ def tokenizer_of(root: Path, manifest: Manifest) -> Path | None:
     return None if name is None else root / name
 
 
-def load_torch_engine(root: Path, manifest: Manifest, use_lora: bool, device: str, batch: int, length: int
+def load_torch_engine(root: Path, manifest: Manifest, use_lora: bool, device: str, limits: EngineLimits
                       ) -> TorchEngine:
     """Converted weights memory-mapped straight into the reference network (no conversion at load)."""
     weights_file = SafetensorsFile(root / manifest.artifacts["weights"])
@@ -85,31 +91,33 @@ def load_torch_engine(root: Path, manifest: Manifest, use_lora: bool, device: st
         weights = {name: t for name, t in weights.items() if ".lora_" not in name}
     scale = manifest.lora.scale if (use_lora and manifest.lora) else 0.0
     model = Transformer(manifest.config(root / "manifest.json"), weights, scale).to(device)
-    return TorchEngine(model, batch, length, tokenizer_of(root, manifest))
+    return TorchEngine(model, limits, tokenizer_of(root, manifest))
 
 
-def load_onnx_engine(root: Path, manifest: Manifest, use_lora: bool, batch: int, length: int) -> StepEngine:
+def load_onnx_engine(root: Path, manifest: Manifest, use_lora: bool, limits: EngineLimits,
+                     threads: int | None = None) -> StepEngine:
     from .onnx_engine import OnnxEngine
 
     return OnnxEngine(root / manifest.artifacts["onnx"], manifest.config(root / "manifest.json"), torch.float32,
-                      batch, length, manifest.lora is not None, use_lora, tokenizer_of(root, manifest),
-                      manifest.block_lengths)
+                      limits, manifest.lora is not None, use_lora, tokenizer_of(root, manifest), threads)
 
 
 def load_engine(path: str | Path, *, use_lora: bool = True, verify: bool = False, device: str = "cpu",
-                max_batch_size: int | None = None, max_seq_len: int | None = None) -> StepEngine:
-    """Check and open an engine directory with its backend; limits default to (and may not exceed) the built ones."""
+                max_batch_size: int | None = None, max_seq_len: int | None = None, threads: int | None = None
+                ) -> StepEngine:
+    """Check and open an engine directory with its backend; limits default to (and may not exceed) the built
+    ones. `threads` sets the onnx backend's intra-op threads (torch's setting elsewhere)."""
     root = Path(path)
     manifest = read_manifest(root)
     reason = backend_unavailable(manifest.backend, device)
     if reason is not None:
         raise CheckpointError(root, reason)
     check_files(root, manifest, verify)
-    batch, length = serving_limits(manifest, max_batch_size, max_seq_len)
+    limits = serving_limits(manifest, max_batch_size, max_seq_len)
     if manifest.backend == "torch":
-        return load_torch_engine(root, manifest, use_lora, device, batch, length)
+        return load_torch_engine(root, manifest, use_lora, device, limits)
     if manifest.backend == "onnx":
-        return load_onnx_engine(root, manifest, use_lora, batch, length)
+        return load_onnx_engine(root, manifest, use_lora, limits, threads)
     from .tensorrt_backend import TensorRTEngine
 
-    return TensorRTEngine(root, manifest, use_lora, batch, length)
+    return TensorRTEngine(root, manifest, use_lora, limits)

@@ -1,9 +1,10 @@
 """The ONNX backend: the exported step graph run by onnxruntime on the CPU.
 
 It is the portable check of the export: the same graph TensorRT compiles, with the attention node backed by
-the reference contract (runtime/onnx_ops.py), so every step kind can be compared with the torch engine on
-any machine. The KV cache is a normal `KVCache`; each step hands the graph the rows of the batch's slots,
-trimmed to the longest cached prefix (positions beyond a row's cache length are never read).
+the reference contract (runtime/backends/onnx_ops.py), so every mix of rows can be compared with the torch
+engine on any machine. The KV cache is a normal `KVCache`; each step hands the graph only the cache rows of
+the batch's slots (renumbered 0..B-1), trimmed to the longest cached prefix (positions beyond a row's cache
+length are never read), and writes the returned K/V back per `written_offsets` (graph_steps.py).
 """
 
 from __future__ import annotations
@@ -14,34 +15,22 @@ import numpy as np
 import torch
 
 from ...builder.config import ModelConfig
-from ...builder.onnx_export import (
-    CACHE_LENS,
-    CHUNK_LENS,
-    INPUT_IDS,
-    LOGIT_INDEX,
-    LOGITS,
-    MASK_KIND,
-    NEW_K,
-    NEW_V,
-    POSITIONS,
-    USE_LORA,
-    k_cache_name,
-    v_cache_name,
-)
+from ...builder.onnx_export import LOGITS, NEW_K, NEW_V, k_cache_name, v_cache_name
 from ..model.kv_cache import KVCache
-from .graph_steps import GraphStepEngine, StepInputs
+from .graph_steps import GraphStepEngine, graph_inputs
+from .limits import EngineLimits
+from .step import StepBatch
 
 
 class OnnxEngine(GraphStepEngine):
-    """StepEngine on an onnxruntime InferenceSession of the exported step graph (CPU)."""
+    """StepEngine on an onnxruntime InferenceSession of the exported step graph (CPU, fp32)."""
 
     backend = "onnx"
 
-    def __init__(self, model_path: Path, config: ModelConfig, dtype: torch.dtype, max_batch_size: int,
-                 max_seq_len: int, graph_has_lora: bool, use_lora: bool, tokenizer_path: Path | None,
-                 block_lengths: tuple[int, ...], threads: int | None = None) -> None:
-        super().__init__(config, dtype, max_batch_size, max_seq_len, graph_has_lora and use_lora, tokenizer_path,
-                         block_lengths)
+    def __init__(self, model_path: Path, config: ModelConfig, dtype: torch.dtype, limits: EngineLimits,
+                 graph_has_lora: bool, use_lora: bool, tokenizer_path: Path | None, threads: int | None = None
+                 ) -> None:
+        super().__init__(config, dtype, limits, graph_has_lora and use_lora, tokenizer_path)
         import onnxruntime as ort
 
         from .onnx_ops import session_options
@@ -51,21 +40,16 @@ class OnnxEngine(GraphStepEngine):
         self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
         self.graph_has_lora = graph_has_lora
 
-    def _execute(self, cache: KVCache, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows = torch.as_tensor(inputs.slots, dtype=torch.long)
-        cached = max(1, int(inputs.cache_lens.max()))  # at least one (unread) position: no empty tensors
-        feeds: dict[str, np.ndarray] = {
-            INPUT_IDS: inputs.tokens.numpy(),
-            POSITIONS: inputs.positions.numpy(),
-            CACHE_LENS: inputs.cache_lens.numpy().astype(np.int32),
-            CHUNK_LENS: inputs.chunk_lens.numpy().astype(np.int32),
-            MASK_KIND: np.array([inputs.mask_kind], dtype=np.int32),
-            LOGIT_INDEX: inputs.logit_index.numpy(),
-        }
-        if self.graph_has_lora:
-            feeds[USE_LORA] = np.array([1 if inputs.lora else 0], dtype=np.int32)
+    def _execute(self, cache: KVCache, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows = len(batch.rows)
+        index = torch.as_tensor([r.slot for r in batch.rows], dtype=torch.long)
+        cached = max(1, max(batch.cache_lens))  # at least one (unread) position: no empty tensors
+        inputs = graph_inputs(batch, self.graph_has_lora, slots=torch.arange(rows, dtype=torch.int32))
+        feeds: dict[str, np.ndarray] = {name: tensor.numpy() for name, tensor in inputs.items()}
+        keys = cache.k[:, index, :cached].contiguous()  # [layers, B, cached, Hkv, D]: only the rows used
+        values = cache.v[:, index, :cached].contiguous()
         for layer in range(self.config.num_hidden_layers):
-            feeds[k_cache_name(layer)] = cache.k[layer, rows, :cached].numpy()
-            feeds[v_cache_name(layer)] = cache.v[layer, rows, :cached].numpy()
+            feeds[k_cache_name(layer)] = keys[layer].numpy()
+            feeds[v_cache_name(layer)] = values[layer].numpy()
         logits, new_k, new_v = self.session.run([LOGITS, NEW_K, NEW_V], feeds)
         return torch.from_numpy(logits), torch.from_numpy(new_k), torch.from_numpy(new_v)

@@ -1,9 +1,11 @@
 """The `BlockAttention` node for onnxruntime on CPU, as an onnxruntime-extensions Python custom op.
 
-onnxruntime has no op for attention over a caller-owned KV cache with a per-sequence mask kind, so the
+onnxruntime has no op for packed attention over a caller-owned KV cache with a mask kind per row, so the
 exported graph carries one custom node per layer (builder/onnx_export.py documents its contract). Here it
 is backed by `plugins/reference.py`, the same function the torch engine and the CUDA kernel are checked
-against, so the ONNX engine differs from the torch engine only in the surrounding graph arithmetic.
+against, so the ONNX engine differs from the torch engine only in the surrounding graph arithmetic. The
+node never writes the cache: it calls the reference with every row's write flag 0 (the host stores the
+returned K/V afterwards).
 
 Importing this module registers the op (the decorator is the registration); `session_options()` returns
 options with the extensions library attached, which is what makes the registered op visible to a session.
@@ -17,17 +19,21 @@ import torch
 from ...plugins.reference import block_attention_reference
 
 
+def _tensor(array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor if dtype is None else tensor.to(dtype)
+
+
 def block_attention_numpy(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, k_cache: np.ndarray,
-                          v_cache: np.ndarray, cache_lens: np.ndarray, chunk_lens: np.ndarray,
-                          mask_kind: np.ndarray, scale: float) -> np.ndarray:
-    """The node's computation: row b of the batch uses row b of the caches; the caches are only read."""
-    batch = q.shape[0]
+                          v_cache: np.ndarray, cu_seqlens: np.ndarray, slots: np.ndarray, cache_lens: np.ndarray,
+                          mask_kind: np.ndarray, mask_param: np.ndarray, scale: float) -> np.ndarray:
+    """The node's computation: the reference contract over packed rows, reading the caches only."""
+    rows = int(slots.shape[0])
     out = block_attention_reference(
-        torch.from_numpy(np.ascontiguousarray(q)), torch.from_numpy(np.ascontiguousarray(k_new)),
-        torch.from_numpy(np.ascontiguousarray(v_new)), torch.from_numpy(np.ascontiguousarray(k_cache)),
-        torch.from_numpy(np.ascontiguousarray(v_cache)), torch.arange(batch),
-        torch.from_numpy(cache_lens.astype(np.int64)), torch.from_numpy(chunk_lens.astype(np.int64)),
-        int(mask_kind.reshape(-1)[0]), False, float(scale))
+        _tensor(q), _tensor(k_new), _tensor(v_new), _tensor(k_cache), _tensor(v_cache),
+        _tensor(cu_seqlens, torch.long), _tensor(slots, torch.long), _tensor(cache_lens, torch.long),
+        _tensor(mask_kind, torch.long), _tensor(mask_param, torch.long), torch.zeros(rows, dtype=torch.long),
+        float(scale))
     return out.numpy()
 
 
@@ -38,13 +44,14 @@ def _register() -> None:
     tensor, index = PyCustomOpDef.dt_float, PyCustomOpDef.dt_int32
 
     @onnx_op(op_type="BlockAttention",
-             inputs=[tensor, tensor, tensor, tensor, tensor, index, index, index],
+             inputs=[tensor] * 5 + [index] * 5,
              outputs=[tensor],
              attrs={"num_heads": PyCustomOpDef.dt_int64, "num_kv_heads": PyCustomOpDef.dt_int64,
                     "head_dim": PyCustomOpDef.dt_int64, "scale": PyCustomOpDef.dt_float})
-    def block_attention(q, k_new, v_new, k_cache, v_cache, cache_lens, chunk_lens, mask_kind, **attrs):
-        return block_attention_numpy(q, k_new, v_new, k_cache, v_cache, cache_lens, chunk_lens, mask_kind,
-                                     attrs["scale"])
+    def block_attention(q, k_new, v_new, k_cache, v_cache, cu_seqlens, slots, cache_lens, mask_kind, mask_param,
+                        **attrs):
+        return block_attention_numpy(q, k_new, v_new, k_cache, v_cache, cu_seqlens, slots, cache_lens, mask_kind,
+                                     mask_param, attrs["scale"])
 
 
 _register()

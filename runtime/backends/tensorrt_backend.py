@@ -2,23 +2,33 @@
 
 NOT RUN in this project's CI: TensorRT is not installable on the CPU machines. It is written against the
 TensorRT 10 Python API as documented, and engine loading refuses tensorrt engines with a clear message
-where `import tensorrt` fails, so nothing else depends on it.
+where `import tensorrt` fails, so nothing else depends on it. It never imports builder/engine_build.py
+(which imports this module lazily for `trimode build --backend tensorrt`): the build takes a
+`TensorRTBuildSpec` and raises `TensorRTBuildError`, which the builder turns into its BuildError.
 
-Build: the step graph is exported with the attention node in TensorRT's form (op `BlockAttention`,
+Build: the packed step graph is exported with the attention node in TensorRT's form (op `BlockAttention`,
 attributes plugin_namespace="trimode", plugin_version="1", so the ONNX parser resolves it by name in the
-plugin registry after the plugin library is loaded), parsed into a STRONGLY_TYPED network (precisions
-come from the graph's own types, no builder precision flags), and compiled with one optimization profile
-per step shape: `prefill` (T from 1 to max_seq_len, last-token logits), `decode` (T = 1) and `block{n}`
-for every built block length n (draft and verify passes, all n logits). The KV-cache inputs are bound at
-their full built length L = max_seq_len, so their shape never changes. The plan and a copy of the plugin
-library go into the engine directory.
+plugin registry after the plugin library is loaded), parsed into a STRONGLY_TYPED network (precisions come
+from the graph's own types, no builder precision flags), and compiled with optimization profiles over the
+packed sizes - N tokens, B rows (the graph sees B + 1: the padding row), M logits - rather than per step
+kind, since one step mixes kinds:
 
-Run: one KV cache on the GPU, allocated once; graph row r is cache slot r, so each layer's cache input is
-bound to a slice of that cache with no copy (rows of a batch that do not take part get chunk length 0:
-they read nothing, and their outputs are ignored). Every (profile, batch bucket) except prefill gets its
-own static input/output buffers and is captured into a CUDA graph once (`execute_async_v3` inside
-`torch.cuda.graph`), then replayed; prefill runs eagerly. All execution contexts share one
-user-managed activation buffer, since steps run one after another on one stream.
+    decode   N, M in [1, max_batch]                  (one token per row)
+    block    N, M in [1, max_batch * longest block]   (draft / verify / diffusion blocks, mixed with decodes)
+    prefill  N, M in [1, max_step_tokens]             (prompts, quad rows, anything larger)
+
+The cache inputs are bound at their full size [max_batch + 1 slots (the last is the scratch slot), L =
+max_seq_len], so their shape never changes. The plan and a copy of the plugin library go into the engine.
+
+Run: one KV cache on the GPU, allocated once, whose layer slices are bound directly as the k_cache.{i} /
+v_cache.{i} inputs (no copy). Each step is padded to its bucket exactly as the torch GPU path does
+(`cuda_graphs.Bucketing` / `StaticStep`: padding rows on the scratch slot, cache length 0, write 0) and run
+from that bucket's static buffers; buckets up to `max_graph_tokens` tokens are captured into a CUDA graph
+once per (profile, bucket) (`execute_async_v3` inside `torch.cuda.graph`) and replayed, larger ones run
+eagerly. The plan is stateless: the writing rows' K/V come back as new_k/new_v and are stored on the device
+per `written_offsets` (graph_steps.py). All execution contexts share one user-managed activation buffer,
+since steps run one after another on one stream. Block lengths the engine was not built for are refused
+(`EngineLimits.check_block_length`, a CapacityError).
 """
 
 from __future__ import annotations
@@ -36,38 +46,57 @@ from tqdm import tqdm
 
 from ...builder.checkpoint import Checkpoint, LoraAdapter
 from ...builder.convert import resolve_dtype
-from ...builder.engine_build import BuildError, BuildPlan
 from ...builder.errors import CheckpointError
 from ...builder.manifest import FileEntry, HashingWriter, Manifest
 from ...builder.onnx_export import (
     CACHE_LENS,
-    CHUNK_LENS,
-    INPUT_IDS,
+    CU_SEQLENS,
     LOGIT_INDEX,
     LOGITS,
+    LORA,
     MASK_KIND,
+    MASK_PARAM,
     MODEL_FILE,
     NEW_K,
     NEW_V,
     OPSET,
     POSITIONS,
+    SLOTS,
+    TOKENS,
     TRT_DOMAIN,
-    USE_LORA,
     AttentionNode,
     export_onnx,
     k_cache_name,
     v_cache_name,
 )
 from ..model.kv_cache import KVCache
-from .cuda_graphs import batch_buckets
-from .graph_steps import GraphStepEngine, StepInputs
-from .torch_engine import CapacityError
+from .cuda_graphs import Bucketing, BucketKey, StaticStep
+from .graph_steps import GraphStepEngine
+from .limits import CapacityError, EngineLimits
+from .step import StepBatch
 
 PLAN_FILE = "model.plan"
 PLUGIN_DIR = "plugins"
 PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION = "BlockAttention", TRT_DOMAIN, "1"
-PREFILL, DECODE = "prefill", "decode"
+DECODE, BLOCK, PREFILL = "decode", "block", "prefill"
 PLUGIN_LIBRARY = "libtrimode_trt_plugin.so"  # what plugins/Makefile's `tensorrt` target builds
+DEFAULT_MAX_STEP_TOKENS = 2048
+MAX_GRAPH_TOKENS = 256
+
+
+class TensorRTBuildError(ValueError):
+    """The TensorRT build cannot proceed (the builder reports it as a BuildError: one line, exit status 2)."""
+
+
+@dataclass(frozen=True)
+class TensorRTBuildSpec:
+    """What the plan must serve (the builder's resolved plan, as plain fields)."""
+
+    dtype: torch.dtype
+    max_batch_size: int
+    max_seq_len: int
+    block_lengths: tuple[int, ...]
+    max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS
 
 
 # -- plugin library ----------------------------------------------------------------------------------------
@@ -75,10 +104,10 @@ def find_plugin_library(explicit: Path | None) -> Path:
     """The BlockAttention plugin library: given, or the one `make -C plugins tensorrt` builds."""
     if explicit is not None:
         return explicit
-    default = Path(__file__).resolve().parent.parent / "plugins" / "build" / PLUGIN_LIBRARY
+    default = Path(__file__).resolve().parents[2] / "plugins" / "build" / PLUGIN_LIBRARY  # the package's plugins/
     if not default.is_file():
-        raise BuildError(f"TensorRT plugin library {default} not found; run `make -C plugins tensorrt "
-                         "TRT_INCLUDE=...` on a machine with CUDA and TensorRT, or pass --plugin-library")
+        raise TensorRTBuildError(f"TensorRT plugin library {default} not found; run `make -C plugins tensorrt "
+                                 "TRT_INCLUDE=...` on a machine with CUDA and TensorRT, or pass --plugin-library")
     return default
 
 
@@ -94,30 +123,36 @@ def load_plugin_library(path: Path) -> None:
 
 
 # -- build ---------------------------------------------------------------------------------------------------
-def profile_shapes(checkpoint_config: Any, plan: BuildPlan) -> list[dict[str, Any]]:
-    """Optimization profiles: name plus (min, opt, max) shapes of every dynamic input."""
-    c = checkpoint_config
-    batch, length = plan.max_batch_size, plan.max_seq_len
+def profile_ranges(spec: TensorRTBuildSpec) -> list[dict[str, Any]]:
+    """The optimization profiles as (min, opt, max) of N tokens, B rows (padding row included), M logits."""
+    batch = spec.max_batch_size
+    most = max(batch, spec.max_step_tokens)
+    block = min(most, batch * max(spec.block_lengths or (1,)))
+    rows = (1, batch + 1, batch + 1)
+    return [
+        {"name": DECODE, "tokens": (1, batch, batch), "rows": rows, "logits": (1, batch, batch)},
+        {"name": BLOCK, "tokens": (1, block, block), "rows": rows, "logits": (1, block, block)},
+        {"name": PREFILL, "tokens": (1, min(most, 512), most), "rows": rows, "logits": (1, batch, most)},
+    ]
 
-    def shapes(t: tuple[int, int, int], n: tuple[int, int, int], b_opt: int) -> dict[str, list[list[int]]]:
-        b = (1, b_opt, batch)
-        out = {
-            INPUT_IDS: [[b[k], t[k]] for k in range(3)],
-            POSITIONS: [[b[k], t[k]] for k in range(3)],
-            CACHE_LENS: [[b[k]] for k in range(3)],
-            CHUNK_LENS: [[b[k]] for k in range(3)],
-            LOGIT_INDEX: [[b[k], n[k]] for k in range(3)],
-        }
-        for layer in range(c.num_hidden_layers):
-            for name in (k_cache_name(layer), v_cache_name(layer)):
-                out[name] = [[b[k], length, c.num_key_value_heads, c.head_dim] for k in range(3)]
-        return out
 
-    profiles = [{"name": PREFILL, "shapes": shapes((1, min(length, 512), length), (1, 1, 1), 1)},
-                {"name": DECODE, "shapes": shapes((1, 1, 1), (1, 1, 1), batch)}]
-    for n in plan.block_lengths:
-        profiles.append({"name": f"block{n}", "shapes": shapes((n, n, n), (n, n, n), batch)})
-    return profiles
+def profile_shapes(config: Any, spec: TensorRTBuildSpec, ranges: dict[str, Any]) -> dict[str, list[list[int]]]:
+    """(min, opt, max) shape of every dynamic input for one profile."""
+    n, b, m = ranges["tokens"], ranges["rows"], ranges["logits"]
+    cache = [spec.max_batch_size + 1, spec.max_seq_len, config.num_key_value_heads, config.head_dim]
+    out: dict[str, list[list[int]]] = {
+        TOKENS: [[n[k]] for k in range(3)],
+        POSITIONS: [[n[k]] for k in range(3)],
+        CU_SEQLENS: [[b[k] + 1] for k in range(3)],
+        LOGIT_INDEX: [[m[k]] for k in range(3)],
+    }
+    for name in (SLOTS, CACHE_LENS, MASK_KIND, MASK_PARAM):
+        out[name] = [[b[k]] for k in range(3)]
+    out[LORA] = out[TOKENS]
+    for layer in range(config.num_hidden_layers):
+        for name in (k_cache_name(layer), v_cache_name(layer)):
+            out[name] = [cache] * 3
+    return out
 
 
 class _BuildProgress(trt.IProgressMonitor):
@@ -148,17 +183,20 @@ class _BuildProgress(trt.IProgressMonitor):
                 bar.close()
 
 
-def build_tensorrt(staging: Path, checkpoint: Checkpoint, plan: BuildPlan, lora: LoraAdapter | None,
+def build_tensorrt(staging: Path, checkpoint: Checkpoint, spec: TensorRTBuildSpec, lora: LoraAdapter | None,
                    plugin_library: Path | None, show: bool | None
                    ) -> tuple[dict[str, FileEntry], dict[str, str], dict[str, Any], dict[str, str]]:
     """Export, parse and compile into `staging`; returns (files, artifacts, backend options, tool versions)."""
     library = find_plugin_library(plugin_library)
-    load_plugin_library(library)
+    try:
+        load_plugin_library(library)
+    except CheckpointError as exc:
+        raise TensorRTBuildError(str(exc)) from None
     scratch = staging / ".onnx-export"
     scratch.mkdir()
     with tqdm(desc="exporting ONNX for TensorRT", unit="B", unit_scale=True, leave=False,
               disable=None if show is None else not show) as bar:
-        export_onnx(scratch, checkpoint, plan.torch_dtype, lora, AttentionNode.for_tensorrt(), bar.update)
+        export_onnx(scratch, checkpoint, spec.dtype, lora, AttentionNode.for_tensorrt(), bar.update)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -166,19 +204,24 @@ def build_tensorrt(staging: Path, checkpoint: Checkpoint, plan: BuildPlan, lora:
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(scratch / MODEL_FILE)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise BuildError(f"TensorRT's ONNX parser rejected the export: {errors}")
+        raise TensorRTBuildError(f"TensorRT's ONNX parser rejected the export: {errors}")
+    graph_inputs = {network.get_input(i).name for i in range(network.num_inputs)}
     config = builder.create_builder_config()
-    profiles = profile_shapes(checkpoint.config, plan)
-    for spec in profiles:
+    profiles = []
+    for ranges in profile_ranges(spec):
+        shapes = {name: value for name, value in profile_shapes(checkpoint.config, spec, ranges).items()
+                  if name in graph_inputs}  # `lora` exists only in graphs with an adapter
         profile = builder.create_optimization_profile()
-        for name, (low, opt, high) in spec["shapes"].items():
+        for name, (low, opt, high) in shapes.items():
             profile.set_shape(name, low, opt, high)
         config.add_optimization_profile(profile)
+        profiles.append({**{k: list(v) for k, v in ranges.items() if k != "name"}, "name": ranges["name"],
+                         "shapes": shapes})
     monitor = _BuildProgress(show)
     config.progress_monitor = monitor
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise BuildError("TensorRT could not build the plan (its log above says why)")
+        raise TensorRTBuildError("TensorRT could not build the plan (its log above says why)")
     with HashingWriter(staging / PLAN_FILE) as out:
         out.write(memoryview(serialized))
         files = {PLAN_FILE: out.close()}
@@ -191,30 +234,46 @@ def build_tensorrt(staging: Path, checkpoint: Checkpoint, plan: BuildPlan, lora:
         files[plugin_name] = out.close()
     options = {"opset": OPSET, "attention_domain": TRT_DOMAIN,
                "plugin": {"name": PLUGIN_NAME, "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION},
-               "profiles": profiles}
+               "max_step_tokens": spec.max_step_tokens, "profiles": profiles}
     return files, {"plan": PLAN_FILE, "plugin_library": plugin_name}, options, {"tensorrt": trt.__version__}
 
 
 # -- run -----------------------------------------------------------------------------------------------------
-@dataclass
-class _StaticStep:
-    """Device buffers of one (profile, bucket) step and its captured graph (None for eager prefill)."""
+def choose_profile(profiles: list[dict[str, Any]], key: BucketKey) -> str:
+    """The first (smallest) profile whose ranges hold the bucket's tokens, rows (+1 padding) and logits."""
+    for spec in profiles:
+        if key.tokens <= spec["tokens"][2] and key.logits <= spec["logits"][2] and key.rows + 1 <= spec["rows"][2]:
+            return spec["name"]
+    raise CapacityError(f"a step of {key.tokens} tokens and {key.logits} logits is beyond every optimization "
+                        "profile of this TensorRT engine (rebuild it with larger limits)")
 
-    inputs: dict[str, torch.Tensor]
-    outputs: dict[str, torch.Tensor]
-    graph: torch.cuda.CUDAGraph | None = None
+
+class _Outputs:
+    """The plan's output buffers for one bucket."""
+
+    def __init__(self, engine: TensorRTEngine, key: BucketKey) -> None:
+        c, dev = engine.config, engine.device
+        kv_shape = (c.num_hidden_layers, key.tokens, c.num_key_value_heads, c.head_dim)
+        self.tensors = {LOGITS: torch.empty(key.logits, c.vocab_size, dtype=torch.float32, device=dev),
+                        NEW_K: torch.empty(kv_shape, dtype=engine.dtype, device=dev),
+                        NEW_V: torch.empty(kv_shape, dtype=engine.dtype, device=dev)}
 
 
 class TensorRTEngine(GraphStepEngine):
-    """StepEngine on a deserialized TensorRT plan, with CUDA graphs per (profile, batch bucket)."""
+    """StepEngine on a deserialized TensorRT plan, with CUDA graphs per (profile, bucket)."""
 
     backend = "tensorrt"
 
-    def __init__(self, root: Path, manifest: Manifest, use_lora: bool, max_batch_size: int, max_seq_len: int
-                 ) -> None:
+    def __init__(self, root: Path, manifest: Manifest, use_lora: bool, limits: EngineLimits,
+                 max_graph_tokens: int = MAX_GRAPH_TOKENS) -> None:
         tokenizer = root / manifest.artifacts["tokenizer"] if "tokenizer" in manifest.artifacts else None
-        super().__init__(manifest.config(root / "manifest.json"), resolve_dtype(manifest.dtype), max_batch_size,
-                         max_seq_len, manifest.lora is not None and use_lora, tokenizer, manifest.block_lengths)
+        options = manifest.backend_options
+        self.profiles: list[dict[str, Any]] = list(options["profiles"])
+        max_step = int(options.get("max_step_tokens", DEFAULT_MAX_STEP_TOKENS))
+        limits = EngineLimits(limits.max_batch_size, limits.max_seq_len, min(limits.max_step_tokens, max_step),
+                              tuple(manifest.block_lengths))
+        super().__init__(manifest.config(root / "manifest.json"), resolve_dtype(manifest.dtype), limits,
+                         manifest.lora is not None and use_lora, tokenizer)
         self.device = torch.device("cuda")
         self.graph_has_lora = manifest.lora is not None
         load_plugin_library(root / manifest.artifacts["plugin_library"])
@@ -225,19 +284,21 @@ class TensorRTEngine(GraphStepEngine):
         if self.engine is None:
             raise CheckpointError(plan_path, "TensorRT could not deserialize the plan (built by another TensorRT "
                                              "version or for another GPU?); rebuild the engine here")
-        self.profiles = {spec["name"]: index for index, spec in enumerate(manifest.backend_options["profiles"])}
+        self.profile_index = {spec["name"]: index for index, spec in enumerate(self.profiles)}
         self.stream = torch.cuda.Stream()
         self.activations = torch.empty(self.engine.device_memory_size_v2, dtype=torch.uint8, device=self.device)
         self.contexts: dict[str, trt.IExecutionContext] = {}
         c = self.config
-        self.cache = KVCache(c.num_hidden_layers, manifest.max_batch_size, manifest.max_seq_len,
+        self.scratch_slot = manifest.max_batch_size  # the plan's cache inputs have max_batch + 1 slots
+        self.cache = KVCache(c.num_hidden_layers, manifest.max_batch_size + 1, manifest.max_seq_len,
                              c.num_key_value_heads, c.head_dim, self.dtype, self.device)
-        self.buckets = batch_buckets(manifest.max_batch_size)
-        self.steps: dict[tuple[str, int], _StaticStep] = {}
+        self.bucketing = Bucketing(manifest.max_batch_size, limits.max_step_tokens, manifest.max_seq_len)
+        self.max_graph_tokens = max_graph_tokens
+        self.steps: dict[BucketKey, tuple[StaticStep, _Outputs]] = {}
 
     def new_cache(self, num_slots: int) -> KVCache:
         """The engine's one cache, emptied: the plan's inputs and the captured graphs point into it."""
-        self.check_batch(num_slots)
+        self.limits.check_batch(num_slots)
         self.cache.reset()
         return self.cache
 
@@ -245,96 +306,55 @@ class TensorRTEngine(GraphStepEngine):
         if profile not in self.contexts:
             context = self.engine.create_execution_context(trt.ExecutionContextAllocationStrategy.USER_MANAGED)
             context.set_device_memory(self.activations.data_ptr(), self.activations.numel())
-            context.set_optimization_profile_async(self.profiles[profile], self.stream.cuda_stream)
+            context.set_optimization_profile_async(self.profile_index[profile], self.stream.cuda_stream)
             self.contexts[profile] = context
         return self.contexts[profile]
 
-    def _profile_for(self, inputs: StepInputs) -> str:
-        length, rows = inputs.tokens.shape[1], inputs.logit_index.shape[1]
-        if length == 1:
-            return DECODE
-        if rows == length and length in self.block_lengths:
-            return f"block{length}"
-        if rows == 1:
-            return PREFILL
-        raise CapacityError(f"block length {length} was not built into this TensorRT engine (built: "
-                            f"{', '.join(map(str, self.block_lengths))}); rebuild with --block-length {length}")
-
-    def _bind(self, context: trt.IExecutionContext, step: _StaticStep, bucket: int) -> None:
-        for name, tensor in step.inputs.items():
+    def _bind(self, context: trt.IExecutionContext, static: StaticStep, outputs: _Outputs) -> None:
+        inputs = {TOKENS: static.tokens, POSITIONS: static.positions, CU_SEQLENS: static.cu_seqlens,
+                  SLOTS: static.slots, CACHE_LENS: static.cache_lens, MASK_KIND: static.mask_kind,
+                  MASK_PARAM: static.mask_param, LOGIT_INDEX: static.logit_index}
+        if self.graph_has_lora:
+            inputs[LORA] = static.lora
+        for name, tensor in inputs.items():
             context.set_input_shape(name, tuple(tensor.shape))
             context.set_tensor_address(name, tensor.data_ptr())
-        c = self.config
-        for layer in range(c.num_hidden_layers):
+        for layer in range(self.config.num_hidden_layers):
             for name, cache in ((k_cache_name(layer), self.cache.k), (v_cache_name(layer), self.cache.v)):
-                context.set_input_shape(name, (bucket, self.cache.max_len, c.num_key_value_heads, c.head_dim))
-                context.set_tensor_address(name, cache[layer].data_ptr())  # rows 0..bucket-1: contiguous
-        for name, tensor in step.outputs.items():
+                context.set_input_shape(name, tuple(cache.shape[1:]))
+                context.set_tensor_address(name, cache[layer].data_ptr())  # one layer: contiguous
+        for name, tensor in outputs.tensors.items():
             context.set_tensor_address(name, tensor.data_ptr())
 
-    def _allocate(self, bucket: int, length: int, rows: int) -> _StaticStep:
-        c, dev = self.config, self.device
-        inputs = {
-            INPUT_IDS: torch.zeros(bucket, length, dtype=torch.long, device=dev),
-            POSITIONS: torch.zeros(bucket, length, dtype=torch.long, device=dev),
-            CACHE_LENS: torch.zeros(bucket, dtype=torch.int32, device=dev),
-            CHUNK_LENS: torch.zeros(bucket, dtype=torch.int32, device=dev),
-            MASK_KIND: torch.zeros(1, dtype=torch.int32, device=dev),
-            LOGIT_INDEX: torch.zeros(bucket, rows, dtype=torch.long, device=dev),
-        }
-        if self.graph_has_lora:
-            inputs[USE_LORA] = torch.zeros(1, dtype=torch.int32, device=dev)
-        kv_shape = (c.num_hidden_layers, bucket, length, c.num_key_value_heads, c.head_dim)
-        outputs = {LOGITS: torch.empty(bucket, rows, c.vocab_size, dtype=torch.float32, device=dev),
-                   NEW_K: torch.empty(kv_shape, dtype=self.dtype, device=dev),
-                   NEW_V: torch.empty(kv_shape, dtype=self.dtype, device=dev)}
-        return _StaticStep(inputs, outputs)
-
-    def _fill(self, step: _StaticStep, inputs: StepInputs, bucket: int) -> None:
-        """Scatter the batch's rows to their slots' rows; other rows get chunk length 0."""
-        rows = torch.as_tensor(inputs.slots, dtype=torch.long, device=self.device)
-        length = inputs.tokens.shape[1]
-        buf = step.inputs
-        buf[INPUT_IDS].zero_()
-        buf[INPUT_IDS][rows] = inputs.tokens.to(self.device)
-        buf[CHUNK_LENS].zero_()
-        buf[CHUNK_LENS][rows] = inputs.chunk_lens.to(self.device)
-        buf[CACHE_LENS].copy_(self.cache.lens[:bucket])
-        buf[POSITIONS].copy_(buf[CACHE_LENS][:, None].long() + torch.arange(length, device=self.device))
-        buf[LOGIT_INDEX].zero_()
-        buf[LOGIT_INDEX][rows] = inputs.logit_index.to(self.device)
-        buf[MASK_KIND].fill_(inputs.mask_kind)
-        if USE_LORA in buf:
-            buf[USE_LORA].fill_(1 if inputs.lora else 0)
-
-    def _execute(self, cache: KVCache, inputs: StepInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _execute(self, cache: KVCache, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if cache is not self.cache:
             raise ValueError("TensorRT engine steps must use the cache returned by its new_cache()")
-        profile = self._profile_for(inputs)
-        bucket = next(b for b in self.buckets if b >= max(inputs.slots) + 1)
-        length, rows = inputs.tokens.shape[1], inputs.logit_index.shape[1]
+        if any(row.slot == self.scratch_slot for row in batch.rows):
+            raise ValueError(f"slot {self.scratch_slot} is the engine's scratch slot, not a sequence's")
+        key = self.bucketing.key(batch)
+        if key is None:
+            raise CapacityError(f"a step of {batch.num_tokens} tokens exceeds this TensorRT engine's "
+                                f"{self.limits.max_step_tokens}")
+        key = BucketKey(key.rows, key.tokens, key.logits, self.graph_has_lora, 0)  # the plan sizes itself
+        profile = choose_profile(self.profiles, key)
         context = self._context(profile)
         with torch.cuda.stream(self.stream):
-            if profile == PREFILL:
-                step = self._allocate(bucket, length, rows)
-                self._fill(step, inputs, bucket)
-                self._bind(context, step, bucket)
+            if key not in self.steps:
+                self.steps[key] = (StaticStep(key, self.scratch_slot, self.device), _Outputs(self, key))
+            static, outputs = self.steps[key]
+            static.fill(batch)
+            if key.tokens > self.max_graph_tokens:  # eager; a context serves every bucket of its profile
+                self._bind(context, static, outputs)
                 context.execute_async_v3(self.stream.cuda_stream)
             else:
-                step = self.steps.get((profile, bucket))
-                if step is None:
-                    step = self.steps[(profile, bucket)] = self._allocate(bucket, length, rows)
-                    self._bind(context, step, bucket)
-                    context.execute_async_v3(self.stream.cuda_stream)  # all rows length 0: reads/writes nothing
+                if static.graph is None:
+                    self._bind(context, static, outputs)
+                    context.execute_async_v3(self.stream.cuda_stream)  # warm-up (the plan writes nothing)
                     self.stream.synchronize()
-                    step.graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(step.graph, stream=self.stream):
+                    static.graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(static.graph, stream=self.stream):
                         context.execute_async_v3(self.stream.cuda_stream)
-                self._fill(step, inputs, bucket)
-                step.graph.replay()
-            index = torch.as_tensor(inputs.slots, dtype=torch.long, device=self.device)
-            logits = step.outputs[LOGITS][index].clone()
-            new_k = step.outputs[NEW_K][:, index].clone()
-            new_v = step.outputs[NEW_V][:, index].clone()
+                static.graph.replay()  # the capture's addresses and shapes, whatever was bound since
+            logits = outputs.tensors[LOGITS][: batch.logit_index.shape[0]].clone()
         torch.cuda.current_stream().wait_stream(self.stream)
-        return logits, new_k, new_v
+        return logits, outputs.tensors[NEW_K], outputs.tensors[NEW_V]
