@@ -21,8 +21,10 @@ using nvinfer1::PluginField;
 using nvinfer1::PluginFieldType;
 using nvinfer1::TensorFormat;
 
-constexpr int32_t kNbInputs = 8;
-enum Input { kQ = 0, kKNew, kVNew, kKCache, kVCache, kCacheLens, kChunkLens, kMaskKind };
+constexpr int32_t kNbInputs = 10;
+enum Input { kQ = 0, kKNew, kVNew, kKCache, kVCache, kCuSeqlens, kSlots, kCacheLens, kMaskKind, kMaskParam };
+constexpr const char* kInputList =
+    "q, k_new, v_new, k_cache, v_cache, cu_seqlens, slots, cache_lens, mask_kind, mask_param";
 
 // Workspace TensorRT is asked for at most: bigger shapes simply get fewer splits (the kernel fits the split
 // count to the workspace it is given), never a wrong result.
@@ -45,22 +47,34 @@ int32_t dtype_code(DataType type) {
     }
 }
 
+// The max_chunk the kernel is given for N packed tokens: the field, clamped to [1, N], or N without one.
+int64_t max_chunk_for(int64_t tokens, const BlockAttentionConfig& c) {
+    if (tokens <= 0) return 0;
+    return c.max_chunk > 0 && c.max_chunk < tokens ? c.max_chunk : tokens;
+}
+
+// The max_cache_len the kernel is given for a capacity of L: the field, or 0 (= L) when absent or above L.
+int32_t max_cache_len_for(int64_t capacity, const BlockAttentionConfig& c) {
+    return c.max_cache_len > 0 && c.max_cache_len < capacity ? c.max_cache_len : 0;
+}
+
 // Upper bound of the workspace the kernel can use for these sizes, device independent and monotonic in every
 // size, so the bound at the profile's max shape covers every shape the engine runs: the enqueue passes the
 // bound of the actual shape, which never exceeds what TensorRT allocated.
-size_t workspace_bound(int64_t batch, int64_t chunk, int64_t capacity, const BlockAttentionConfig& c) {
-    if (batch <= 0 || chunk <= 0 || capacity < 0) return 0;
-    const int64_t key_tiles = (capacity + chunk + kTileKeys - 1) / kTileKeys;
+size_t workspace_bound(int64_t tokens, int64_t capacity, const BlockAttentionConfig& c) {
+    if (tokens <= 0 || capacity < 0) return 0;
+    const int64_t cache = c.max_cache_len > 0 && c.max_cache_len < capacity ? c.max_cache_len : capacity;
+    const int64_t key_tiles = (cache + max_chunk_for(tokens, c) + kTileKeys - 1) / kTileKeys;
     const int64_t splits = std::min<int64_t>(TRIMODE_MAX_SPLITS, key_tiles);
     if (splits <= 1) return 0;
-    const double bytes = double(splits) * batch * chunk * c.num_heads * (c.head_dim + 1.0) * sizeof(float);
+    const double bytes = double(splits) * tokens * c.num_heads * (c.head_dim + 1.0) * sizeof(float);
     return bytes >= double(kWorkspaceCap) ? kWorkspaceCap : static_cast<size_t>(bytes);
 }
 
-// Heads and head_dim as the tensor spells them: [.., .., H, D] or [.., .., H * D].
-bool heads_match(const Dims& dims, int32_t heads, int32_t head_dim) {
-    if (dims.nbDims == 4) return dims.d[2] == heads && dims.d[3] == head_dim;
-    if (dims.nbDims == 3) return dims.d[2] == int64_t(heads) * head_dim;
+// Heads and head_dim as the tensor spells them after `lead` leading dims: [.., H, D] or [.., H * D].
+bool heads_match(const Dims& dims, int32_t lead, int32_t heads, int32_t head_dim) {
+    if (dims.nbDims == lead + 2) return dims.d[lead] == heads && dims.d[lead + 1] == head_dim;
+    if (dims.nbDims == lead + 1) return dims.d[lead] == int64_t(heads) * head_dim;
     return false;
 }
 
@@ -71,33 +85,24 @@ bool same_dims(const Dims& a, const Dims& b) {
     return true;
 }
 
-// Element count; -1 while a size is still unknown (-1 at build time).
-int64_t volume(const Dims& dims) {
-    int64_t n = 1;
-    for (int32_t i = 0; i < dims.nbDims; ++i) {
-        if (dims.d[i] < 0) return -1;
-        n *= dims.d[i];
-    }
-    return n;
-}
-
-bool mask_from_input(const BlockAttentionConfig& c) { return c.mask_kind == kMaskKindFromInput; }
-
 // The runtime shapes against the contract and the fields: nullptr when they agree, else what is wrong.
 const char* shape_error(const nvinfer1::PluginTensorDesc* in, const BlockAttentionConfig& c) {
     const Dims& q = in[kQ].dims;
     const Dims& k = in[kKNew].dims;
     const Dims& cache = in[kKCache].dims;
-    if (!heads_match(q, c.num_heads, c.head_dim) || !heads_match(k, c.num_kv_heads, c.head_dim) ||
-        !heads_match(cache, c.num_kv_heads, c.head_dim))
+    if (!heads_match(q, 1, c.num_heads, c.head_dim) || !heads_match(k, 1, c.num_kv_heads, c.head_dim) ||
+        !heads_match(cache, 2, c.num_kv_heads, c.head_dim))
         return "tensor head sizes do not match the num_heads/num_kv_heads/head_dim fields";
     if (!same_dims(k, in[kVNew].dims) || !same_dims(cache, in[kVCache].dims))
         return "v_new and v_cache must have the shapes of k_new and k_cache";
-    if (k.d[0] != q.d[0] || k.d[1] != q.d[1] || cache.d[0] != q.d[0])
-        return "k_new/v_new must be [B, T, ..] like q and the caches [B, L, ..] (one cache row per sequence)";
-    for (const int i : {kCacheLens, kChunkLens})
-        if (in[i].dims.nbDims != 1 || in[i].dims.d[0] != q.d[0]) return "cache_lens and chunk_lens must be [B]";
-    if (mask_from_input(c) && volume(in[kMaskKind].dims) != 1) return "the mask_kind input must hold one int32";
+    if (k.d[0] != q.d[0]) return "k_new/v_new must have q's token count N";
+    const Dims& slots = in[kSlots].dims;
+    if (slots.nbDims != 1) return "slots must be [B]";
+    for (const int i : {kCacheLens, kMaskKind, kMaskParam})
+        if (in[i].dims.nbDims != 1 || in[i].dims.d[0] != slots.d[0])
+            return "slots, cache_lens, mask_kind and mask_param must all be [B]";
+    if (in[kCuSeqlens].dims.nbDims != 1 || in[kCuSeqlens].dims.d[0] != slots.d[0] + 1)
+        return "cu_seqlens must be [B + 1]";
     return nullptr;
 }
 
@@ -128,11 +133,12 @@ bool read_float(const PluginField& f, float* value) {
 }
 
 std::vector<PluginField> serialized_fields(const BlockAttentionConfig& c) {
-    return {PluginField("mask_kind", &c.mask_kind, PluginFieldType::kINT32, 1),
-            PluginField("num_heads", &c.num_heads, PluginFieldType::kINT32, 1),
+    return {PluginField("num_heads", &c.num_heads, PluginFieldType::kINT32, 1),
             PluginField("num_kv_heads", &c.num_kv_heads, PluginFieldType::kINT32, 1),
             PluginField("head_dim", &c.head_dim, PluginFieldType::kINT32, 1),
-            PluginField("scale", &c.scale, PluginFieldType::kFLOAT32, 1)};
+            PluginField("scale", &c.scale, PluginFieldType::kFLOAT32, 1),
+            PluginField("max_chunk", &c.max_chunk, PluginFieldType::kINT32, 1),
+            PluginField("max_cache_len", &c.max_cache_len, PluginFieldType::kINT32, 1)};
 }
 
 }  // namespace
@@ -145,11 +151,12 @@ bool parse_config(const nvinfer1::PluginFieldCollection* fc, BlockAttentionConfi
         if (f.name == nullptr) continue;
         const std::string name = f.name;
         bool ok = true;
-        if (name == "mask_kind") ok = read_int(f, &c.mask_kind);
-        else if (name == "num_heads") ok = has_heads = read_int(f, &c.num_heads);
+        if (name == "num_heads") ok = has_heads = read_int(f, &c.num_heads);
         else if (name == "num_kv_heads") ok = has_kv_heads = read_int(f, &c.num_kv_heads);
         else if (name == "head_dim") ok = has_head_dim = read_int(f, &c.head_dim);
         else if (name == "scale") ok = read_float(f, &c.scale);
+        else if (name == "max_chunk") ok = read_int(f, &c.max_chunk);
+        else if (name == "max_cache_len") ok = read_int(f, &c.max_cache_len);
         if (!ok) {
             *error = "field " + name + " has an unsupported type or no data";
             return false;
@@ -159,18 +166,16 @@ bool parse_config(const nvinfer1::PluginFieldCollection* fc, BlockAttentionConfi
         *error = "fields num_heads, num_kv_heads and head_dim are required";
         return false;
     }
-    // -1 (or no field): the kind is read from input 7 at execution time; else it must be a valid fixed kind.
-    const int mask_status = mask_from_input(c) ? TRIMODE_OK : validate_mask_kind(c.mask_kind);
-    if (mask_status != TRIMODE_OK) {
-        *error = error_string(mask_status);
-        return false;
-    }
     if (c.num_heads <= 0 || c.num_kv_heads <= 0 || c.num_heads % c.num_kv_heads != 0) {
         *error = error_string(TRIMODE_ERR_GQA);
         return false;
     }
     if (c.head_dim != 64 && c.head_dim != 128) {
         *error = error_string(TRIMODE_ERR_HEAD_DIM);
+        return false;
+    }
+    if (c.max_chunk < 0 || c.max_cache_len < 0) {
+        *error = "max_chunk and max_cache_len must be >= 0 (0: no bound beyond N / L)";
         return false;
     }
     if (!(c.scale > 0.0f)) c.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
@@ -208,25 +213,24 @@ const char* BlockAttentionPlugin::getPluginNamespace() const noexcept { return k
 int32_t BlockAttentionPlugin::configurePlugin(const nvinfer1::DynamicPluginTensorDesc* in, int32_t nbInputs,
                                               const nvinfer1::DynamicPluginTensorDesc*, int32_t nbOutputs) noexcept {
     if (nbInputs != kNbInputs || nbOutputs != 1) {
-        log_error("expects 8 inputs (q, k_new, v_new, k_cache, v_cache, cache_lens, chunk_lens, mask_kind) and "
-                  "1 output");
+        log_error(std::string("expects 10 inputs (") + kInputList + ") and 1 output");
         return 1;
     }
     const Dims& q = in[kQ].desc.dims;
     const Dims& k = in[kKNew].desc.dims;
     const Dims& cache = in[kKCache].desc.dims;
-    // Static sizes only; -1 (runtime) sizes are checked again in enqueue.
-    const bool q_ok = q.nbDims == 3 || q.nbDims == 4;
-    const bool kv_ok = (k.nbDims == 3 || k.nbDims == 4) && cache.nbDims == k.nbDims;
+    // Ranks only; sizes (-1 at build time) are checked in onShapeChange and enqueue.
+    const bool q_ok = q.nbDims == 2 || q.nbDims == 3;
+    const bool kv_ok = (k.nbDims == 2 || k.nbDims == 3) && cache.nbDims == k.nbDims + 1;
     if (!q_ok || !kv_ok) {
-        log_error("q/k_new/v_new must be [B, T, H*D] or [B, T, H, D] and the caches [B, L, Hkv*D] or [B, L, Hkv, D]");
+        log_error("q/k_new/v_new must be [N, H, D] or [N, H*D] and the caches [S, L, Hkv, D] or [S, L, Hkv*D]");
         return 1;
     }
-    const int64_t mask_elements = volume(in[kMaskKind].desc.dims);
-    if (mask_from_input(config_) && mask_elements >= 0 && mask_elements != 1) {
-        log_error("the mask_kind input must hold exactly one int32 ([1])");
-        return 1;
-    }
+    for (int32_t i = kCuSeqlens; i <= kMaskParam; ++i)
+        if (in[i].desc.dims.nbDims != 1) {
+            log_error("cu_seqlens, slots, cache_lens, mask_kind and mask_param must be 1-D");
+            return 1;
+        }
     return 0;
 }
 
@@ -250,7 +254,7 @@ bool BlockAttentionPlugin::supportsFormatCombination(int32_t pos, const nvinfer1
     if (nbInputs != kNbInputs || nbOutputs != 1 || pos < 0 || pos >= kNbInputs + 1) return false;
     const nvinfer1::PluginTensorDesc& desc = inOut[pos].desc;
     if (desc.format != TensorFormat::kLINEAR) return false;
-    if (pos == kCacheLens || pos == kChunkLens || pos == kMaskKind) return desc.type == DataType::kINT32;
+    if (pos >= kCuSeqlens && pos <= kMaskParam) return desc.type == DataType::kINT32;
     if (pos == kQ) return dtype_code(desc.type) >= 0;
     return desc.type == inOut[kQ].desc.type;  // k/v tensors and the output follow q
 }
@@ -260,9 +264,7 @@ int32_t BlockAttentionPlugin::getNbOutputs() const noexcept { return 1; }
 size_t BlockAttentionPlugin::getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nbInputs,
                                               const nvinfer1::DynamicPluginTensorDesc*, int32_t) const noexcept {
     if (nbInputs != kNbInputs) return 0;
-    const Dims& q = inputs[kQ].max;
-    const Dims& cache = inputs[kKCache].max;
-    return workspace_bound(q.d[0], q.d[1], cache.d[1], config_);
+    return workspace_bound(inputs[kQ].max.d[0], inputs[kKCache].max.d[1], config_);
 }
 
 int32_t BlockAttentionPlugin::onShapeChange(const nvinfer1::PluginTensorDesc* in, int32_t nbInputs,
@@ -278,39 +280,46 @@ int32_t BlockAttentionPlugin::onShapeChange(const nvinfer1::PluginTensorDesc* in
 int32_t BlockAttentionPlugin::enqueue(const nvinfer1::PluginTensorDesc* inputDesc, const nvinfer1::PluginTensorDesc*,
                                       const void* const* inputs, void* const* outputs, void* workspace,
                                       cudaStream_t stream) noexcept {
-    const Dims& q = inputDesc[kQ].dims;
-    const Dims& cache = inputDesc[kKCache].dims;
     if (const char* error = shape_error(inputDesc, config_)) {
         log_error(error);
         return TRIMODE_ERR_INVALID_SHAPE;
     }
-    if (q.d[0] == 0 || q.d[1] == 0) return 0;  // empty batch or chunk: nothing to compute
+    const int64_t tokens = inputDesc[kQ].dims.d[0];
+    const int64_t rows = inputDesc[kSlots].dims.d[0];
+    const Dims& cache = inputDesc[kKCache].dims;
+    if (tokens == 0) return 0;  // nothing to compute
+    if (rows == 0) {
+        log_error("tokens but no rows (B = 0): the output would be undefined");
+        return TRIMODE_ERR_INVALID_SHAPE;
+    }
     TrimodeAttentionParams p{};
     p.abi_version = TRIMODE_ATTENTION_ABI_VERSION;
     p.dtype = dtype_code(inputDesc[kQ].type);
-    p.batch = static_cast<int32_t>(q.d[0]);
-    p.chunk = static_cast<int32_t>(q.d[1]);
+    p.num_rows = static_cast<int32_t>(rows);
+    p.num_tokens = static_cast<int32_t>(tokens);
     p.num_heads = config_.num_heads;
     p.num_kv_heads = config_.num_kv_heads;
     p.head_dim = config_.head_dim;
     p.cache_slots = static_cast<int32_t>(cache.d[0]);
     p.cache_capacity = static_cast<int32_t>(cache.d[1]);
-    // Input 7 is device memory: the kernel reads the kind itself, so nothing here waits for the device.
-    p.mask_kind = mask_from_input(config_) ? TRIMODE_MASK_CAUSAL : config_.mask_kind;
-    p.mask_kind_device = mask_from_input(config_) ? static_cast<const int32_t*>(inputs[kMaskKind]) : nullptr;
-    p.write_kv = 0;
+    p.max_chunk = static_cast<int32_t>(max_chunk_for(tokens, config_));
+    p.max_cache_len = max_cache_len_for(cache.d[1], config_);
     p.scale = config_.scale;
     p.q = inputs[kQ];
     p.k_new = inputs[kKNew];
     p.v_new = inputs[kVNew];
-    p.k_cache = const_cast<void*>(inputs[kKCache]);  // never written: write_kv = 0
+    p.k_cache = const_cast<void*>(inputs[kKCache]);  // never written: write = NULL
     p.v_cache = const_cast<void*>(inputs[kVCache]);
-    p.slots = nullptr;  // one cache per sequence
+    // Device memory, read by the kernel itself: nothing here waits for the device.
+    p.cu_seqlens = static_cast<const int32_t*>(inputs[kCuSeqlens]);
+    p.slots = static_cast<const int32_t*>(inputs[kSlots]);
     p.cache_lens = static_cast<const int32_t*>(inputs[kCacheLens]);
-    p.chunk_lens = static_cast<const int32_t*>(inputs[kChunkLens]);
+    p.mask_kind = static_cast<const int32_t*>(inputs[kMaskKind]);
+    p.mask_param = static_cast<const int32_t*>(inputs[kMaskParam]);
+    p.write = nullptr;
     p.out = outputs[0];
     p.workspace = workspace;
-    p.workspace_size = workspace ? workspace_bound(q.d[0], q.d[1], cache.d[1], config_) : 0;
+    p.workspace_size = workspace ? workspace_bound(tokens, cache.d[1], config_) : 0;
     const int status = trimode_block_attention(&p, stream);
     if (status != TRIMODE_OK) log_error(trimode_error_string(status));
     return status;
@@ -327,11 +336,12 @@ const nvinfer1::PluginFieldCollection* BlockAttentionPlugin::getFieldsToSerializ
 // ---- BlockAttentionCreator ------------------------------------------------------------------------------------
 
 BlockAttentionCreator::BlockAttentionCreator()
-    : fields_{PluginField("mask_kind", nullptr, PluginFieldType::kINT32, 1),
-              PluginField("num_heads", nullptr, PluginFieldType::kINT32, 1),
+    : fields_{PluginField("num_heads", nullptr, PluginFieldType::kINT32, 1),
               PluginField("num_kv_heads", nullptr, PluginFieldType::kINT32, 1),
               PluginField("head_dim", nullptr, PluginFieldType::kINT32, 1),
-              PluginField("scale", nullptr, PluginFieldType::kFLOAT32, 1)} {
+              PluginField("scale", nullptr, PluginFieldType::kFLOAT32, 1),
+              PluginField("max_chunk", nullptr, PluginFieldType::kINT32, 1),
+              PluginField("max_cache_len", nullptr, PluginFieldType::kINT32, 1)} {
     field_collection_.nbFields = static_cast<int32_t>(fields_.size());
     field_collection_.fields = fields_.data();
 }

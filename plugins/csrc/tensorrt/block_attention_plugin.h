@@ -1,24 +1,25 @@
-// TensorRT IPluginV3 wrapper of the block attention C API: plugin "BlockAttention", namespace "trimode",
-// version "1". It is the op behind the ONNX node `BlockAttention` of an exported trimode model.
+// TensorRT IPluginV3 wrapper of the block attention C API (ABI 3): plugin "BlockAttention", namespace
+// "trimode", version "1". It is the op behind the ONNX node `BlockAttention` of an exported trimode model.
 //
-// Inputs (all linear/contiguous), in the order of the ONNX node builder/onnx_export.py emits:
-//   0 q           [B, T, Hq * D] or [B, T, Hq, D]     fp32 / fp16 / bf16 (the export: [B, T, Hq, D])
-//   1 k_new       [B, T, Hkv * D] or [B, T, Hkv, D]   same dtype as q
+// Inputs (all linear/contiguous), in the node's order:
+//   0 q           [N, Hq, D] or [N, Hq * D]         fp32 / fp16 / bf16, packed tokens of every row
+//   1 k_new       [N, Hkv, D] or [N, Hkv * D]       same dtype as q
 //   2 v_new       like k_new
-//   3 k_cache     [B, L, Hkv * D] or [B, L, Hkv, D]   one cache per sequence: row b is sequence b's (no slots)
+//   3 k_cache     [S, L, Hkv, D] or [S, L, Hkv * D] one layer's cache (read only)
 //   4 v_cache     like k_cache
-//   5 cache_lens  [B] int32
-//   6 chunk_lens  [B] int32
-//   7 mask_kind   [1] int32 (one element, any rank)   0 causal, 1 bidirectional block
-// Output: out, same shape and dtype as q. TensorRT tensors are immutable inside a plan, so the plugin never
-// writes the cache (write_kv = 0); the network writes it with its own scatter/concat if it needs to.
-//
-// The mask kind is per execution: input 7 is handed to the kernel as mask_kind_device, which reads it on the
-// device (no host sync, so an engine with this plugin stays CUDA-graph capturable), and one plan serves
-// causal steps (prefill, decode, verify) and bidirectional ones (draft). A value other than 0 or 1 gives an
-// all-zero output (the kernel cannot report device data). Fields: num_heads, num_kv_heads, head_dim (int32,
-// required), scale (float32; default head_dim ** -0.5) - the attribute names of the ONNX node - and the
-// optional mask_kind (int32): absent or -1 reads input 7; 0 or 1 fixes the kind and input 7 is ignored.
+//   5 cu_seqlens  [B + 1] int32                     row b owns tokens cu_seqlens[b] .. cu_seqlens[b+1]-1
+//   6 slots       [B] int32
+//   7 cache_lens  [B] int32
+//   8 mask_kind   [B] int32                         0 causal, 1 bidirectional, 2 quad, 3 prefix_block
+//   9 mask_param  [B] int32                         quad: L; prefix_block: the tail m
+// Output: out, the shape and dtype of q. The exported graph is stateless: the plugin NEVER writes the cache
+// (write = NULL); the host writes the K/V the graph returns. Every per-row input is device memory read by the
+// kernel itself (no host sync, so an engine with this plugin stays CUDA-graph capturable) and one plan serves
+// every mix of rows; a row the contract does not define gives zeros (the kernel cannot report device data).
+// Fields, named as the node's attributes: num_heads, num_kv_heads, head_dim (int32, required), scale (float32;
+// default head_dim ** -0.5), max_chunk (int32, optional: a bound of every n_b; 0 or absent = N, the token
+// count, always a valid bound but a larger grid) and max_cache_len (int32, optional: a bound of every p_b;
+// 0 or absent = L). Unknown fields (plugin_namespace, plugin_version) are ignored.
 #ifndef TRIMODE_BLOCK_ATTENTION_PLUGIN_H
 #define TRIMODE_BLOCK_ATTENTION_PLUGIN_H
 
@@ -32,18 +33,16 @@ namespace trimode {
 namespace trt {
 
 constexpr char kPluginName[] = "BlockAttention";
-constexpr char kPluginVersion[] = "1";
+constexpr char kPluginVersion[] = "1";  // the ONNX export asks for "1"
 constexpr char kPluginNamespace[] = "trimode";
 
-// Value of the mask_kind field meaning "read the kind from input 7 at execution time".
-constexpr int32_t kMaskKindFromInput = -1;
-
 struct BlockAttentionConfig {
-    int32_t mask_kind = kMaskKindFromInput;  // or a fixed TrimodeMaskKind (0 / 1)
     int32_t num_heads = 0;
     int32_t num_kv_heads = 0;
     int32_t head_dim = 0;
     float scale = 0.0f;
+    int32_t max_chunk = 0;      // 0: N
+    int32_t max_cache_len = 0;  // 0: L
 };
 
 class BlockAttentionPlugin : public nvinfer1::IPluginV3,
