@@ -112,3 +112,11 @@ def end_think_token_id(tokenizer: Any) -> int | None:
         return None
     token_id = tokenizer.token_to_id(END_THINK)
     return int(token_id) if token_id is not None else None
+
+
+def chat_prompt_ids(template: ChatTemplate, tokenizer: Any, messages: list[dict],
+                    enable_thinking: bool | None = None) -> list[int]:
+    """The prompt tokens of a conversation: rendered with a generation prompt, then tokenized without adding
+    special tokens (the template writes them itself), as transformers' `apply_chat_template(tokenize=True)`."""
+    text = template.render(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
+    return list(tokenizer.encode(text, add_special_tokens=False).ids)

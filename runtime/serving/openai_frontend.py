@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..generate import GenerationConfig, RequestError, validate_request
-from .openai_chat_template import ChatTemplate, ChatTemplateError, end_think_token_id
+from .openai_chat_template import ChatTemplate, ChatTemplateError, chat_prompt_ids, end_think_token_id
 from .openai_metrics import ServerMetrics
 from .openai_text import TextAssembler
 
@@ -97,6 +97,11 @@ class TextSink:
 
     def cancelled(self) -> bool:
         return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        """finish() or fail() has been called."""
+        return self._done
 
     def tokens(self, ids: list[int]) -> None:
         try:
@@ -197,6 +202,7 @@ class Frontend:
         self.loop = _Loop(engine)
         self._started = False
         self._lock = threading.Lock()
+        self._live: set[TextSink] = set()  # submitted, not finished (for cancel_all at shutdown)
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
@@ -205,6 +211,14 @@ class Frontend:
             if not self._started:
                 self.loop.start()
                 self._started = True
+
+    def cancel_all(self) -> int:
+        """Cancel every request still running (each ends with finish_reason "cancelled"); how many there were."""
+        with self._lock:
+            live = [sink for sink in self._live if not sink.done]
+        for sink in live:
+            sink.cancel()
+        return len(live)
 
     def stop(self) -> None:
         with self._lock:
@@ -225,20 +239,16 @@ class Frontend:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
-    def render_chat(self, messages: list[dict], enable_thinking: bool | None = None,
-                    add_generation_prompt: bool = True) -> str:
-        self._need_tokenizer("chat")
+    def encode_chat(self, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
+        """A conversation's prompt tokens through the model's chat template (`trimode generate --chat` too)."""
+        tokenizer = self._need_tokenizer("chat")
         if self.template is None:
             raise RequestError("this model has no chat template (no chat_template in tokenizer_config.json); "
                                "use /v1/completions")
         try:
-            return self.template.render(messages, add_generation_prompt=add_generation_prompt,
-                                        enable_thinking=enable_thinking)
+            return chat_prompt_ids(self.template, tokenizer, messages, enable_thinking)
         except ChatTemplateError as exc:
             raise RequestError(f"chat template: {exc}") from None
-
-    def encode_chat(self, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
-        return self.encode(self.render_chat(messages, enable_thinking), add_special_tokens=False)
 
     # -- requests ---------------------------------------------------------------------------------------------
 
@@ -285,8 +295,16 @@ class Frontend:
 
     def submit(self, item: Prepared, on_event: EventCallback) -> TextSink:
         self.start()
-        sink = TextSink(TextAssembler(self.decode, item.stop), on_event, item.config.mode, len(item.prompt),
+        def forget(event: Event) -> None:
+            if event[0] != "text":
+                with self._lock:
+                    self._live.discard(sink)
+            on_event(event)
+
+        sink = TextSink(TextAssembler(self.decode, item.stop), forget, item.config.mode, len(item.prompt),
                         self.metrics)
+        with self._lock:
+            self._live.add(sink)
         if self.metrics is not None:
             self.metrics.submitted(item.config.mode, len(item.prompt))
         self.loop.submit(Job(item.prompt, item.config, sink))

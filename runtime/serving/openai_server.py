@@ -16,6 +16,7 @@ import json
 import logging
 import signal
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -322,12 +323,28 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def run_server(server: OpenAIServer, sock: socket.socket, log_level: str = "warning",
                on_ready: Any = None) -> None:
-    """Serve on `sock` until SIGTERM or Ctrl-C; returns normally after a graceful shutdown."""
+    """Serve on `sock` until SIGTERM or Ctrl-C; returns normally after a graceful shutdown.
+
+    On the signal uvicorn stops accepting connections and waits for the open ones; after
+    `shutdown_timeout_s` every request still running is cancelled (its stream ends with finish_reason
+    "cancelled" and `data: [DONE]`), and a few seconds later uvicorn drops whatever connection is left.
+    """
     import uvicorn
 
-    config = uvicorn.Config(server.app, log_level=log_level, timeout_graceful_shutdown=server.shutdown_timeout_s,
+    timer: list[threading.Timer] = []
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            if not timer:
+                LOG.warning("shutting down: in-flight requests have %.1fs to finish", server.shutdown_timeout_s)
+                timer.append(threading.Timer(server.shutdown_timeout_s, server.frontend.cancel_all))
+                timer[0].daemon = True
+                timer[0].start()
+
+    config = uvicorn.Config(server.app, log_level=log_level, timeout_graceful_shutdown=server.shutdown_timeout_s + 3,
                             access_log=False, lifespan="on", timeout_keep_alive=5)
-    userver = uvicorn.Server(config)
+    userver = Server(config)
     # uvicorn re-raises the signal it caught once it has shut down; these handlers take it, so we return
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}
 
@@ -343,5 +360,7 @@ def run_server(server: OpenAIServer, sock: socket.socket, log_level: str = "warn
     try:
         asyncio.run(main())
     finally:
+        for handler_timer in timer:
+            handler_timer.cancel()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
