@@ -21,7 +21,7 @@ from .modes.quad import QuadMode
 from .modes.sampling import make_generator
 from .modes.sequence import CancelCheck, Sequence, SequenceResult, TokenCallback
 from .modes.spec import SpecMode
-from .scheduler.scheduler import Scheduler
+from .scheduler.scheduler import Scheduler, shared_scheduler
 
 MODES = ("ar", "diffusion", "spec", "quad", "infill")
 AUTO = "auto"  # block_length for spec and quad: chosen by the scheduler from measured costs and acceptance
@@ -184,7 +184,7 @@ def generate(engine: StepEngine, prompts: list[list[int]], config: GenerationCon
     if not prompts:
         raise RequestError("no prompt given")
     engine.limits.check_batch(len(prompts))
-    scheduler = scheduler or Scheduler(engine, num_slots=len(prompts))
+    scheduler = scheduler or shared_scheduler(engine, len(prompts))
     sequences = [scheduler.submit(p, cfg, on_tokens, is_cancelled, index=i)
                  for i, (p, cfg) in enumerate(zip(prompts, configs, strict=True))]
     while not all(s.done for s in sequences):

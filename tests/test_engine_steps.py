@@ -7,6 +7,8 @@ import torch
 
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
 
+from . import step_helpers as steps
+
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
@@ -32,9 +34,9 @@ def test_cached_decoding_equals_recomputing(engine):
     tokens = rand_tokens(40, 0)
     expected = full_causal(engine, tokens)
     cache = engine.new_cache(1)
-    got = [engine.prefill(cache, [0], [tokens[:10]])[0]]
+    got = [steps.prefill(engine, cache, [0], [tokens[:10]])[0]]
     for t in tokens[10:]:
-        got.append(engine.decode(cache, [0], [t])[0])
+        got.append(steps.decode(engine, cache, [0], [t])[0])
     got = torch.stack(got)
     assert rel(got, expected[9:]) < 1e-4
     assert cache.length(0) == 40
@@ -44,8 +46,8 @@ def test_verify_equals_prefill_then_decode(engine):
     prefix, block = rand_tokens(20, 1), rand_tokens(8, 2)
     expected = full_causal(engine, prefix + block)[20:]
     cache = engine.new_cache(1)
-    engine.prefill(cache, [0], [prefix])
-    got = engine.verify(cache, [0], torch.tensor([block]))[0]
+    steps.prefill(engine, cache, [0], [prefix])
+    got = steps.verify(engine, cache, [0], torch.tensor([block]))[0]
     assert rel(got, expected) < 1e-4
     assert cache.length(0) == 28
 
@@ -61,25 +63,25 @@ def test_draft_equals_full_bidirectional_block_pass(engine, lora):
                                                allowed[None], lora=torch.arange(n)[None] >= p if lora
                                                else False)[0, p:]
     cache = engine.new_cache(1)
-    engine.prefill(cache, [0], [prefix])
-    got = engine.draft(cache, [0], torch.tensor([block]), lora=lora)[0]
+    steps.prefill(engine, cache, [0], [prefix])
+    got = steps.draft(engine, cache, [0], torch.tensor([block]), lora=lora)[0]
     assert rel(got, expected) < 1e-4
 
 
 def test_lora_changes_draft_logits(engine):
     cache = engine.new_cache(1)
-    engine.prefill(cache, [0], [rand_tokens(10, 5)])
+    steps.prefill(engine, cache, [0], [rand_tokens(10, 5)])
     block = torch.tensor([rand_tokens(8, 6)])
-    assert rel(engine.draft(cache, [0], block, lora=True), engine.draft(cache, [0], block)) > 1e-3
+    assert rel(steps.draft(engine, cache, [0], block, lora=True), steps.draft(engine, cache, [0], block)) > 1e-3
 
 
 def test_draft_leaves_cache_bit_for_bit_unchanged(engine):
     cache = engine.new_cache(2)
-    engine.prefill(cache, [0, 1], [rand_tokens(12, 7), rand_tokens(5, 8)])
-    before_k, before_v, before_lens = cache.k.clone(), cache.v.clone(), cache.lens.clone()
-    engine.draft(cache, [0, 1], torch.tensor([rand_tokens(8, 9), rand_tokens(8, 10)]), lora=True)
+    steps.prefill(engine, cache, [0, 1], [rand_tokens(12, 7), rand_tokens(5, 8)])
+    before_k, before_v, before_lens = cache.k.clone(), cache.v.clone(), list(cache.lengths)
+    steps.draft(engine, cache, [0, 1], torch.tensor([rand_tokens(8, 9), rand_tokens(8, 10)]), lora=True)
     assert torch.equal(cache.k, before_k) and torch.equal(cache.v, before_v)
-    assert torch.equal(cache.lens, before_lens)
+    assert cache.lengths == before_lens
 
 
 def test_batch_at_different_lengths_equals_alone(engine):
@@ -88,17 +90,17 @@ def test_batch_at_different_lengths_equals_alone(engine):
     alone = []
     for i, prompt in enumerate(prompts):
         cache = engine.new_cache(1)
-        first = engine.prefill(cache, [0], [prompt])[0]
-        dec = engine.decode(cache, [0], [5])[0]
-        drf = engine.draft(cache, [0], blocks[i : i + 1], lora=True)[0]
-        ver = engine.verify(cache, [0], blocks[i : i + 1])[0]
+        first = steps.prefill(engine, cache, [0], [prompt])[0]
+        dec = steps.decode(engine, cache, [0], [5])[0]
+        drf = steps.draft(engine, cache, [0], blocks[i : i + 1], lora=True)[0]
+        ver = steps.verify(engine, cache, [0], blocks[i : i + 1])[0]
         alone.append((first, dec, drf, ver))
     cache = engine.new_cache(3)
     slots = [2, 0, 1]  # slots need not follow batch order
-    first = engine.prefill(cache, slots, prompts)
-    dec = engine.decode(cache, slots, [5, 5, 5])
-    drf = engine.draft(cache, slots, blocks, lora=True)
-    ver = engine.verify(cache, slots, blocks)
+    first = steps.prefill(engine, cache, slots, prompts)
+    dec = steps.decode(engine, cache, slots, [5, 5, 5])
+    drf = steps.draft(engine, cache, slots, blocks, lora=True)
+    ver = steps.verify(engine, cache, slots, blocks)
     for i in range(3):
         for got, want in zip((first[i], dec[i], drf[i], ver[i]), alone[i], strict=True):
             assert rel(got, want) < 1e-5
@@ -107,14 +109,14 @@ def test_batch_at_different_lengths_equals_alone(engine):
 def test_rollback_then_rewrite_matches_fresh(engine):
     prefix, block, other = rand_tokens(10, 11), rand_tokens(8, 12), rand_tokens(8, 13)
     cache = engine.new_cache(1)
-    engine.prefill(cache, [0], [prefix])
-    engine.verify(cache, [0], torch.tensor([block]))
-    cache.rollback([0], [13])  # keep 3 of the block
-    got = engine.verify(cache, [0], torch.tensor([other]))[0]
+    steps.prefill(engine, cache, [0], [prefix])
+    steps.verify(engine, cache, [0], torch.tensor([block]))
+    cache.rollback(0, 13)  # keep 3 of the block
+    got = steps.verify(engine, cache, [0], torch.tensor([other]))[0]
     expected = full_causal(engine, prefix + block[:3] + other)[13:]
     assert rel(got, expected) < 1e-4
     with pytest.raises(ValueError):
-        cache.rollback([0], [100])
+        cache.rollback(0, 100)
 
 
 def test_bf16_engine_runs_and_tracks_fp32(tiny_checkpoint_bf16):
@@ -123,18 +125,18 @@ def test_bf16_engine_runs_and_tracks_fp32(tiny_checkpoint_bf16):
     assert e16.model.dtype == torch.bfloat16
     tokens = rand_tokens(30, 14)
     c32, c16 = e32.new_cache(1), e16.new_cache(1)
-    a = e32.verify(c32, [0], torch.tensor([tokens]))
-    b = e16.verify(c16, [0], torch.tensor([tokens]))
+    a = steps.verify(e32, c32, [0], torch.tensor([tokens]))
+    b = steps.verify(e16, c16, [0], torch.tensor([tokens]))
     assert b.dtype == torch.float32 and torch.isfinite(b).all()
     assert rel(b, a) < 0.05  # bf16 rounding, not a different computation
 
 
 def test_capacity_errors(tiny_checkpoint):
-    from trimode.runtime.backends.torch_engine import CapacityError
+    from trimode.runtime.backends.limits import CapacityError
 
     engine = engine_from_checkpoint(tiny_checkpoint, max_batch_size=2, max_seq_len=16)
     with pytest.raises(CapacityError, match="maximum batch size"):
         engine.new_cache(3)
     cache = engine.new_cache(1)
     with pytest.raises(CapacityError, match="maximum sequence length 16"):
-        engine.prefill(cache, [0], [rand_tokens(17, 15)])
+        steps.prefill(engine, cache, [0], [rand_tokens(17, 15)])

@@ -11,10 +11,12 @@ from pathlib import Path
 import click
 import torch
 
-from .cli_generate import default_model
+from .cli_generate import apply_threads, default_model, device_options, parse_block_length
+from .runtime.backends.devices import resolve_device
 from .runtime.backends.engine_loader import open_engine
+from .runtime.backends.limits import EngineLimits
 from .runtime.bench.runner import bench_modes, run_once
-from .runtime.generate import MODES, GenerationConfig, RequestError, validate_request
+from .runtime.generate import AUTO, MODES, GenerationConfig, RequestError, validate_request
 
 
 def make_prompts(engine, count: int, length: int, seed: int, prompt_file: Path | None) -> list[list[int]]:
@@ -45,7 +47,7 @@ def peer_report(model_path: Path, engine, prompts: list[list[int]], configs: dic
     report: dict = {}
     new_tokens = configs["ar"].max_new_tokens
     if (model_path / "config.json").is_file():
-        hf = HFGenerate(model_path)
+        hf = HFGenerate(model_path, engine.dtype)
         hf(prompts[0], new_tokens)  # warm-up
         times, same = [], True
         for _ in range(runs):
@@ -59,7 +61,7 @@ def peer_report(model_path: Path, engine, prompts: list[list[int]], configs: dic
     if not hasattr(engine, "model"):  # graph backends (onnx, tensorrt) hold no torch model to share
         report["reference_loops"] = "skipped: the reference-style loops need a torch engine or a checkpoint"
         return report
-    dynamic = DynamicCacheEngine(engine.model, 1, engine.max_seq_len, engine.tokenizer_path)
+    dynamic = DynamicCacheEngine(engine.model, EngineLimits(1, engine.limits.max_seq_len), engine.tokenizer_path)
     for name, config in configs.items():
         ours_t, theirs_t = [], []
         for _ in range(runs):
@@ -92,26 +94,31 @@ def print_table(report: dict) -> None:
 @click.command("bench")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="Engine or checkpoint directory (default: the shipped demo model).")
-@click.option("--modes", default="ar,diffusion,spec", show_default=True, help="Comma-separated modes to compare.")
+@click.option("--modes", default="ar,diffusion,spec,quad", show_default=True,
+              help="Comma-separated modes to compare.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Prompts per batch.")
 @click.option("--prompt-length", type=click.IntRange(min=1), default=32, show_default=True,
               help="Length of random prompts.")
 @click.option("--prompts-file", type=click.Path(exists=True, path_type=Path), default=None,
               help="JSON list of prompt strings (or {prompt: ...}) instead of random ids.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--block-length", type=click.IntRange(min=2), default=None, help="Default: the model's block_size.")
+@click.option("--block-length", "block_lengths", default=None,
+              help="Block length(s), comma-separated, 'auto' allowed for spec/quad, e.g. 2,4,8,auto "
+                   "(default: the model's block_size). Each block mode runs once per length.")
 @click.option("--threshold", type=float, default=None, help="Diffusion commit threshold.")
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Measured runs (median).")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
-@click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Serving dtype of a checkpoint (auto: its torch_dtype); an engine keeps its own.")
 @click.option("--peers", is_flag=True, help="Also measure transformers' generate and the reference-style loops.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report.")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Also write the JSON report here.")
+@device_options
 def bench_command(model_path: Path | None, modes: str, batch_size: int, prompt_length: int,
-                  prompts_file: Path | None, max_new_tokens: int, block_length: int | None,
+                  prompts_file: Path | None, max_new_tokens: int, block_lengths: str | None,
                   threshold: float | None, runs: int, warmup: int, dtype: str, peers: bool, seed: int,
-                  as_json: bool, output: Path | None) -> None:
+                  as_json: bool, output: Path | None, device: str, threads: int) -> None:
     """Measure forwards, tokens/forward, tokens/s, time to first token and step latency per mode."""
     model_path = model_path or default_model()
     if model_path is None:
@@ -120,11 +127,20 @@ def bench_command(model_path: Path | None, modes: str, batch_size: int, prompt_l
     unknown = [m for m in names if m not in MODES]
     if unknown:
         raise click.UsageError(f"unknown mode(s) {', '.join(unknown)} (choose from {', '.join(MODES)})")
-    engine = open_engine(model_path, dtype=dtype)
-    length = block_length or engine.config.block_size
+    apply_threads(threads)
+    engine = open_engine(model_path, dtype=dtype, device=resolve_device(device))
+    lengths = [parse_block_length(v.strip()) for v in (block_lengths or "").split(",") if v.strip()] or \
+        [engine.config.block_size]
+    length = next((v for v in lengths if v != AUTO), engine.config.block_size)
     new_tokens = -(-max_new_tokens // length) * length  # diffusion needs whole blocks; same budget for all
-    configs = {m: GenerationConfig(mode=m, max_new_tokens=new_tokens, block_length=length,
-                                   threshold=threshold if m == "diffusion" else None) for m in names}
+    configs: dict[str, GenerationConfig] = {}
+    for m in names:
+        for value in lengths if m != "ar" else [length]:
+            if value == AUTO and m not in ("spec", "quad") or m == "diffusion" and new_tokens % value:
+                continue
+            name = m if len(lengths) == 1 or m == "ar" else f"{m}@{value}"
+            configs[name] = GenerationConfig(mode=m, max_new_tokens=new_tokens, block_length=value,
+                                             threshold=threshold if m == "diffusion" else None)
     prompts = make_prompts(engine, batch_size, prompt_length, seed, prompts_file)
     for config in configs.values():
         try:
@@ -134,8 +150,9 @@ def bench_command(model_path: Path | None, modes: str, batch_size: int, prompt_l
     report = {
         "model": str(model_path), "date": date.today().isoformat(), "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-        "device": str(getattr(engine, "device", "cpu")), "dtype": dtype, "batch_size": batch_size,
-        "prompt_lengths": [len(p) for p in prompts], "max_new_tokens": new_tokens, "block_length": length,
+        "device": str(getattr(engine, "device", "cpu")), "dtype": str(getattr(engine, "dtype", dtype)),
+        "batch_size": batch_size, "prompt_lengths": [len(p) for p in prompts], "max_new_tokens": new_tokens,
+        "block_lengths": lengths,
         "runs": runs, "warmup": warmup,
         "modes": bench_modes(engine, prompts, configs, runs=runs, warmup=warmup),
     }

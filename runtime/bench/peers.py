@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from ...builder.checkpoint import load_checkpoint
-from ...plugins.reference import block_attention_reference
+from ...plugins.reference import block_attention_reference, written_offsets
+from ..backends.step import StepBatch
 from ..backends.torch_engine import TorchEngine
 
 
@@ -60,22 +61,21 @@ class HFGenerate:
 
 
 class DynamicCache:
-    """Per-layer K/V [len, Hkv, D] grown by torch.cat; `lens` mirrors KVCache's interface for one slot."""
+    """Per-layer K/V [len, Hkv, D] grown by torch.cat; `lengths` mirrors KVCache's interface for one slot."""
 
     def __init__(self, num_layers: int) -> None:
         self.k: list[torch.Tensor | None] = [None] * num_layers
         self.v: list[torch.Tensor | None] = [None] * num_layers
-        self.lens = torch.zeros(1, dtype=torch.int32)
+        self.lengths = [0]
         self.max_len = 1 << 30
 
-    def length(self, slot: int) -> int:
-        return int(self.lens[0])
+    def reset(self, slots=None) -> None:
+        self.__init__(len(self.k))
 
-    def rollback(self, slots: list[int], lengths: list[int]) -> None:
-        new = int(lengths[0])
-        self.k = [None if t is None else t[:new] for t in self.k]
-        self.v = [None if t is None else t[:new] for t in self.v]
-        self.lens[0] = new
+    def rollback(self, slot: int, length: int) -> None:
+        self.k = [None if t is None else t[:length] for t in self.k]
+        self.v = [None if t is None else t[:length] for t in self.v]
+        self.lengths[0] = length
 
 
 class DynamicCacheEngine(TorchEngine):
@@ -89,28 +89,27 @@ class DynamicCacheEngine(TorchEngine):
         return DynamicCache(self.config.num_hidden_layers)
 
     @torch.inference_mode()
-    def _run(self, cache, slots, tokens, chunk_lens, mask_kind, write_kv, lora, last_only):  # type: ignore[override]
+    def step(self, cache: DynamicCache, batch: StepBatch) -> torch.Tensor:  # type: ignore[override]
         model, c = self.model, self.config
-        past = int(cache.lens[0])
-        length = int(chunk_lens[0])
-        tokens = tokens[:, :length]
-        positions = past + torch.arange(length)[None]
-        h = torch.nn.functional.embedding(tokens, model.w["embed"])
+        (row,) = batch.rows
+        past, length = cache.lengths[0], len(row.tokens)
+        i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
+        h = torch.nn.functional.embedding(batch.tokens[None], model.w["embed"])
+        lora = bool(row.lora)
         for i in range(c.num_hidden_layers):
-            q, k, v = model._qkv(i, h, positions)
+            q, k, v = model._qkv(i, h, batch.positions[None])
             if cache.k[i] is None:
                 cache.k[i] = k.new_zeros(0, *k.shape[2:])
                 cache.v[i] = v.new_zeros(0, *v.shape[2:])
             attn = block_attention_reference(
-                q, k, v, cache.k[i][None], cache.v[i][None], torch.zeros(1, dtype=torch.long),
-                torch.tensor([past]), torch.tensor([length]), mask_kind, False, model.scale)
-            if write_kv:
-                cache.k[i] = torch.cat([cache.k[i], k[0]])
-                cache.v[i] = torch.cat([cache.v[i], v[0]])
-            h = model._attn_out(i, h, attn, lora)
+                q[0], k[0], v[0], cache.k[i][None], cache.v[i][None], i32(0, length), i32(0), i32(past),
+                i32(row.mask_kind), i32(row.mask_param), i32(0), model.scale)
+            if row.write:
+                index = torch.tensor(written_offsets(row.mask_kind, row.mask_param, length))
+                cache.k[i] = torch.cat([cache.k[i], k[0][index]])
+                cache.v[i] = torch.cat([cache.v[i], v[0][index]])
+            h = model._attn_out(i, h, attn[None], lora)
             h = model._mlp(i, h)
-        if write_kv:
-            cache.lens[0] = past + length
-        logits = model._logits(h[:, -1:] if last_only else h)
-        return logits[:, 0] if last_only else logits
-
+        if row.write:
+            cache.lengths[0] = past + row.written
+        return model._logits(h[0, batch.logit_index])

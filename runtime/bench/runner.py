@@ -3,7 +3,8 @@
 Machines here are shared and noisy, so absolute numbers wander; ratios between modes measured in the same
 process, interleaved run by run, are what the reports compare. Each mode gets warm-up runs, then several
 measured runs; medians are reported. Step latencies come from timing every engine call (prefill, decode,
-draft, verify) through a thin proxy, so they cover exactly what a forward costs, loop overhead excluded.
+draft, verify, quad, mixed: `step_kind`) through a thin proxy, so they cover exactly what a forward costs,
+scheduling overhead excluded.
 """
 
 from __future__ import annotations
@@ -16,33 +17,47 @@ from typing import Any
 
 import torch
 
-from ..backends.torch_engine import StepEngine
+from ...plugins.reference import BIDIRECTIONAL, PREFIX_BLOCK, QUAD
+from ..backends.step import ChunkRow, StepBatch, StepEngine
 from ..generate import GenerationConfig, generate
+
+
+def row_kind(row: ChunkRow, cache_len: int) -> str:
+    """What a row is doing, in the old step-kind names (for latency reports)."""
+    if row.mask_kind == QUAD:
+        return "quad"
+    if row.mask_kind == PREFIX_BLOCK:
+        return "prefill"
+    if row.mask_kind == BIDIRECTIONAL:
+        return "draft"
+    if not row.logit_offsets or len(row.logit_offsets) == 1 and len(row.tokens) > 1 and cache_len == 0:
+        return "prefill"
+    return "decode" if len(row.tokens) == 1 else "verify"
+
+
+def step_kind(batch: StepBatch) -> str:
+    """The kind shared by every row of a step, or "mixed"."""
+    kinds = {row_kind(r, p) for r, p in zip(batch.rows, batch.cache_lens, strict=True)}
+    return kinds.pop() if len(kinds) == 1 else "mixed"
 
 
 class TimedEngine:
     """Forwards every step to `engine` and records its wall time per step kind."""
-
-    STEPS = ("prefill", "decode", "draft", "verify")
 
     def __init__(self, engine: StepEngine) -> None:
         self._engine = engine
         self.times: dict[str, list[float]] = defaultdict(list)
 
     def __getattr__(self, name: str) -> Any:
-        target = getattr(self._engine, name)
-        if name not in self.STEPS:
-            return target
+        return getattr(self._engine, name)
 
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            out = target(*args, **kwargs)
-            if isinstance(out, torch.Tensor) and out.is_cuda:
-                torch.cuda.synchronize(out.device)
-            self.times[name].append(time.perf_counter() - start)
-            return out
-
-        return timed
+    def step(self, cache, batch: StepBatch) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self._engine.step(cache, batch)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)
+        self.times[step_kind(batch)].append(time.perf_counter() - start)
+        return out
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -82,7 +97,8 @@ class ModeRuns:
 
 def run_once(engine: StepEngine, prompts: list[list[int]], config: GenerationConfig) -> dict[str, Any]:
     """One generate() call with its timings: elapsed, time to first token, step times, outputs."""
-    timed = TimedEngine(engine)
+    timed = engine if isinstance(engine, TimedEngine) else TimedEngine(engine)
+    timed.times.clear()
     first: list[float] = []
     start = time.perf_counter()
 
@@ -101,6 +117,7 @@ def bench_modes(engine: StepEngine, prompts: list[list[int]], configs: dict[str,
                 runs: int = 3, warmup: int = 1) -> dict[str, Any]:
     """Median metrics per named config; runs are interleaved across configs so drift hits all alike."""
     measured = {name: ModeRuns() for name in configs}
+    engine = TimedEngine(engine)  # one proxy: its scheduler (and KV cache) is made once and reused
     for iteration in range(warmup + runs):
         for name, config in configs.items():
             once = run_once(engine, prompts, config)
@@ -120,6 +137,6 @@ def bench_modes(engine: StepEngine, prompts: list[list[int]], configs: dict[str,
         for name in report:
             report[name]["speedup_vs_ar"] = round(report[name]["tokens_per_s"] / base, 3) if base else None
         for name, rec in measured.items():
-            if configs[name].mode == "spec" and configs[name].temperature == 0:
+            if configs[name].mode in ("spec", "quad") and configs[name].temperature == 0:
                 report[name]["matches_ar"] = rec.outputs == measured["ar"].outputs
     return report

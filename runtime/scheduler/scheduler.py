@@ -16,6 +16,7 @@ submission. Each `step()`:
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class StepRecord:
 
 
 class Scheduler:
+    """See the module docstring. Not thread-safe: one thread steps it (runtime/scheduler/loop.py)."""
+
     def __init__(self, engine: StepEngine, num_slots: int | None = None, max_step_tokens: int | None = None,
                  on_step: Callable[[StepRecord], None] | None = None) -> None:
         self.engine = engine
@@ -156,3 +159,19 @@ class Scheduler:
             callback = self._on_finish.pop(id(seq), None)
             if callback is not None:
                 callback(seq)
+
+
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def shared_scheduler(engine: StepEngine, num_slots: int) -> Scheduler:
+    """The engine's idle scheduler with at least `num_slots` slots, made once and reused by later calls, so
+    repeated `generate()` calls on one engine never allocate a KV cache again."""
+    current = _SHARED.get(engine)
+    if current is None or current.num_slots < num_slots or current.has_work:
+        current = Scheduler(engine, num_slots=num_slots)
+        try:
+            _SHARED[engine] = current
+        except TypeError:  # an engine that cannot be weakly referenced: no sharing
+            pass
+    return current
