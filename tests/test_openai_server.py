@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import build_checkpoint
+from .test_chat_template import END_THINK, thinking_checkpoint
 
 openai = pytest.importorskip("openai", reason="the openai package is not installed (pip install -e '.[test]')")
 httpx = pytest.importorskip("httpx")
@@ -32,33 +32,8 @@ pytest.importorskip("fastapi", reason="the serve extra is not installed (pip ins
 HOST = "127.0.0.1"
 BLOCK = 8
 STARTUP_S = 120.0
-TEMPLATE = (
-    "{%- for m in messages -%}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' -}}"
-    "{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}"
-    "{%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think></think>' -}}"
-    "{%- else -%}{{- '<think>' -}}{%- endif -%}{%- endif -%}")
 PROMPTS = ["hello", "The quick brown fox", "def f(x):"]
 MODES = ["ar", "diffusion", "spec", "quad", "infill"]
-
-
-def thinking_checkpoint(root: Path) -> Path:
-    """A tiny checkpoint whose tokenizer has <think> and </think> (its last two ids) and a chat template."""
-    path = build_checkpoint(root, vocab_size=260)
-    data = json.loads((path / "tokenizer.json").read_text())
-    vocab = data["model"]["vocab"]
-    by_id = {i: token for token, i in vocab.items()}
-    for token_id, text in ((258, "<think>"), (259, "</think>")):
-        del vocab[by_id[token_id]]
-        vocab[text] = token_id
-        data["added_tokens"].append({"id": token_id, "content": text, "single_word": False, "lstrip": False,
-                                     "rstrip": False, "normalized": False, "special": False})
-    (path / "tokenizer.json").write_text(json.dumps(data))
-    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
-                                                            "chat_template": TEMPLATE}))
-    return path
-
-
-END_THINK = 259
 
 
 def free_port() -> int:

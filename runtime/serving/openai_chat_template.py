@@ -94,16 +94,14 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
         """The prompt text for these messages (like `apply_chat_template(..., tokenize=False)`)."""
-        import jinja2
-
         variables = {**self.special_tokens, **{k: v for k, v in kwargs.items() if v is not None}}
         try:
             return _compile(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                 tools=None, documents=None, **variables)
         except ChatTemplateError:
             raise
-        except jinja2.TemplateError as exc:
-            raise ChatTemplateError(f"the chat template failed: {exc}") from None
+        except Exception as exc:  # a template error, or a Python error inside the template (bad message types)
+            raise ChatTemplateError(f"the chat template failed: {type(exc).__name__}: {exc}") from None
 
 
 def end_think_token_id(tokenizer: Any) -> int | None:
