@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 
 install:
 	$(PYTHON) -m pip install --quiet "$(TORCH)"
-	$(PYTHON) -m pip install --quiet -e ".[test,onnx,triton]"
+	$(PYTHON) -m pip install --quiet -e ".[test,onnx,triton,serve]"
 	$(MAKE) plugins
 
 plugins:
