@@ -84,13 +84,18 @@ def tokenizer_of(root: Path, manifest: Manifest) -> Path | None:
 
 def load_torch_engine(root: Path, manifest: Manifest, use_lora: bool, device: str, limits: EngineLimits
                       ) -> TorchEngine:
-    """Converted weights memory-mapped straight into the reference network (no conversion at load)."""
+    """Converted weights memory-mapped straight into the reference network (no conversion at load). On a
+    CUDA device the engine is the GPU path (`GraphEngine`: one cache, static buffers, CUDA graphs)."""
     weights_file = SafetensorsFile(root / manifest.artifacts["weights"])
     weights = {name: weights_file.get(name) for name in weights_file.tensors}
     if not use_lora:
         weights = {name: t for name, t in weights.items() if ".lora_" not in name}
     scale = manifest.lora.scale if (use_lora and manifest.lora) else 0.0
     model = Transformer(manifest.config(root / "manifest.json"), weights, scale).to(device)
+    if model.device.type == "cuda":
+        from .cuda_graphs import GraphEngine
+
+        return GraphEngine(model, limits, tokenizer_of(root, manifest))
     return TorchEngine(model, limits, tokenizer_of(root, manifest))
 
 
