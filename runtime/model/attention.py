@@ -19,7 +19,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ...plugins.reference import BIDIRECTIONAL, CAUSAL, block_attention_reference, chunk_mask, written_offsets
+from ...plugins.reference import BIDIRECTIONAL, CAUSAL, PREFIX_BLOCK, block_attention_reference, chunk_mask, written_offsets
 from ..backends.devices import DeviceError
 
 _IMPL = {"cpu": "fast"}
@@ -93,10 +93,9 @@ def attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: t
 @lru_cache(maxsize=256)
 def _hidden(kind: int, param: int, n: int, group: int) -> torch.Tensor | None:
     """[n * group, n] bool of the chunk keys a (token, group member) query row may NOT see; None if none."""
-    if kind == BIDIRECTIONAL or n == 1:
-        return None
-    hidden = ~chunk_mask(kind, param, n)
-    return hidden.repeat_interleave(group, dim=0) if bool(hidden.any()) else None
+    if kind == BIDIRECTIONAL or n == 1 or (kind == PREFIX_BLOCK and param == n):
+        return None  # every chunk key is visible (decided from the kind, so no host read of a tensor)
+    return (~chunk_mask(kind, param, n)).repeat_interleave(group, dim=0)
 
 
 @lru_cache(maxsize=256)

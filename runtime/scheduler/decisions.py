@@ -47,7 +47,7 @@ def decide(logits: torch.Tensor, plans: list[RowPlan], sequences: list[Sequence]
                     tokens[torch.tensor(index, device=logits.device)] = chosen
         if plan.pick.confidence:
             confidence[a:b] = confidence_of(logits[a:b], tokens[a:b])
-    host = torch.stack([tokens.double(), confidence.double()]).cpu().numpy()  # the step's one transfer
+    host = np.array(torch.stack([tokens.double(), confidence.double()]).tolist())  # the step's one transfer
     return [Decided(host[0, a:b].astype(np.int64), host[1, a:b].astype(np.float32)) for a, b in spans]
 
 
