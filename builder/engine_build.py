@@ -32,6 +32,7 @@ from .manifest import BACKENDS, ENGINE_DTYPES, FileEntry, HashingWriter, LoraInf
 
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "chat_template.jinja")
 LORA_AUTO = "auto"
 CHECKPOINT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 DEFAULT_MAX_SEQ_LEN = 4096  # capped by the model's max_position_embeddings
@@ -199,9 +200,17 @@ def tensorrt_unavailable_reason() -> str | None:
 def copy_tokenizer(checkpoint: Checkpoint, staging: Path) -> dict[str, FileEntry]:
     if checkpoint.tokenizer_path is None:
         return {}
+    files = {}
     with HashingWriter(staging / TOKENIZER_FILE) as out:
         out.write(checkpoint.tokenizer_path.read_bytes())
-        return {TOKENIZER_FILE: out.close()}
+        files[TOKENIZER_FILE] = out.close()
+    for name in TOKENIZER_EXTRAS:  # the chat template (served by /v1/chat/completions and `generate --chat`)
+        source = checkpoint.tokenizer_path.parent / name
+        if source.is_file():
+            with HashingWriter(staging / name) as out:
+                out.write(source.read_bytes())
+                files[name] = out.close()
+    return files
 
 
 def make_manifest(checkpoint: Checkpoint, plan: BuildPlan, lora: LoraAdapter | None, output: BackendOutput,
@@ -209,6 +218,8 @@ def make_manifest(checkpoint: Checkpoint, plan: BuildPlan, lora: LoraAdapter | N
     artifacts = dict(output.artifacts)
     if tokenizer:
         artifacts["tokenizer"] = TOKENIZER_FILE
+    if TOKENIZER_EXTRAS[0] in tokenizer:
+        artifacts["tokenizer_config"] = TOKENIZER_EXTRAS[0]
     tools = {"trimode": __version__, "torch": torch.__version__.split("+")[0], "python": platform.python_version(),
              **output.tools}
     return Manifest(
