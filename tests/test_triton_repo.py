@@ -1,4 +1,4 @@
-"""The Triton pieces that need no server: repository files, request parsing, text deltas, the batcher.
+"""The Triton pieces that need no server: repository files, request parsing, text deltas.
 
 The server itself is tested in test_triton_server.py (integration); these run in `make test`.
 """
@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
-import time
 
 import numpy as np
 import pytest
@@ -17,10 +15,8 @@ from tokenizers import Tokenizer
 from trimode.builder.errors import CheckpointError
 from trimode.builder.triton_repo import ServingSettings, write_triton_repo
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
-from trimode.runtime.generate import GenerationConfig, RequestError, generate
-from trimode.runtime.modes.sequence import SequenceResult
-from trimode.runtime.serving.request_batcher import Job, RequestBatcher, group_jobs
-from trimode.runtime.serving.triton_model import IncrementalText
+from trimode.runtime.generate import GenerationConfig, RequestError
+from trimode.runtime.serving.openai_text import TextAssembler
 from trimode.runtime.serving.triton_request import parse_request
 
 
@@ -33,7 +29,7 @@ def engine(tiny_checkpoint):
 
 
 def test_repo_layout_and_parameters(tiny_checkpoint, tmp_path):
-    written = write_triton_repo(tiny_checkpoint, tmp_path / "repo", sync_model=True, batch_window_ms=7.5,
+    written = write_triton_repo(tiny_checkpoint, tmp_path / "repo", sync_model=True, max_step_tokens=96,
                                 default_mode="ar", instance_count=2)
     assert [p.name for p in written] == ["trimode", "trimode_sync"]
     config = (tmp_path / "repo" / "trimode" / "config.pbtxt").read_text()
@@ -48,7 +44,7 @@ def test_repo_layout_and_parameters(tiny_checkpoint, tmp_path):
 
 
 def test_settings_round_trip_through_parameters(tmp_path):
-    settings = ServingSettings(engine_path="/a/b \"c\"", use_lora=False, batch_window_ms=2.5, max_batch_size=3)
+    settings = ServingSettings(engine_path="/a/b \"c\"", use_lora=False, max_step_tokens=64, max_batch_size=3)
     assert ServingSettings.from_parameters(settings.to_parameters()) == settings
     with pytest.raises(ValueError, match="engine_path"):
         ServingSettings.from_parameters({"dtype": "fp32"})
@@ -67,10 +63,10 @@ def test_repo_refuses_overwrite_and_bad_engines(tiny_checkpoint, tmp_path):
 
 def test_triton_repo_command(tiny_checkpoint, tmp_path):
     run = [sys.executable, "-m", "trimode", "triton-repo", str(tiny_checkpoint), "-o", str(tmp_path / "r"),
-           "--model-name", "tm", "--batch-window-ms", "3"]
+           "--model-name", "tm", "--max-step-tokens", "48"]
     proc = subprocess.run(run, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert '{ key: "batch_window_ms" value: { string_value: "3.0" } }' in (tmp_path / "r/tm/config.pbtxt").read_text()
+    assert '{ key: "max_step_tokens" value: { string_value: "48" } }' in (tmp_path / "r/tm/config.pbtxt").read_text()
     again = subprocess.run(run, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
 
@@ -140,135 +136,15 @@ def test_text_deltas_concatenate_to_the_whole_text(engine):
     rng = np.random.default_rng(0)
     for _ in range(20):
         tokens = [int(t) for t in rng.integers(0, 256, size=40)]
-        text = IncrementalText(tokenizer)
+        text = TextAssembler(tokenizer.decode)
         pieces, at = [], 0
         while at < len(tokens):
             step = int(rng.integers(1, 5))
-            pieces.append(text.add(tokens[at : at + step]))
+            pieces.append(text.add_many(tokens[at : at + step]))
             at += step
-        pieces.append(text.rest(tokenizer.decode(tokens)))
+        pieces.append(text.finish(tokens))
         assert "".join(pieces) == tokenizer.decode(tokens)
         assert all("\ufffd" not in p[-1:] for p in pieces[:-1])
-
-
-# -- batcher ------------------------------------------------------------------------------------------------
-
-
-class ListSink:
-    def __init__(self, cancel_after: int | None = None) -> None:
-        self.chunks: list[list[int]] = []
-        self.result: SequenceResult | None = None
-        self.error: str | None = None
-        self.cancel_after = cancel_after
-        self.done = threading.Event()
-
-    def tokens(self, ids: list[int]) -> None:
-        self.chunks.append(ids)
-
-    def finish(self, result: SequenceResult) -> None:
-        self.result = result
-        self.done.set()
-
-    def fail(self, message: str) -> None:
-        self.error = message
-        self.done.set()
-
-    def cancelled(self) -> bool:
-        return self.cancel_after is not None and sum(map(len, self.chunks)) >= self.cancel_after
-
-
-def test_group_jobs_by_config_and_batch_size():
-    a, b = GenerationConfig(mode="ar"), GenerationConfig(mode="spec")
-    jobs = [Job([1], c, ListSink()) for c in (a, b, a, a, b)]
-    groups = group_jobs(jobs, max_batch_size=2)
-    assert [[jobs.index(j) for j in g] for g in groups] == [[0, 2], [3], [1, 4]]
-
-
-def test_batcher_results_equal_solo_runs(engine):
-    records = []
-    batcher = RequestBatcher(engine, window_s=0.05, on_batch=records.append)
-    batcher.start()
-    modes = ["ar", "diffusion", "spec"]
-    jobs = [Job([1, 10 + i, 4], GenerationConfig(mode=modes[i % 3], max_new_tokens=16, block_length=8), ListSink())
-            for i in range(9)]
-    threads = [threading.Thread(target=batcher.submit, args=(job,)) for job in jobs]
-    for thread in threads:
-        thread.start()
-    for job in jobs:
-        assert job.sink.done.wait(60)
-    batcher.stop()
-    for job in jobs:
-        solo = generate(engine, [job.prompt], job.config)[0]
-        assert job.sink.result.tokens == solo.tokens and job.sink.result.forwards == solo.forwards
-        assert sum(job.sink.chunks, []) == solo.tokens
-    assert max(r.size for r in records) > 1 and all(r.size <= engine.max_batch_size for r in records)
-
-
-def test_batcher_cancellation_and_failures(engine):
-    batcher = RequestBatcher(engine, window_s=0.02)
-    batcher.start()
-    config = GenerationConfig(mode="ar", max_new_tokens=64)
-    cancelled, normal = ListSink(cancel_after=3), ListSink()
-    batcher.submit(Job([1, 2, 3], config, cancelled))
-    batcher.submit(Job([1, 2, 4], config, normal))
-    bad = ListSink()
-    batcher.submit(Job([1, 999], config, bad))  # generate() raises: the client hears why, the worker survives
-    for sink in (cancelled, normal, bad):
-        assert sink.done.wait(60)
-    assert cancelled.result.finish_reason == "cancelled" and len(cancelled.result.tokens) < 64
-    assert normal.result.tokens == generate(engine, [[1, 2, 4]], config)[0].tokens
-    assert "outside the vocabulary" in bad.error
-    after = ListSink()
-    batcher.submit(Job([5], config, after))
-    assert after.done.wait(60) and after.result is not None
-    batcher.stop()
-    late = ListSink()
-    batcher.submit(Job([5], config, late))
-    assert late.error == "the model is shutting down"
-
-
-def test_batcher_stop_cancels_the_batch_in_flight(engine):
-    batcher = RequestBatcher(engine, window_s=0.0)
-    batcher.start()
-    sink = ListSink()
-    batcher.submit(Job([1, 2, 3], GenerationConfig(mode="ar", max_new_tokens=3000), sink))
-    while not sink.chunks:
-        time.sleep(0.001)
-    batcher.stop()
-    assert sink.done.wait(30) and sink.result.finish_reason in ("cancelled", "eos")
-
-
-class FlakyEngine:
-    """The tiny engine, except that prefill raises while `broken` is set."""
-
-    def __init__(self, engine) -> None:
-        self.inner = engine
-        self.broken = True
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
-
-    def prefill(self, *args, **kwargs):
-        if self.broken:
-            raise RuntimeError("boom")
-        return self.inner.prefill(*args, **kwargs)
-
-
-def test_batcher_survives_a_failing_generate(engine):
-    flaky = FlakyEngine(engine)
-    batcher = RequestBatcher(flaky, window_s=0.02)
-    batcher.start()
-    config = GenerationConfig(mode="spec", max_new_tokens=8, block_length=4)
-    sinks = [ListSink(), ListSink()]
-    for number, sink in enumerate(sinks):
-        batcher.submit(Job([1, number + 2], config, sink))
-    for sink in sinks:
-        assert sink.done.wait(60) and sink.error == "generation failed: RuntimeError: boom"
-    flaky.broken = False
-    healthy = ListSink()
-    batcher.submit(Job([1, 2], config, healthy))
-    assert healthy.done.wait(60) and healthy.result.tokens == generate(engine, [[1, 2]], config)[0].tokens
-    batcher.stop()
 
 
 # -- server launcher (no server started) --------------------------------------------------------------------

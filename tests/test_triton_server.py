@@ -78,7 +78,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     # The server must serve a built engine: a failed build is a failure, never a reason to serve the checkpoint.
     assert built.returncode == 0, f"trimode build failed (status {built.returncode}):\n{built.stderr}"
     assert (engine_dir / "manifest.json").is_file(), "trimode build succeeded but wrote no manifest.json"
-    write_triton_repo(engine_dir, root / "repo", sync_model=True, batch_window_ms=20.0)
+    write_triton_repo(engine_dir, root / "repo", sync_model=True, max_step_tokens=256)
     server = TritonServer(root / "repo", log_path=root / "tritonserver.log", install=install)
     try:
         server.start(timeout_s=180)

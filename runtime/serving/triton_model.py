@@ -1,10 +1,10 @@
 """The Triton Python-backend model behind every repository `trimode triton-repo` writes.
 
 `execute()` never generates: it parses each request (bad ones get a `TritonError` response at once and the
-model keeps serving), wraps its response sender in a `TritonSink` and queues it for the `RequestBatcher`,
-whose worker thread runs compatible requests together as one `generate()` call. With the decoupled policy a
-streaming request gets one response per commit (an AR token, an accepted speculation run, a finished
-diffusion block) and a last, FINAL-flagged response carrying the remaining text, the forward count and the
+model keeps serving), wraps its response sender in a `TritonSink` and queues it for the `EngineLoop`,
+whose worker thread runs every request, whatever its mode and settings, in the scheduler's shared steps.
+With the decoupled policy a streaming request gets one response per commit (an AR token, an accepted
+speculation run, a finished diffusion block) and a last, FINAL-flagged response carrying the remaining text, the forward count and the
 finish reason; a non-streaming request, or any request to the non-decoupled twin, gets one FINAL response.
 A request the client cancels is dropped from its batch at the next step.
 
@@ -27,37 +27,10 @@ from ..backends.engine_loader import open_engine
 from ..generate import RequestError
 from ..modes.sequence import SequenceResult
 from ..scheduler.loop import EngineLoop, Job
+from .openai_text import TextAssembler
 from .triton_request import INPUT_NAMES, parse_request
 
 CANCEL_POLL_S = 0.005
-
-
-class IncrementalText:
-    """Text deltas for a growing token list, never emitting a half-decoded character.
-
-    Byte-level tokenizers decode an incomplete UTF-8 sequence to U+FFFD; holding such a tail back until the
-    next tokens complete it keeps every delta a true prefix extension, so the deltas concatenate to the text
-    of the whole output.
-    """
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.tokens: list[int] = []
-        self.sent = ""
-
-    def add(self, ids: list[int]) -> str:
-        self.tokens.extend(ids)
-        text = self.tokenizer.decode(self.tokens).rstrip("\ufffd")
-        if not text.startswith(self.sent) or len(text) == len(self.sent):
-            return ""
-        delta, self.sent = text[len(self.sent):], text
-        return delta
-
-    def rest(self, full_text: str) -> str:
-        """What remains to send once the whole output's text is known."""
-        if full_text.startswith(self.sent):
-            return full_text[len(self.sent):]
-        return full_text  # decoding was not prefix-stable; the final response says it all again
 
 
 class TritonSink:
@@ -69,7 +42,7 @@ class TritonSink:
         self.tokenizer = tokenizer
         self.stream = stream
         self.log = log
-        self.text = IncrementalText(tokenizer) if (stream and tokenizer is not None) else None
+        self.text = TextAssembler(tokenizer.decode) if (stream and tokenizer is not None) else None
         self.sent_tokens = 0
         self._gone = False
         self._checked = 0.0
@@ -103,7 +76,7 @@ class TritonSink:
         self.sent_tokens += len(ids)
         if not self.stream or self._gone:
             return
-        delta = self.text.add(ids) if self.text is not None else None
+        delta = self.text.add_many(ids) if self.text is not None else None
         self._send(self.pb.InferenceResponse(output_tensors=self._tensors(ids, delta, None)), final=False)
 
     def finish(self, result: SequenceResult) -> None:
@@ -116,7 +89,7 @@ class TritonSink:
             return
         full = self.tokenizer.decode(result.tokens) if self.tokenizer is not None else None
         if self.stream:
-            tail = self.text.rest(full) if (self.text is not None and full is not None) else full
+            tail = self.text.finish(result.tokens) if self.text is not None else full
             tensors = self._tensors([], tail, result)
         else:
             tensors = self._tensors(result.tokens, full, result)
