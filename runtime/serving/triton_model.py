@@ -1,12 +1,12 @@
 """The Triton Python-backend model behind every repository `trimode triton-repo` writes.
 
 `execute()` never generates: it parses each request (bad ones get a `TritonError` response at once and the
-model keeps serving), wraps its response sender in a `TritonSink` and queues it for the `EngineLoop`,
-whose worker thread runs every request, whatever its mode and settings, in the scheduler's shared steps.
-With the decoupled policy a streaming request gets one response per commit (an AR token, an accepted
-speculation run, a finished diffusion block) and a last, FINAL-flagged response carrying the remaining
-text, the forward count and the finish reason; a non-streaming request, or any request to the non-decoupled twin, gets one FINAL response.
-A request the client cancels is dropped from its batch at the next step.
+model keeps serving), wraps its response sender in a `TritonSink` and queues it for the `EngineLoop`, whose
+worker thread runs every request, whatever its mode and settings, in the scheduler's shared steps. With the
+decoupled policy a streaming request gets one response per commit (an AR token, an accepted speculation run,
+a finished diffusion block) and a last, FINAL-flagged response carrying the remaining text, the forward count
+and the finish reason; a non-streaming request, or any request to the non-decoupled twin, gets one FINAL
+response. A request the client cancels is dropped at the next step.
 
 `triton_python_backend_utils` exists only inside Triton's stub process, so it is imported in `initialize`.
 """
