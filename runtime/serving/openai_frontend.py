@@ -20,16 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from ..generate import GenerationConfig, RequestError, validate_request
+from ..scheduler.loop import EngineLoop, Job
 from .openai_chat_template import ChatTemplate, ChatTemplateError, chat_prompt_ids, end_think_token_id
 from .openai_metrics import ServerMetrics
 from .openai_text import TextAssembler
-
-try:  # the iteration-level scheduler; the request batcher has the same interface
-    from ..scheduler.loop import EngineLoop as _Loop
-    from ..scheduler.loop import Job
-except ImportError:  # pragma: no cover - until the scheduler lands
-    from .request_batcher import Job
-    from .request_batcher import RequestBatcher as _Loop
 
 LOG = logging.getLogger("trimode.openai")
 
@@ -184,7 +178,8 @@ class Frontend:
     """An engine's tokenizer, chat template and scheduler loop; see the module docstring."""
 
     def __init__(self, engine: Any, *, default_mode: str = "spec", default_max_tokens: int = 64,
-                 use_lora: bool = True, metrics: ServerMetrics | None = None) -> None:
+                 use_lora: bool = True, metrics: ServerMetrics | None = None, max_step_tokens: int | None = None
+                 ) -> None:
         self.engine = engine
         self.default_mode = default_mode
         self.default_max_tokens = default_max_tokens
@@ -199,7 +194,7 @@ class Frontend:
             self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
             self.template = ChatTemplate.from_dir(Path(tokenizer_path).parent)
         self.end_think_id = end_think_token_id(self.tokenizer)
-        self.loop = _Loop(engine)
+        self.loop = EngineLoop(engine, max_step_tokens=max_step_tokens or None)
         self._started = False
         self._lock = threading.Lock()
         self._live: set[TextSink] = set()  # submitted, not finished (for cancel_all at shutdown)

@@ -2,7 +2,8 @@
 
 Requests by endpoint and HTTP status, prompt and generated tokens, time to first token, inter-token latency
 (the gap between two commits divided by the tokens the later one brought), forwards and tokens per forward
-per mode, finish reasons, and the queue: requests waiting for their first token and requests generating.
+per mode, finish reasons, and the queue: requests waiting for a slot on the scheduler, requests waiting for
+their first token, and requests generating.
 """
 
 from __future__ import annotations
@@ -44,11 +45,16 @@ class ServerMetrics:
         self.tokens_per_forward = Histogram("trimode_tokens_per_forward", "Generated tokens per forward after the "
                                             "prefill, per finished request", ["mode"], buckets=TPF_BUCKETS,
                                             registry=r)
-        self.waiting = Gauge("trimode_queue_length", "Requests submitted and waiting for their first token",
+        self.waiting = Gauge("trimode_requests_waiting", "Requests submitted and waiting for their first token",
                              registry=r)
+        self.queue = Gauge("trimode_queue_length", "Requests waiting for a slot on the scheduler", registry=r)
         self.running = Gauge("trimode_requests_running", "Requests generating (first token seen, not finished)",
                              registry=r)
         self._lock = threading.Lock()
+
+    def bind_queue(self, queue_length) -> None:
+        """Read the scheduler's queue length at every scrape."""
+        self.queue.set_function(lambda: float(queue_length()))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

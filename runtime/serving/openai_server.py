@@ -94,6 +94,8 @@ class OpenAIServer:
         self.model_name = model_name
         self.metrics = frontend.metrics or ServerMetrics()
         frontend.metrics = self.metrics
+        if hasattr(frontend.loop, "queue_length"):
+            self.metrics.bind_queue(frontend.loop.queue_length)
         self.shutdown_timeout_s = shutdown_timeout_s
         self.created = int(time.time())
         self.app = self._build()
