@@ -172,7 +172,7 @@ def _serve_openai(engine_dir: Path, host: str, http_port: int, served_model_name
     engine = open_engine(engine_dir, dtype=kw["dtype"], use_lora=kw["lora"], device=resolve_device(kw["device"]),
                          max_batch_size=kw["max_batch_size"] or None, max_seq_len=kw["max_seq_len"] or None)
     frontend = Frontend(engine, default_mode=kw["default_mode"], default_max_tokens=kw["default_max_tokens"],
-                        use_lora=kw["lora"], metrics=ServerMetrics())
+                        use_lora=kw["lora"], metrics=ServerMetrics(), max_step_tokens=kw["max_step_tokens"])
     name = served_model_name or Path(engine_dir).resolve().name
     server = OpenAIServer(frontend, name, shutdown_timeout_s=shutdown_timeout)
     port = sock.getsockname()[1]
