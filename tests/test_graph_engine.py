@@ -8,6 +8,12 @@ the plain torch engine's for mixed rows and in every mode.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -179,3 +185,17 @@ def test_graphs_replay_equals_eager_on_gpu(tiny_checkpoint):
         assert [r.tokens for r in generate(graphs, prompts, config)] == \
             [r.tokens for r in generate(eager, prompts, config)]
     assert any(s.graph is not None for s in graphs.steps.values())
+
+
+def test_device_check_script_runs_on_the_cpu(tmp_path, monkeypatch):
+    """benchmarks/device_check.py (`make device-check`) imports, and its kernel section runs with --dry-run."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "device_check.py"
+    help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert help_text.returncode == 0 and "--dry-run" in help_text.stdout
+    spec = importlib.util.spec_from_file_location("device_check", script)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "device_check", module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    assert module.main(["--dry-run", "--only", "kernel", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    assert report["passed"] and {c["name"].split()[0] for c in report["checks"]} == set(module.KERNEL_CASES)

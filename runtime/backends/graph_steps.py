@@ -10,6 +10,7 @@ tokens only, prefix_block rows their causal prefix), so the cache only ever hold
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,11 +25,15 @@ from ...builder.onnx_export import (
     POSITIONS,
     SLOTS,
     TOKENS,
+    k_cache_name,
+    v_cache_name,
 )
 from ...plugins.reference import written_offsets
 from ..model.kv_cache import KVCache
 from .limits import CapacityError, EngineLimits
 from .step import StepBatch
+
+DECODE, BLOCK, PREFILL = "decode", "block", "prefill"
 
 
 def graph_inputs(batch: StepBatch, with_lora: bool, slots: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -47,6 +52,54 @@ def graph_inputs(batch: StepBatch, with_lora: bool, slots: torch.Tensor | None =
     if with_lora:
         inputs[LORA] = batch.lora.to(torch.bool)
     return inputs
+
+
+def optimization_profiles(max_batch_size: int, max_step_tokens: int, block_lengths: tuple[int, ...]
+                          ) -> list[dict[str, Any]]:
+    """A shape-specialised backend's (TensorRT's) optimization profiles: (min, opt, max) of N packed tokens,
+    B rows (the padding row of the bucketed static buffers included: up to max_batch + 1) and M logits.
+    One step mixes kinds, so profiles are sizes, not step kinds: decode-like (one token per row), block-like
+    (rows of the built block lengths), prefill-like (anything up to max_step_tokens)."""
+    batch = max_batch_size
+    most = max(batch, max_step_tokens)
+    block = min(most, batch * max(block_lengths or (1,)))
+    rows = (1, batch + 1, batch + 1)
+    return [
+        {"name": DECODE, "tokens": (1, batch, batch), "rows": rows, "logits": (1, batch, batch)},
+        {"name": BLOCK, "tokens": (1, block, block), "rows": rows, "logits": (1, block, block)},
+        {"name": PREFILL, "tokens": (1, min(most, 512), most), "rows": rows, "logits": (1, batch, most)},
+    ]
+
+
+def profile_input_shapes(config: ModelConfig, ranges: dict[str, Any], max_batch_size: int, max_seq_len: int
+                         ) -> dict[str, list[list[int]]]:
+    """(min, opt, max) shape of every step-graph input for one profile; the caches are fixed at their full
+    size (max_batch + 1 slots, the last the scratch slot of padding rows; max_seq_len positions)."""
+    n, b, m = ranges["tokens"], ranges["rows"], ranges["logits"]
+    cache = [max_batch_size + 1, max_seq_len, config.num_key_value_heads, config.head_dim]
+    out: dict[str, list[list[int]]] = {
+        TOKENS: [[n[k]] for k in range(3)],
+        POSITIONS: [[n[k]] for k in range(3)],
+        CU_SEQLENS: [[b[k] + 1] for k in range(3)],
+        LOGIT_INDEX: [[m[k]] for k in range(3)],
+    }
+    for name in (SLOTS, CACHE_LENS, MASK_KIND, MASK_PARAM):
+        out[name] = [[b[k]] for k in range(3)]
+    out[LORA] = out[TOKENS]
+    for layer in range(config.num_hidden_layers):
+        for name in (k_cache_name(layer), v_cache_name(layer)):
+            out[name] = [cache] * 3
+    return out
+
+
+def choose_profile(profiles: list[dict[str, Any]], tokens: int, rows: int, logits: int) -> str:
+    """The first (smallest) profile whose ranges hold a static step of `tokens`, `rows` (padding row
+    included) and `logits`."""
+    for spec in profiles:
+        if tokens <= spec["tokens"][2] and logits <= spec["logits"][2] and rows <= spec["rows"][2]:
+            return spec["name"]
+    raise CapacityError(f"a step of {tokens} tokens, {rows} rows and {logits} logits is beyond every "
+                        "optimization profile of this engine (rebuild it with larger limits)")
 
 
 def check_step(limits: EngineLimits, cache: KVCache, batch: StepBatch) -> None:

@@ -71,14 +71,13 @@ from ...builder.onnx_export import (
 )
 from ..model.kv_cache import KVCache
 from .cuda_graphs import Bucketing, BucketKey, StaticStep
-from .graph_steps import GraphStepEngine
+from .graph_steps import GraphStepEngine, choose_profile, optimization_profiles, profile_input_shapes
 from .limits import CapacityError, EngineLimits
 from .step import StepBatch
 
 PLAN_FILE = "model.plan"
 PLUGIN_DIR = "plugins"
 PLUGIN_NAME, PLUGIN_NAMESPACE, PLUGIN_VERSION = "BlockAttention", TRT_DOMAIN, "1"
-DECODE, BLOCK, PREFILL = "decode", "block", "prefill"
 PLUGIN_LIBRARY = "libtrimode_trt_plugin.so"  # what plugins/Makefile's `tensorrt` target builds
 DEFAULT_MAX_STEP_TOKENS = 2048
 MAX_GRAPH_TOKENS = 256
@@ -123,38 +122,6 @@ def load_plugin_library(path: Path) -> None:
 
 
 # -- build ---------------------------------------------------------------------------------------------------
-def profile_ranges(spec: TensorRTBuildSpec) -> list[dict[str, Any]]:
-    """The optimization profiles as (min, opt, max) of N tokens, B rows (padding row included), M logits."""
-    batch = spec.max_batch_size
-    most = max(batch, spec.max_step_tokens)
-    block = min(most, batch * max(spec.block_lengths or (1,)))
-    rows = (1, batch + 1, batch + 1)
-    return [
-        {"name": DECODE, "tokens": (1, batch, batch), "rows": rows, "logits": (1, batch, batch)},
-        {"name": BLOCK, "tokens": (1, block, block), "rows": rows, "logits": (1, block, block)},
-        {"name": PREFILL, "tokens": (1, min(most, 512), most), "rows": rows, "logits": (1, batch, most)},
-    ]
-
-
-def profile_shapes(config: Any, spec: TensorRTBuildSpec, ranges: dict[str, Any]) -> dict[str, list[list[int]]]:
-    """(min, opt, max) shape of every dynamic input for one profile."""
-    n, b, m = ranges["tokens"], ranges["rows"], ranges["logits"]
-    cache = [spec.max_batch_size + 1, spec.max_seq_len, config.num_key_value_heads, config.head_dim]
-    out: dict[str, list[list[int]]] = {
-        TOKENS: [[n[k]] for k in range(3)],
-        POSITIONS: [[n[k]] for k in range(3)],
-        CU_SEQLENS: [[b[k] + 1] for k in range(3)],
-        LOGIT_INDEX: [[m[k]] for k in range(3)],
-    }
-    for name in (SLOTS, CACHE_LENS, MASK_KIND, MASK_PARAM):
-        out[name] = [[b[k]] for k in range(3)]
-    out[LORA] = out[TOKENS]
-    for layer in range(config.num_hidden_layers):
-        for name in (k_cache_name(layer), v_cache_name(layer)):
-            out[name] = [cache] * 3
-    return out
-
-
 class _BuildProgress(trt.IProgressMonitor):
     """TensorRT's build phases as tqdm bars (TensorRT calls this from several threads)."""
 
@@ -208,8 +175,9 @@ def build_tensorrt(staging: Path, checkpoint: Checkpoint, spec: TensorRTBuildSpe
     graph_inputs = {network.get_input(i).name for i in range(network.num_inputs)}
     config = builder.create_builder_config()
     profiles = []
-    for ranges in profile_ranges(spec):
-        shapes = {name: value for name, value in profile_shapes(checkpoint.config, spec, ranges).items()
+    for ranges in optimization_profiles(spec.max_batch_size, spec.max_step_tokens, spec.block_lengths):
+        shapes = {name: value for name, value in profile_input_shapes(checkpoint.config, ranges, spec.max_batch_size,
+                                                                      spec.max_seq_len).items()
                   if name in graph_inputs}  # `lora` exists only in graphs with an adapter
         profile = builder.create_optimization_profile()
         for name, (low, opt, high) in shapes.items():
@@ -239,15 +207,6 @@ def build_tensorrt(staging: Path, checkpoint: Checkpoint, spec: TensorRTBuildSpe
 
 
 # -- run -----------------------------------------------------------------------------------------------------
-def choose_profile(profiles: list[dict[str, Any]], key: BucketKey) -> str:
-    """The first (smallest) profile whose ranges hold the bucket's tokens, rows (+1 padding) and logits."""
-    for spec in profiles:
-        if key.tokens <= spec["tokens"][2] and key.logits <= spec["logits"][2] and key.rows + 1 <= spec["rows"][2]:
-            return spec["name"]
-    raise CapacityError(f"a step of {key.tokens} tokens and {key.logits} logits is beyond every optimization "
-                        "profile of this TensorRT engine (rebuild it with larger limits)")
-
-
 class _Outputs:
     """The plan's output buffers for one bucket."""
 
@@ -336,7 +295,7 @@ class TensorRTEngine(GraphStepEngine):
             raise CapacityError(f"a step of {batch.num_tokens} tokens exceeds this TensorRT engine's "
                                 f"{self.limits.max_step_tokens}")
         key = BucketKey(key.rows, key.tokens, key.logits, self.graph_has_lora, 0)  # the plan sizes itself
-        profile = choose_profile(self.profiles, key)
+        profile = choose_profile(self.profiles, key.tokens, key.rows + 1, key.logits)
         context = self._context(profile)
         with torch.cuda.stream(self.stream):
             if key not in self.steps:
