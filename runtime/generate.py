@@ -133,8 +133,12 @@ def validate_request(engine: StepEngine, prompts: list[list[int]], config: Gener
         engine.limits.check_batch(len(prompts))
     except CapacityError as exc:
         raise RequestError(str(exc)) from None
-    block = resolved_block_length(engine, config) if config.mode in ("spec", "quad") else \
-        int(config.block_length)
+    if config.block_length == AUTO:
+        from .scheduler.auto_block import largest_candidate
+
+        block = largest_candidate(engine)  # the choice is made at submission; allow for the longest
+    else:
+        block = int(config.block_length)
     for number, prompt in enumerate(prompts):
         if not prompt:
             raise RequestError(f"prompt {number} is empty")
@@ -158,10 +162,13 @@ def make_mode(engine: StepEngine, config: GenerationConfig) -> ModeState:
         return DiffusionMode(int(config.block_length), c.mask_token_id, c.eos_token_id, config.threshold)
     if config.mode == "infill":
         return InfillMode(config.max_new_tokens, list(config.suffix), c.mask_token_id, config.threshold)
+    from .scheduler.auto_block import stats_for
+
     block = resolved_block_length(engine, config)
+    on_round = stats_for(engine).record_round
     if config.mode == "spec":
-        return SpecMode(block, c.mask_token_id, config.threshold, config.use_lora and engine.has_lora)
-    return QuadMode(block, c.mask_token_id, config.ar_mix_weight)
+        return SpecMode(block, c.mask_token_id, config.threshold, config.use_lora and engine.has_lora, on_round)
+    return QuadMode(block, c.mask_token_id, config.ar_mix_weight, on_round)
 
 
 def make_sequence(engine: StepEngine, prompt: list[int], config: GenerationConfig, index: int) -> Sequence:

@@ -9,6 +9,7 @@ budget; only the last chunk asks for logits, and a mode may extend that last chu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,8 @@ from ...plugins.reference import CAUSAL
 from ..backends.step import ChunkRow
 from ..model.kv_cache import KVCache
 from .sequence import Sequence
+
+RoundCallback = Callable[[int, int], None]  # (block length, drafts accepted) after each verified round
 
 SAMPLE = "sample"    # AR sampling at the request's temperature / top-k / top-p (argmax when greedy)
 ARGMAX = "argmax"    # always greedy (drafts)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from ...plugins.reference import PREFIX_BLOCK, QUAD
 from ..backends.step import ChunkRow
 from ..model.kv_cache import KVCache
-from .base import ARGMAX, SAMPLE, Decided, ModeState, Pick, RowPlan
+from .base import ARGMAX, SAMPLE, Decided, ModeState, Pick, RoundCallback, RowPlan
 from .sequence import Sequence
 
 
@@ -42,8 +42,10 @@ def quad_logit_offsets(length: int, mix: bool) -> list[int]:
 
 
 class QuadMode(ModeState):
-    def __init__(self, block_length: int, mask_id: int, ar_mix_weight: float | None) -> None:
+    def __init__(self, block_length: int, mask_id: int, ar_mix_weight: float | None,
+                 on_round: RoundCallback | None = None) -> None:
         self.length = block_length
+        self.on_round = on_round
         self.mask_id = mask_id
         self.mix = ar_mix_weight
         self.drafts: list[int] = []
@@ -82,6 +84,8 @@ class QuadMode(ModeState):
         while accepted < length and ar[accepted - 1] == self.drafts[accepted]:
             accepted += 1
         self.rounds.append(accepted)
+        if self.on_round is not None:
+            self.on_round(length, accepted - 1)
         base = cache.lengths[seq.slot] - length  # C: the cache before this round (all L d's were written)
         head = pred[accepted - 1]
         new_first = head[1] if self.mix is not None else head[0]

@@ -13,7 +13,7 @@ import numpy as np
 from ...plugins.reference import BIDIRECTIONAL, CAUSAL
 from ..backends.step import ChunkRow
 from ..model.kv_cache import KVCache
-from .base import ARGMAX, Decided, ModeState, Pick, RowPlan
+from .base import ARGMAX, Decided, ModeState, Pick, RoundCallback, RowPlan
 from .sequence import Sequence
 
 
@@ -40,8 +40,10 @@ def accepted_length(block: list[int], verified: np.ndarray) -> int:
 
 
 class SpecMode(ModeState):
-    def __init__(self, block_length: int, mask_id: int, threshold: float | None, lora: bool) -> None:
+    def __init__(self, block_length: int, mask_id: int, threshold: float | None, lora: bool,
+                 on_round: RoundCallback | None = None) -> None:
         self.length = block_length
+        self.on_round = on_round
         self.mask_id = mask_id
         self.threshold = threshold
         self.lora = lora
@@ -68,6 +70,8 @@ class SpecMode(ModeState):
             return
         old_len = cache.lengths[seq.slot] - self.length
         accepted = accepted_length(self.block, decided.tokens)
+        if self.on_round is not None:
+            self.on_round(self.length, accepted)
         kept = seq.emit([int(t) for t in decided.tokens[: accepted + 1]])
         cache.rollback(seq.slot, old_len + kept)
         self.block = None
