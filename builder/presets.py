@@ -1,4 +1,4 @@
-"""Model shapes of the released family (DESIGN.md section 1) and a tiny one for tests.
+"""Model shapes of the released family (docs/model.md) and a tiny one for tests.
 
 `random-checkpoint` and the benchmarks build checkpoints from these, so real-shape measurements need no
 download.

@@ -1,4 +1,4 @@
-"""The network of DESIGN.md section 1 in plain PyTorch: the reference every fast path is checked against.
+"""The network of docs/model.md in plain PyTorch: the reference every fast path is checked against.
 
 Ministral-3 decoder blocks (RMSNorm in fp32, GQA attention with YaRN RoPE and the Llama-4 query scale,
 SwiGLU MLP), a final RMSNorm and the untied `diffusion_head`. Weights come in the converted layout of
