@@ -273,8 +273,11 @@ def test_sixteen_concurrent_clients_get_their_own_results(served):
     for job, want, tokens in zip(jobs, wants, got, strict=True):
         assert tokens == want.tokens, job
     assert served.server.is_ready()
-    sizes = [int(n) for n in re.findall(r"batch of (\d+) ", served.log.read_text())]
-    assert max(sizes) > 1, "no two requests ever shared a generate() call"
+    log = served.log.read_text()
+    sizes = [int(n) for n in re.findall(r"(\d+) requests in one forward", log)]
+    assert max(sizes) > 1, "no two requests ever shared a forward"
+    mixes = re.findall(r"requests in one forward \(([^;]*);", log)
+    assert any("," in mix for mix in mixes), "requests of different modes never shared a forward"
     (after,) = grpc_stream(served.server.grpc_url, input_ids=[1, 2], max_tokens=4, mode="ar")
     assert after.ids == expected(served, [1, 2], mode="ar", max_new_tokens=4).tokens
 

@@ -27,6 +27,7 @@ from ..backends.engine_loader import open_engine
 from ..generate import RequestError
 from ..modes.sequence import SequenceResult
 from ..scheduler.loop import EngineLoop, Job
+from ..scheduler.scheduler import StepRecord
 from .openai_text import TextAssembler
 from .triton_request import INPUT_NAMES, parse_request
 
@@ -143,7 +144,9 @@ class TritonPythonModel:
             from tokenizers import Tokenizer
 
             self.tokenizer = Tokenizer.from_file(str(self.engine.tokenizer_path))
-        self.loop = EngineLoop(self.engine, max_step_tokens=self.settings.max_step_tokens or None)
+        self._last_mix: tuple = ()
+        self.loop = EngineLoop(self.engine, max_step_tokens=self.settings.max_step_tokens or None,
+                               on_step=self._on_step)
         self.loop.start()
         self.log(f"serving {Path(self.settings.engine_path).name} (decoupled={self.decoupled}, "
                  f"max batch {self.loop.max_batch_size}, max sequence {self.engine.limits.max_seq_len}, "
@@ -156,6 +159,14 @@ class TritonPythonModel:
             logger.log_info(f"[{self.name}] {message}")
         else:
             print(f"[{self.name}] {message}", file=sys.stderr, flush=True)
+
+    def _on_step(self, record: StepRecord) -> None:
+        """Log whenever the mix of a step changes (how many requests, of which modes, share one forward)."""
+        mix = tuple(sorted(record.modes.items()))
+        if mix != self._last_mix:
+            self._last_mix = mix
+            modes = ", ".join(f"{count} {mode}" for mode, count in mix)
+            self.log(f"step {record.number}: {record.rows} requests in one forward ({modes}; {record.tokens} tokens)")
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
