@@ -61,6 +61,8 @@ class QuadMode(ModeState):
     def consume_prefill(self, seq: Sequence, plan: RowPlan, decided: Decided, cache: KVCache) -> None:
         self.drafts = [int(t) for t in decided.tokens]
         seq.emit(self.drafts[:1])
+        if seq.tokens and seq.tokens[-1] != self.drafts[0]:  # a forced end-of-thinking token: redraft after it
+            self.drafts = [seq.tokens[-1]] + [self.mask_id] * (self.length - 1)
 
     def plan_decode(self, seq: Sequence, cache: KVCache) -> RowPlan:
         tokens, positions = quad_layout(cache.lengths[seq.slot], self.drafts, self.mask_id)
