@@ -87,7 +87,7 @@ class LLM:
     """An engine (or checkpoint) loaded once, serving many requests; see the module docstring."""
 
     def __init__(self, path: str | Path | None = None, *, device: str = "auto", threads: int | None = None,
-                 dtype: str = "fp32", max_batch_size: int | None = None, max_seq_len: int | None = None,
+                 dtype: str = "auto", max_batch_size: int | None = None, max_seq_len: int | None = None,
                  use_lora: bool = True, verify: bool = False) -> None:
         from .runtime.backends.devices import resolve_device
         from .runtime.backends.engine_loader import open_engine
