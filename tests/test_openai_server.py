@@ -422,7 +422,7 @@ def test_metrics_exposes_the_serving_numbers(server: Server) -> None:
 @pytest.fixture(scope="module")
 def one_slot(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     srv = start_server(checkpoint, tmp_path_factory.mktemp("logs1") / "server.log", "--max-batch-size", "1",
-                       "--shutdown-timeout", "2", "--threads", "1")
+                       "--shutdown-timeout", "1", "--threads", "1")
     yield srv
     stop_server(srv)
 
@@ -469,7 +469,7 @@ def test_sigterm_finishes_or_cancels_and_exits_zero(one_slot: Server) -> None:
         one_slot.process.send_signal(signal.SIGTERM)
         start = time.monotonic()
         events += [line for line in lines if line]
-    # the in-flight stream ends properly: cancelled after --shutdown-timeout (2 s), then [DONE]
+    # the in-flight stream ends properly: cancelled after --shutdown-timeout (1 s), then [DONE]
     assert events[-1] == "data: [DONE]"
     last = json.loads(events[-2][6:])["choices"][0]
     assert last["finish_reason"] == "cancelled"
