@@ -50,7 +50,7 @@ def require(kind: str) -> native.Library:
         pytest.fail(f"{path} is not built although {compiler} is on PATH: run `make -C plugins` "
                     "(a missing library must not skip its tests silently)")
     needs = "nvcc" if kind == "cuda" else ("g++ on x86-64" if kind == "emu" else "a C++ compiler (g++)")
-    pytest.skip(f"{path} is not built and this machine cannot build it (no {needs})")
+    pytest.skip(f"{path} is not built and this machine cannot build it (it needs {needs}; none is on PATH)")
 
 
 @pytest.fixture(params=HOST_KINDS)
