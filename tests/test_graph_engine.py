@@ -85,6 +85,12 @@ def test_padded_layout_and_scratch_rows():
     assert bounds.tokens is static.tokens and bounds.cu_seqlens is static.cu_seqlens  # the static addresses
     with pytest.raises(ValueError, match="does not fit bucket"):
         static.fill(batch_of([ChunkRow(0, [1] * 17, write=True)], [0]))
+    names = ("tokens", "positions", "lora", "cu_seqlens", "slots", "cache_lens", "mask_kind", "mask_param", "write",
+             "logit_index")
+    # each input starts 256 bytes into its buffer (CUDA allocations are 512-byte aligned): TensorRT binds them
+    assert all(getattr(static, name).storage_offset() * getattr(static, name).element_size() % 256 == 0
+               for name in names)
+    assert all(getattr(static, name).is_contiguous() for name in names)
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,7 @@ from .step import StepBatch
 from .torch_engine import TorchEngine, check_step_fits
 
 MIN_CACHE_BUCKET = 64
+ALIGN_BYTES = 256  # every static input starts at a 256-byte boundary (TensorRT binds them as tensor addresses)
 
 
 def buckets(maximum: int, smallest: int = 1) -> list[int]:
@@ -108,16 +109,28 @@ class StaticStep:
         rows = key.rows + 1  # always one padding row at least
         self.key = key
         self.scratch_slot = scratch_slot
-        self.tokens = torch.zeros(key.tokens, dtype=torch.long, device=device)
-        self.positions = torch.zeros(key.tokens, dtype=torch.long, device=device)
-        self.lora = torch.zeros(key.tokens, dtype=torch.bool, device=device)
-        self.cu_seqlens = torch.zeros(rows + 1, dtype=torch.int32, device=device)
-        self.slots = torch.full((rows,), scratch_slot, dtype=torch.int32, device=device)
-        self.cache_lens = torch.zeros(rows, dtype=torch.int32, device=device)
-        self.mask_kind = torch.zeros(rows, dtype=torch.int32, device=device)
-        self.mask_param = torch.zeros(rows, dtype=torch.int32, device=device)
-        self.write = torch.zeros(rows, dtype=torch.int32, device=device)
-        self.logit_index = torch.zeros(key.logits, dtype=torch.long, device=device)
+        self.device = torch.device(device)
+        # Three device buffers (int64, int32, bool), each static input a 256-byte aligned slice of one of them,
+        # so a step is three host-to-device copies from pinned staging buffers rather than ten.
+        layout = {torch.long: [("tokens", key.tokens), ("positions", key.tokens), ("logit_index", key.logits)],
+                  torch.int32: [("cu_seqlens", rows + 1), ("slots", rows), ("cache_lens", rows), ("mask_kind", rows),
+                                ("mask_param", rows), ("write", rows)],
+                  torch.bool: [("lora", key.tokens)]}
+        pinned = self.device.type == "cuda"
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor, list[tuple[str, int, int]]]] = []
+        for dtype, fields in layout.items():
+            align = ALIGN_BYTES // torch.empty((), dtype=dtype).element_size()
+            spans, offset = [], 0
+            for name, size in fields:
+                spans.append((name, offset, size))
+                offset += -(-size // align) * align
+            device_buffer = torch.zeros(offset, dtype=dtype, device=self.device)
+            host_buffer = torch.zeros(offset, dtype=dtype, pin_memory=pinned)
+            for name, start, size in spans:
+                setattr(self, name, device_buffer[start: start + size])
+            self._buffers.append((device_buffer, host_buffer, spans))
+        self.slots.fill_(scratch_slot)
+        self._copied: torch.cuda.Event | None = None
         self.output: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.uses = 0
@@ -151,9 +164,19 @@ class StaticStep:
         }
 
     def fill(self, batch: StepBatch) -> None:
-        """Copy the batch, padded, into the static buffers (same addresses every step)."""
-        for name, host in self.padded(batch).items():
-            getattr(self, name).copy_(host, non_blocking=True)
+        """Copy the batch, padded, into the static buffers (same addresses every step): the padded tensors are
+        laid out in the pinned staging buffers, then each goes over in one asynchronous copy. The staging
+        buffers are rewritten only once the previous step's copies are done."""
+        padded = self.padded(batch)
+        if self._copied is not None:
+            self._copied.synchronize()
+        for device_buffer, host_buffer, spans in self._buffers:
+            for name, start, size in spans:
+                host_buffer[start: start + size] = padded[name]
+            device_buffer.copy_(host_buffer, non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
         self.uses += 1
 
     def view(self, batch: StepBatch, exact: bool) -> StepBatch:
