@@ -297,6 +297,7 @@ class TensorRTEngine(GraphStepEngine):
         key = BucketKey(key.rows, key.tokens, key.logits, self.graph_has_lora, 0)  # the plan sizes itself
         profile = choose_profile(self.profiles, key.tokens, key.rows + 1, key.logits)
         context = self._context(profile)
+        self.stream.wait_stream(torch.cuda.current_stream())  # the last step's cache writes come first
         with torch.cuda.stream(self.stream):
             if key not in self.steps:
                 self.steps[key] = (StaticStep(key, self.scratch_slot, self.device), _Outputs(self, key))
