@@ -19,7 +19,14 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ...plugins.reference import BIDIRECTIONAL, CAUSAL, PREFIX_BLOCK, block_attention_reference, chunk_mask, written_offsets
+from ...plugins.reference import (
+    BIDIRECTIONAL,
+    CAUSAL,
+    PREFIX_BLOCK,
+    block_attention_reference,
+    chunk_mask,
+    written_offsets,
+)
 from ..backends.devices import DeviceError
 
 _IMPL = {"cpu": "fast"}
