@@ -124,7 +124,7 @@ def block_attention_reference(
             offsets = written_offsets(kind, param, n)
             if past + len(offsets) > k_cache.shape[1]:
                 raise ValueError(f"row {b} would write past the cache's {k_cache.shape[1]} positions")
-            index = torch.as_tensor(offsets, device=q.device) + start
+            index = torch.as_tensor(offsets, dtype=torch.long, device=q.device) + start
             k_cache[slot, past : past + len(offsets)] = k_new[index]
             v_cache[slot, past : past + len(offsets)] = v_new[index]
     return out
