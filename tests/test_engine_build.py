@@ -303,9 +303,7 @@ def test_cli_default_options_fit_a_short_model(short_checkpoint, tmp_path):
     from trimode.cli_build import build_command
 
     default = next(p.default for p in build_command.params if p.name == "max_seq_len")
-    if default is not None:
-        pytest.xfail(f"trimode/cli_build.py passes --max-seq-len {default} explicitly; its default must be None "
-                     "for BuildOptions' min(4096, max_position_embeddings) to apply")
+    assert default is None, "an explicit CLI default would override min(4096, max_position_embeddings)"
     proc = trimode("build", str(short_checkpoint), "-o", str(tmp_path / "e"), "--no-progress")
     assert proc.returncode == 0, proc.stderr
     assert read_manifest(tmp_path / "e").max_seq_len == 768

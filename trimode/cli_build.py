@@ -30,8 +30,9 @@ def _human(nbytes: int) -> str:
               help="Serving dtype (default: the checkpoint's torch_dtype; fp32 for onnx, its only choice).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Most sequences one step may carry.")
-@click.option("--max-seq-len", type=click.IntRange(min=1), default=4096, show_default=True,
-              help="Most positions (prompt + generated + one draft block) a sequence may reach.")
+@click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
+              help="Most positions (prompt + generated + one draft block) a sequence may reach "
+                   "(default: min(4096, the model's max_position_embeddings)).")
 @click.option("--block-length", "block_lengths", type=click.IntRange(min=1), multiple=True,
               help="A block length the engine must serve (repeatable; default: the model's block_size).")
 @click.option("--lora", "lora_dir", type=click.Path(path_type=Path), default=None,
@@ -44,7 +45,7 @@ def _human(nbytes: int) -> str:
 @click.option("--progress/--no-progress", default=None,
               help="Show progress bars (default: only when stderr is a terminal).")
 def build_command(checkpoint: Path, output: Path, backend: str, dtype: str | None, max_batch_size: int,
-                  max_seq_len: int, block_lengths: tuple[int, ...], lora_dir: Path | None, no_lora: bool,
+                  max_seq_len: int | None, block_lengths: tuple[int, ...], lora_dir: Path | None, no_lora: bool,
                   plugin_library: Path | None, force: bool, progress: bool | None) -> None:
     """Validate CHECKPOINT, convert its weights and compile an engine directory with a versioned manifest."""
     if lora_dir is not None and no_lora:
