@@ -16,7 +16,7 @@ def trimode(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "trimode", *args], capture_output=True, text=True, timeout=120)
 
 
-@pytest.mark.parametrize("mode", ["ar", "diffusion", "spec"])
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "spec", "quad"])
 def test_generate_json_matches_library(tiny_checkpoint, mode):
     proc = trimode("generate", "--model", str(tiny_checkpoint), "--mode", mode, "--prompt-ids", "1,5,6,7",
                    "--prompt-ids", "1,9", "--max-new-tokens", "16", "--block-length", "8", "--json")
@@ -45,6 +45,11 @@ def test_generate_text_prompt_streams(tiny_checkpoint):
     (["--prompt-ids", "1,999"], "outside the vocabulary"),
     (["--prompt-ids", "1,x"], "is not a comma-separated list"),
     (["--max-new-tokens", "5000"], "beyond the engine's maximum sequence length"),
+    (["--mode", "infill"], "infill mode needs a suffix"),
+    (["--mode", "ar", "--suffix-ids", "3,4"], "only used in infill mode"),
+    (["--block-length", "many"], "is not an integer or 'auto'"),
+    (["--mode", "diffusion", "--block-length", "auto"], "'auto' is for spec and quad"),
+    (["--top-p", "0"], "top_p must be within (0, 1]"),
 ])
 def test_generate_bad_arguments_exit_2(tiny_checkpoint, args, message):
     base = ["generate", "--model", str(tiny_checkpoint)]
@@ -53,3 +58,27 @@ def test_generate_bad_arguments_exit_2(tiny_checkpoint, args, message):
     proc = trimode(*base, *args)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_infill_through_the_cli_matches_the_library(tiny_checkpoint):
+    proc = trimode("generate", "--model", str(tiny_checkpoint), "--mode", "infill", "--prompt-ids", "1,5,6",
+                   "--suffix-ids", "7,8,9", "--max-new-tokens", "4", "--json")
+    assert proc.returncode == 0, proc.stderr
+    want = generate(engine_from_checkpoint(tiny_checkpoint), [[1, 5, 6]],
+                    GenerationConfig(mode="infill", max_new_tokens=4, suffix=(7, 8, 9)))[0]
+    assert json.loads(proc.stdout)["outputs"][0]["tokens"] == want.tokens and len(want.tokens) == 4
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_device_cuda_without_a_gpu_is_a_clear_error(tiny_checkpoint):
+    for command in (["generate", "--prompt-ids", "1,2"], ["bench", "--runs", "1", "--warmup", "0"]):
+        proc = trimode(command[0], "--model", str(tiny_checkpoint), "--device", "cuda", *command[1:])
+        assert proc.returncode == 2, proc.stderr
+        assert "no CUDA GPU is visible" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_engine_dtype_is_fixed(tiny_checkpoint, tmp_path):
+    built = trimode("build", str(tiny_checkpoint), "-o", str(tmp_path / "e"), "--dtype", "fp32", "--no-progress")
+    assert built.returncode == 0, built.stderr
+    proc = trimode("generate", "--model", str(tmp_path / "e"), "--dtype", "bf16", "--prompt-ids", "1,2")
+    assert proc.returncode == 2 and "its dtype is fixed" in proc.stderr

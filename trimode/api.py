@@ -89,7 +89,6 @@ class LLM:
     def __init__(self, path: str | Path | None = None, *, device: str = "auto", threads: int | None = None,
                  dtype: str = "auto", max_batch_size: int | None = None, max_seq_len: int | None = None,
                  use_lora: bool = True, verify: bool = False) -> None:
-        from .runtime.backends.devices import resolve_device
         from .runtime.backends.engine_loader import open_engine
 
         if threads:
@@ -104,7 +103,7 @@ class LLM:
                 raise FileNotFoundError("no path given and no demo model is installed")
         self.path = Path(path)
         self.engine = open_engine(self.path, dtype=dtype, use_lora=use_lora, verify=verify,
-                                  device=resolve_device(device), max_batch_size=max_batch_size,
+                                  device=device, max_batch_size=max_batch_size,
                                   max_seq_len=max_seq_len)
         self.frontend = Frontend(self.engine, use_lora=use_lora)
 

@@ -12,7 +12,6 @@ import click
 import torch
 
 from .cli_generate import apply_threads, default_model, device_options, parse_block_length
-from .runtime.backends.devices import resolve_device
 from .runtime.backends.engine_loader import open_engine
 from .runtime.backends.limits import EngineLimits
 from .runtime.bench.runner import bench_modes, run_once
@@ -128,7 +127,7 @@ def bench_command(model_path: Path | None, modes: str, batch_size: int, prompt_l
     if unknown:
         raise click.UsageError(f"unknown mode(s) {', '.join(unknown)} (choose from {', '.join(MODES)})")
     apply_threads(threads)
-    engine = open_engine(model_path, dtype=dtype, device=resolve_device(device))
+    engine = open_engine(model_path, dtype=dtype, device=device)
     lengths = [parse_block_length(v.strip()) for v in (block_lengths or "").split(",") if v.strip()] or \
         [engine.config.block_size]
     length = next((v for v in lengths if v != AUTO), engine.config.block_size)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import click
 
-from .runtime.backends.devices import resolve_device
 from .runtime.backends.engine_loader import open_engine
 from .runtime.generate import AUTO, MODES, GenerationConfig, RequestError, generate, validate_request
 from .runtime.serving.openai_text import TextAssembler
@@ -161,7 +160,7 @@ def generate_command(model_path: Path | None, mode: str, prompts: tuple[str, ...
     if not prompts and not prompt_ids:
         raise click.UsageError("give at least one --prompt or --prompt-ids")
     apply_threads(threads)
-    engine = open_engine(model_path, dtype=dtype, use_lora=lora, verify=verify, device=resolve_device(device))
+    engine = open_engine(model_path, dtype=dtype, use_lora=lora, verify=verify, device=device)
     tokenizer = None
     if engine.tokenizer_path is not None:
         from tokenizers import Tokenizer

@@ -23,4 +23,9 @@ def engine_from_checkpoint(path: str | Path, dtype: str = "auto", use_lora: bool
     weights = convert_checkpoint(checkpoint, resolve_dtype(dtype), use_lora=use_lora)
     lora_scale = checkpoint.lora.scale if (use_lora and checkpoint.lora) else 0.0
     model = Transformer(checkpoint.config, weights, lora_scale).to(device)
-    return TorchEngine(model, EngineLimits(max_batch_size, max_seq_len), checkpoint.tokenizer_path)
+    limits = EngineLimits(max_batch_size, max_seq_len)
+    if model.device.type == "cuda":  # the GPU path: one cache, static buffers, CUDA graphs
+        from .cuda_graphs import GraphEngine
+
+        return GraphEngine(model, limits, checkpoint.tokenizer_path)
+    return TorchEngine(model, limits, checkpoint.tokenizer_path)

@@ -9,10 +9,16 @@ class DeviceError(ValueError):
     """The asked-for device cannot be used here (no GPU, or no CUDA plugin library)."""
 
 
-def resolve_device(name: str | None) -> str:
-    """"auto"/None: cuda when a GPU is visible, else cpu. "cuda" without a GPU is a clear error."""
+def resolve_device(name: str | None, backend: str = "torch") -> str:
+    """"auto"/None: where `backend` runs best here (onnx: cpu; torch: cuda when a GPU is visible, else cpu;
+    tensorrt: cuda). An explicit "cuda" without a GPU or without the CUDA plugin is a clear error."""
     if name in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if backend == "onnx":
+            return "cpu"
+        if backend == "tensorrt" or torch.cuda.is_available():
+            name = "cuda"
+        else:
+            return "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DeviceError(f"--device {name}: no CUDA GPU is visible to torch on this machine "

@@ -7,6 +7,7 @@ from pathlib import Path
 from ...builder.errors import CheckpointError
 from ...builder.manifest import MANIFEST_FILE, read_manifest
 from .checkpoint_engine import engine_from_checkpoint
+from .devices import resolve_device
 from .engine_files import load_engine
 from .step import StepEngine
 
@@ -15,7 +16,7 @@ CHECKPOINT_MAX_SEQ = 4096
 
 
 def open_engine(path: str | Path, *, dtype: str = "auto", use_lora: bool = True, verify: bool = False,
-                device: str = "cpu", max_batch_size: int | None = None, max_seq_len: int | None = None
+                device: str = "auto", max_batch_size: int | None = None, max_seq_len: int | None = None
                 ) -> StepEngine:
     """An engine ready for the generation modes.
 
@@ -28,13 +29,16 @@ def open_engine(path: str | Path, *, dtype: str = "auto", use_lora: bool = True,
     """
     root = Path(path)
     if (root / MANIFEST_FILE).is_file():
-        built = read_manifest(root).dtype
+        manifest = read_manifest(root)
+        built = manifest.dtype
+        device = resolve_device(device, manifest.backend)
         if dtype not in ("auto", built):
             raise CheckpointError(root, f"is an engine built for {built}; its dtype is fixed (asked for {dtype}; "
                                         f"rebuild with `trimode build --dtype {dtype}`)")
         return load_engine(root, use_lora=use_lora, verify=verify, device=device, max_batch_size=max_batch_size,
                            max_seq_len=max_seq_len)
     if (root / "config.json").is_file():
+        device = resolve_device(device)
         return engine_from_checkpoint(root, dtype=dtype, use_lora=use_lora,
                                       max_batch_size=max_batch_size or CHECKPOINT_MAX_BATCH,
                                       max_seq_len=max_seq_len or CHECKPOINT_MAX_SEQ, device=device)
