@@ -9,9 +9,7 @@ sorted names, same padding), which keeps builds reproducible and lets the ordina
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from .config import ModelConfig
 from .convert import converted_names, iter_converted
 from .errors import CheckpointError
 from .manifest import FileEntry, HashingWriter
-from .safetensors_io import DTYPE_NAMES
+from .safetensors_io import safetensors_header
 
 Progress = Callable[[int], None]
 
@@ -51,22 +49,6 @@ def converted_makers(checkpoint: Checkpoint, dtype: torch.dtype, lora: LoraAdapt
                      ) -> dict[str, Callable[[], torch.Tensor]]:
     """name -> function building that converted tensor (nothing is converted until it is called)."""
     return dict(iter_converted(checkpoint, dtype, lora))
-
-
-def safetensors_header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                       metadata: dict[str, str] | None = None) -> bytes:
-    """The 8-byte length plus padded JSON header `write_safetensors` would write for these tensors."""
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = dict(sorted(metadata.items()))
-    offset = 0
-    for name, (dtype, shape) in sorted(specs.items()):
-        nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    return struct.pack("<Q", len(blob)) + blob
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:

@@ -9,6 +9,7 @@ copy-on-write, so a checkpoint of many GB is paged in on demand and never held t
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -108,24 +109,33 @@ class SafetensorsFile:
         return flat.view(info.shape)
 
 
-def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
-                      ) -> None:
-    """Write tensors in sorted name order, so the same tensors always give the same bytes."""
+def safetensors_header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                       metadata: dict[str, str] | None = None) -> bytes:
+    """The 8-byte length plus padded JSON header of a file holding these tensors in sorted name order.
+
+    The one header writer: `write_safetensors` and the streaming engine build (which writes tensors one at a
+    time after this header) both use it, so their files are byte-identical.
+    """
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(sorted(metadata.items()))
     offset = 0
-    ordered = sorted(tensors.items())
-    for name, tensor in ordered:
-        nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + nbytes]}
+    for name, (dtype, shape) in sorted(specs.items()):
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+                      ) -> None:
+    """Write tensors in sorted name order, so the same tensors always give the same bytes."""
+    ordered = sorted(tensors.items())
+    header = safetensors_header({name: (t.dtype, tuple(t.shape)) for name, t in ordered}, metadata)
     with open(path, "wb") as handle:
-        handle.write(struct.pack("<Q", len(blob)))
-        handle.write(blob)
+        handle.write(header)
         for _, tensor in ordered:
             data = tensor.detach().contiguous().cpu()
             if data.numel():

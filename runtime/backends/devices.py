@@ -15,10 +15,11 @@ def resolve_device(name: str | None, backend: str = "torch") -> str:
     if name in (None, "auto"):
         if backend == "onnx":
             return "cpu"
-        if backend == "tensorrt" or torch.cuda.is_available():
-            name = "cuda"
-        else:
+        if backend == "tensorrt":
+            return "cuda"  # opening the engine says precisely what is missing (TensorRT, a GPU)
+        if not torch.cuda.is_available():
             return "cpu"
+        name = "cuda"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise DeviceError(f"--device {name}: no CUDA GPU is visible to torch on this machine "
