@@ -13,10 +13,10 @@ import pytest
 from tokenizers import Tokenizer
 
 from trimode.builder.errors import CheckpointError
-from trimode.builder.triton_repo import ServingSettings, write_triton_repo
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
 from trimode.runtime.generate import GenerationConfig, RequestError
 from trimode.runtime.serving.openai_text import TextAssembler
+from trimode.runtime.serving.triton_repo import ServingSettings, write_triton_repo
 from trimode.runtime.serving.triton_request import parse_request
 
 

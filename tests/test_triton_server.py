@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trimode.builder.triton_repo import write_triton_repo
 from trimode.runtime.backends.engine_loader import open_engine
 from trimode.runtime.generate import GenerationConfig, generate
+from trimode.runtime.serving.triton_repo import write_triton_repo
 from trimode.runtime.serving.triton_server import TritonServer, TritonUnavailable, find_tritonserver, free_port
 
 from .conftest import build_checkpoint

@@ -11,9 +11,9 @@ from typing import Any
 
 import click
 
-from .builder.triton_repo import DEFAULT_MODEL_NAME, SYNC_SUFFIX, write_triton_repo
 from .runtime.backends.devices import resolve_device
 from .runtime.generate import MODES
+from .runtime.serving.triton_repo import DEFAULT_MODEL_NAME, SYNC_SUFFIX, write_triton_repo
 
 
 def repo_options(function: Any) -> Any:

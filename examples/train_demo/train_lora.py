@@ -30,11 +30,11 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from data import corpus_files, token_stream  # noqa: E402
+from spec_lib import greedy  # noqa: E402
 
 from trimode.builder.checkpoint import LORA_DIR, load_checkpoint  # noqa: E402
 from trimode.builder.convert import convert_checkpoint  # noqa: E402
 from trimode.builder.safetensors_io import write_safetensors  # noqa: E402
-from trimode.runtime.backends.torch_engine import TorchEngine  # noqa: E402
 from trimode.runtime.model.network import Transformer  # noqa: E402
 
 IGNORE = -100
@@ -50,38 +50,30 @@ def draft_attention_mask(context: int, block: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_rollout(engine: TorchEngine, prefixes: torch.Tensor, on_policy: int, block: int
+def teacher_rollout(model: Transformer, prefixes: torch.Tensor, on_policy: int, block: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(draft inputs [context, t], targets g1..g(L-1)) from the model's own greedy continuation of `prefixes`.
 
     The first `on_policy` greedy tokens join the context (the last is t), so the draft is trained on the text
     it will actually see while generating - the model's own, often repetitive, output - not only on the data.
-    Targets after an EOS, and whole blocks whose context already ended, are ignored.
+    Targets after an EOS, and whole blocks whose context already ended, are ignored. Decoding uses the
+    recipe's own cached loop (spec_lib.greedy).
     """
-    eos = engine.config.eos_token_id
-    cache = engine.new_cache(prefixes.shape[0])
-    slots = list(range(prefixes.shape[0]))
-    logits = engine.prefill(cache, slots, prefixes.tolist())
-    out = []
-    for k in range(on_policy + block - 1):
-        tokens = logits.argmax(-1)
-        out.append(tokens)
-        if k < on_policy + block - 2:
-            logits = engine.decode(cache, slots, tokens.tolist())
-    greedy = torch.stack(out, dim=1)
-    full = torch.cat([prefixes, greedy], dim=1)
+    eos = model.config.eos_token_id
+    greedy_tokens = greedy(model, prefixes, on_policy + block - 1)
+    full = torch.cat([prefixes, greedy_tokens], dim=1)
     split = prefixes.shape[1] + on_policy
     inputs, targets = full[:, :split].clone(), full[:, split:].clone()
     is_eos = (targets == eos).int()
     targets[is_eos.cumsum(1) - is_eos > 0] = IGNORE
-    targets[(greedy[:, :on_policy] == eos).any(1)] = IGNORE
+    targets[(greedy_tokens[:, :on_policy] == eos).any(1)] = IGNORE
     return inputs, targets
 
 
 class RolloutQueue:
     """Teacher rollouts made `chunk` windows at a time: decode steps cost per call, so larger batches are cheaper."""
 
-    def __init__(self, engine: TorchEngine, stream: torch.Tensor, prefix: int, on_policy: int, block: int,
+    def __init__(self, engine: Transformer, stream: torch.Tensor, prefix: int, on_policy: int, block: int,
                  chunk: int, rng: random.Random) -> None:
         self.engine, self.stream, self.prefix, self.on_policy = engine, stream, prefix, on_policy
         self.block, self.chunk, self.rng = block, chunk, rng
@@ -153,8 +145,7 @@ def main() -> None:
     held_stream = token_stream(tokenizer, held_files, config.eos_token_id)
 
     base = convert_checkpoint(checkpoint, torch.float32, use_lora=False)
-    teacher = TorchEngine(Transformer(config, base), max_batch_size=args.batch_size * 8,
-                          max_seq_len=args.context + block + 1)
+    teacher = Transformer(config, base)
     prefix = args.context + 1 - args.on_policy
     q_dim = config.num_attention_heads * config.head_dim
     gen = torch.Generator().manual_seed(args.seed)

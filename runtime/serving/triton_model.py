@@ -22,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from ...builder.triton_repo import ServingSettings
 from ..backends.engine_loader import open_engine
 from ..generate import RequestError
 from ..modes.sequence import SequenceResult
 from ..scheduler.loop import EngineLoop, Job
 from ..scheduler.scheduler import StepRecord
 from .openai_text import TextAssembler
+from .triton_repo import ServingSettings
 from .triton_request import INPUT_NAMES, parse_request
 
 CANCEL_POLL_S = 0.005

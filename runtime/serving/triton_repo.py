@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .errors import CheckpointError
+from ...builder.errors import CheckpointError
 
 DEFAULT_MODEL_NAME = "trimode"
 SYNC_SUFFIX = "_sync"
@@ -162,7 +162,7 @@ def write_triton_repo(engine_dir: str | Path, repo_dir: str | Path, *, model_nam
     absolute so the repository works from any working directory. An existing model directory of the same
     name is an error unless `force` (other models in the repository are left alone).
     """
-    from .. import __version__
+    from ... import __version__
 
     engine_dir = Path(engine_dir).resolve()
     _engine_kind(engine_dir)
