@@ -266,8 +266,6 @@ def test_spec_batch_with_different_acceptance_per_sequence():
     assert max(len(s) for s in engine.steps) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="spec's draft treats the block's first token as masked when it is the "
-                                       "mask id and overwrites it (runtime/modes/spec.py fill_draft/_drafting)")
 @pytest.mark.parametrize("threshold", [None, 0.5])
 def test_spec_keeps_a_mask_token_the_verifier_chose(threshold):
     # AR's third token is the mask id itself; a round ending on it opens the next block with it

@@ -19,8 +19,11 @@ from .sequence import Sequence
 
 def fill_draft(block: list[int], x0: np.ndarray, confidence: np.ndarray, mask_id: int,
                threshold: float | None) -> None:
-    """One draft pass: every mask takes its argmax (no threshold), or only confident ones (at least one)."""
-    masked = [i for i, t in enumerate(block) if t == mask_id]
+    """One draft pass: every mask takes its argmax (no threshold), or only confident ones (at least one).
+
+    Position 0 is the verified token and is never a draft slot, even when that token is the mask id itself.
+    """
+    masked = [i for i in range(1, len(block)) if block[i] == mask_id]
     if not threshold:
         chosen = masked
     else:
@@ -51,7 +54,7 @@ class SpecMode(ModeState):
         self.passes = 0
 
     def _drafting(self) -> bool:
-        return self.block is not None and self.mask_id in self.block and self.passes < self.length
+        return self.block is not None and self.mask_id in self.block[1:] and self.passes < self.length
 
     def plan_decode(self, seq: Sequence, cache: KVCache) -> RowPlan:
         if self.block is None:
