@@ -60,7 +60,12 @@ class Transformer:
                        self.dtype, self.device)
 
     # -- pieces shared by both entry points -------------------------------------------------------------
-    def _qkv(self, i: int, h: torch.Tensor, positions: torch.Tensor):
+    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """cos, sin and the Llama-4 query scale at these positions (the same for every layer: made once)."""
+        cos, sin = self.rotary.cos_sin(positions, dtype)
+        return cos, sin, self.rotary.query_scale(positions, dtype)
+
+    def _qkv(self, i: int, h: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, ...] | None = None):
         c = self.config
         x = rms_norm(h, self.w[f"layers.{i}.attn_norm"], c.rms_norm_eps)
         q, k, v = F.linear(x, self.w[f"layers.{i}.qkv"]).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
@@ -68,8 +73,8 @@ class Transformer:
         q = q.view(batch, length, c.num_attention_heads, c.head_dim)
         k = k.view(batch, length, c.num_key_value_heads, c.head_dim)
         v = v.view(batch, length, c.num_key_value_heads, c.head_dim)
-        cos, sin = self.rotary.cos_sin(positions, h.dtype)
-        q = apply_rotary(q, cos, sin) * self.rotary.query_scale(positions, h.dtype)
+        cos, sin, scale = rope if rope is not None else self.rope_tables(positions, h.dtype)
+        q = apply_rotary(q, cos, sin) * scale
         k = apply_rotary(k, cos, sin)
         return q, k, v
 
@@ -109,8 +114,9 @@ class Transformer:
         if batch.any_lora:
             lora = True if all(r.lora for r in batch.rows) else batch.lora.to(self.device)[None]
         h = F.embedding(batch.tokens.to(self.device), self.w["embed"])[None]  # [1, N, H]
+        rope = self.rope_tables(positions, h.dtype)
         for i in range(self.config.num_hidden_layers):
-            q, k, v = self._qkv(i, h, positions)
+            q, k, v = self._qkv(i, h, positions, rope)
             attn = attend(q[0], k[0], v[0], cache.k[i], cache.v[i], rows, self.scale)
             h = self._attn_out(i, h, attn[None], lora)
             h = self._mlp(i, h)
