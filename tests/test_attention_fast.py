@@ -102,3 +102,16 @@ def test_quad_writes_only_the_draft_rows_at_contiguous_positions():
     k_new, k_cache, slot = inputs[1], inputs[3], inputs[5].slots[0]
     assert torch.equal(k_cache[slot, 10:13], k_new[[0, 4, 8]])
     assert torch.equal(k_cache[slot, :10], before[slot, :10]) and torch.equal(k_cache[slot, 13:], before[slot, 13:])
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (8, 8)])
+def test_batched_single_token_rows_equal_the_reference(heads, kv_heads):
+    specs = [(past, 1, kind, 0, write) for past, kind, write in
+             [(5, CAUSAL, True), (0, CAUSAL, True), (120, CAUSAL, True), (33, BIDIRECTIONAL, False),
+              (1, CAUSAL, False), (64, CAUSAL, True)]] + [(7, 6, CAUSAL, 0, True)]
+    inputs = make_rows(specs, heads, kv_heads, 32, slots=7, capacity=200)
+    copies = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]
+    fast = attend_cpu(*inputs, 0.2)
+    ref = reference(*copies, 0.2)
+    assert (fast - ref).abs().max() < 1e-5
+    assert torch.equal(inputs[3], copies[3]) and torch.equal(inputs[4], copies[4])

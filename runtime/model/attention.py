@@ -8,7 +8,8 @@ that concatenates each row's cache) is the oracle of the tests and can be forced
 The CPU fast path never copies a row's cached K/V: it scores the queries against a strided view of the
 cache and against the chunk's own keys separately, applies the chunk mask to the second part only, and
 takes one softmax over both. GQA is handled by folding each KV head's query group into the matmul's rows
-(no repeat_interleave). Prompt rows with nothing cached go to `scaled_dot_product_attention`.
+(no repeat_interleave). Prompt rows with nothing cached go to `scaled_dot_product_attention`; one-token rows
+(decodes) are batched into one gathered softmax while their gathered caches stay small.
 """
 
 from __future__ import annotations
@@ -110,6 +111,50 @@ def _offsets(kind: int, param: int, n: int) -> torch.Tensor:
     return torch.tensor(written_offsets(kind, param, n), dtype=torch.long)
 
 
+GATHER_LIMIT_BYTES = 8 << 20  # single-token rows are batched when their gathered cache stays below this
+
+
+def _single_token_rows(rows: AttentionRows, k_cache: torch.Tensor) -> list[int]:
+    """Rows of one token with a cached prefix (decode-like), if batching them is cheaper than a loop."""
+    picked = [b for b in range(len(rows.slots)) if rows.cu[b + 1] - rows.cu[b] == 1 and rows.cache_lens[b] > 0]
+    if len(picked) < 2:
+        return []
+    longest = max(rows.cache_lens[b] for b in picked)
+    per_row = longest * k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size() * 2
+    return picked if per_row * len(picked) <= GATHER_LIMIT_BYTES else []
+
+
+def _attend_single_tokens(q, k_new, v_new, k_cache, v_cache, rows: AttentionRows, picked: list[int], scale: float,
+                          out: torch.Tensor) -> None:
+    """All one-token rows at once: gather their cached prefixes (padded to the longest), one batched softmax.
+
+    A one-token chunk sees its whole cache and itself under every mask kind, so only the cache padding is
+    masked. Writing rows store their token's K/V at position p_b.
+    """
+    n_kv, head_dim = k_new.shape[1], k_new.shape[2]
+    group = q.shape[1] // n_kv
+    index = torch.tensor([rows.cu[b] for b in picked])
+    slots = torch.tensor([rows.slots[b] for b in picked])
+    pasts = torch.tensor([rows.cache_lens[b] for b in picked])
+    longest = int(max(rows.cache_lens[b] for b in picked))
+    qb = q[index].view(len(picked), n_kv, group, head_dim)  # [R, Hkv, g, D]
+    kc = k_cache[slots, :longest].permute(0, 2, 3, 1)  # [R, Hkv, D, P]
+    vc = v_cache[slots, :longest].transpose(1, 2)  # [R, Hkv, P, D]
+    kn, vn = k_new[index], v_new[index]  # [R, Hkv, D]
+    cached = torch.matmul(qb, kc).float() * scale  # [R, Hkv, g, P]
+    padding = torch.arange(longest)[None, :] >= pasts[:, None]  # [R, P]
+    cached.masked_fill_(padding[:, None, None, :], float("-inf"))
+    own = (qb * kn[:, :, None, :]).sum(-1, keepdim=True).float() * scale  # [R, Hkv, g, 1]
+    probs = torch.softmax(torch.cat([cached, own], dim=-1), dim=-1).to(q.dtype)
+    mixed = torch.matmul(probs[..., :longest], vc) + probs[..., longest:] * vn[:, :, None, :]
+    out[index] = mixed.reshape(len(picked), n_kv * group, head_dim)
+    writers = [i for i, b in enumerate(picked) if rows.writes[b]]
+    if writers:
+        w = torch.tensor(writers)
+        k_cache[slots[w], pasts[w]] = kn[w]
+        v_cache[slots[w], pasts[w]] = vn[w]
+
+
 def attend_cpu(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
                v_cache: torch.Tensor, rows: AttentionRows, scale: float) -> torch.Tensor:
     """The CPU fast path (see the module docstring); equal to the reference within fp32 rounding."""
@@ -117,10 +162,14 @@ def attend_cpu(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cach
     n_kv = k_new.shape[1]
     group = n_heads // n_kv
     out = torch.empty_like(q)
+    batched = _single_token_rows(rows, k_cache)
+    if batched:
+        _attend_single_tokens(q, k_new, v_new, k_cache, v_cache, rows, batched, scale, out)
+    skip = set(batched)
     for b, slot in enumerate(rows.slots):
         start, end = rows.cu[b], rows.cu[b + 1]
         n, past, kind, param = end - start, rows.cache_lens[b], rows.kinds[b], rows.params[b]
-        if n == 0:
+        if n == 0 or b in skip:
             continue
         kn, vn = k_new[start:end], v_new[start:end]
         if past == 0 and kind in (CAUSAL, BIDIRECTIONAL):
