@@ -38,7 +38,7 @@ from ..model.kv_cache import KVCache
 from ..model.network import Transformer
 from .limits import EngineLimits
 from .step import StepBatch
-from .torch_engine import TorchEngine, check_step_fits
+from .torch_engine import TorchEngine
 
 MIN_CACHE_BUCKET = 64
 ALIGN_BYTES = 256  # every static input starts at a 256-byte boundary (TensorRT binds them as tensor addresses)
@@ -237,7 +237,7 @@ class GraphEngine(TorchEngine):
             raise ValueError("GraphEngine steps must use the cache returned by its new_cache()")
         if any(row.slot == self.scratch_slot for row in batch.rows):
             raise ValueError(f"slot {self.scratch_slot} is the engine's scratch slot, not a sequence's")
-        check_step_fits(batch, cache, self.limits)
+        self.limits.check_step(batch, cache)
         key = self.bucketing.key(batch)
         if key is None:
             self.eager_steps += 1

@@ -102,21 +102,6 @@ def choose_profile(profiles: list[dict[str, Any]], tokens: int, rows: int, logit
                         "optimization profile of this engine (rebuild it with larger limits)")
 
 
-def check_step(limits: EngineLimits, cache: KVCache, batch: StepBatch) -> None:
-    """CapacityError unless the step fits: its tokens, its rows, and every writing row's end in the cache."""
-    if batch.num_tokens > limits.max_step_tokens:
-        raise CapacityError(f"a step of {batch.num_tokens} tokens exceeds the engine's maximum of "
-                            f"{limits.max_step_tokens} tokens per step")
-    limits.check_batch(len(batch.rows))
-    for row, past in zip(batch.rows, batch.cache_lens, strict=True):
-        if not 0 <= row.slot < cache.num_slots:
-            raise ValueError(f"slot {row.slot} is not one of the cache's {cache.num_slots} slots")
-        end = past + row.written
-        limits.check_positions(end)
-        if end > cache.max_len:
-            raise CapacityError(f"sequence needs {end} positions, beyond the cache's {cache.max_len}")
-
-
 def written_tokens(batch: StepBatch) -> list[tuple[int, int, list[int]]]:
     """(slot, first cache position, packed token indices) of every writing row, from host data only."""
     out, start = [], 0
@@ -168,7 +153,7 @@ class GraphStepEngine:
         """One forward: logits [M, V] fp32; the writing rows' K/V go into `cache`, their lengths advance."""
         if batch.any_lora and not self.has_lora:
             raise ValueError("this engine has no LoRA adapter")
-        check_step(self.limits, cache, batch)
+        self.limits.check_step(batch, cache, limit_tokens=True)
         logits, new_k, new_v = self._execute(cache, batch)
         write_returned_kv(cache, batch, new_k, new_v)
         return logits

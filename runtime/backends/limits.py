@@ -35,3 +35,18 @@ class EngineLimits:
             raise CapacityError(f"block length {block_length} is not one this engine was built for "
                                 f"({', '.join(map(str, self.block_lengths))}); rebuild with --block-length "
                                 f"{block_length}")
+
+    def check_step(self, batch, cache, limit_tokens: bool = False) -> None:
+        """CapacityError unless a step fits: its rows, every token's position, every writing row's end in the
+        cache, and (for shape-specialised backends, `limit_tokens`) its token count."""
+        if limit_tokens and batch.num_tokens > self.max_step_tokens:
+            raise CapacityError(f"a step of {batch.num_tokens} tokens exceeds the engine's maximum of "
+                                f"{self.max_step_tokens} tokens per step")
+        self.check_batch(len(batch.rows))
+        self.check_positions(batch.max_position + 1, "a step")
+        for row, past in zip(batch.rows, batch.cache_lens, strict=True):
+            if not 0 <= row.slot < cache.num_slots:
+                raise ValueError(f"slot {row.slot} is not one of the cache's {cache.num_slots} slots")
+            if past + row.written > cache.max_len:
+                raise CapacityError(f"slot {row.slot} would hold {past + row.written} tokens, beyond the cache's "
+                                    f"{cache.max_len}")

@@ -8,18 +8,8 @@ import torch
 
 from ..model.kv_cache import KVCache
 from ..model.network import Transformer
-from .limits import CapacityError, EngineLimits
+from .limits import EngineLimits
 from .step import StepBatch
-
-
-def check_step_fits(batch: StepBatch, cache: KVCache, limits: EngineLimits) -> None:
-    """A step may not place a token beyond the engine's positions nor write beyond the cache."""
-    limits.check_batch(len(batch.rows))
-    limits.check_positions(batch.max_position + 1, "a step")
-    for row, past in zip(batch.rows, batch.cache_lens, strict=True):
-        if past + row.written > cache.max_len:
-            raise CapacityError(f"slot {row.slot} would hold {past + row.written} tokens, beyond the cache's "
-                                f"{cache.max_len}")
 
 
 class TorchEngine:
@@ -51,7 +41,7 @@ class TorchEngine:
         return self.model.new_cache(num_slots, self.limits.max_seq_len)
 
     def step(self, cache: KVCache, batch: StepBatch) -> torch.Tensor:
-        check_step_fits(batch, cache, self.limits)
+        self.limits.check_step(batch, cache)
         logits = self.model.forward_step(cache, batch)
         batch.commit_lengths(cache)
         return logits
