@@ -22,6 +22,15 @@ def prompts_for(seed: int, count: int, vocab: int = 256) -> list[list[int]]:
     return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: on a shared 2-core machine extra torch threads only contend (several times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
     return engine_from_checkpoint(tiny_checkpoint, dtype="fp32")
@@ -326,9 +335,24 @@ def test_sampling_batch_equals_alone_and_is_reproducible(engine):
     prompts = prompts_for(22, 3)
     for mode in ("ar", "diffusion", "spec"):
         kw = {"mode": mode, "max_new_tokens": 16, "block_length": 8, "temperature": 1.0, "seed": 3}
-        batch = run(engine, prompts, **kw)
-        assert [b.tokens for b in batch] == [b.tokens for b in run(engine, prompts, **kw)]
-        assert batch[1].tokens == run(engine, [prompts[1]], **kw)[0].tokens
+        batch = [b.tokens for b in run(engine, prompts, **kw)]
+        assert batch == [b.tokens for b in run(engine, prompts, **kw)]
+        assert batch == [run(engine, [p], **kw)[0].tokens for p in prompts]
+        # it really samples: not the greedy output, and another seed gives another output
+        greedy = [b.tokens for b in run(engine, prompts, **{**kw, "temperature": 0.0})]
+        assert all(s != g for s, g in zip(batch, greedy, strict=True)), mode
+        other = [b.tokens for b in run(engine, prompts, **{**kw, "seed": 4})]
+        assert all(s != o for s, o in zip(batch, other, strict=True)), mode
+
+
+def test_sampled_requests_of_different_modes_share_steps_and_equal_alone(engine):
+    prompts = prompts_for(24, 3)
+    configs = [GenerationConfig(mode=mode, max_new_tokens=16, block_length=8, temperature=1.0, seed=seed)
+               for mode, seed in (("ar", 1), ("diffusion", 2), ("spec", 3))]
+    together = generate(engine, prompts, configs)
+    for prompt, config, result in zip(prompts, configs, together, strict=True):
+        alone = generate(engine, [prompt], config)[0]
+        assert result.tokens == alone.tokens and result.forwards == alone.forwards, config.mode
 
 
 def test_cancelled_sequences_leave_the_batch(engine):
