@@ -95,8 +95,10 @@ def exact_distribution(checkpoint: Path, temperature: float, top_k: int = 0) -> 
 
 def sample(engine, mode: str, temperature: float, samples: int = SAMPLES, **kw) -> Counter:
     counts: Counter = Counter()
+    new_tokens = 1 if mode == "diffusion" else K
     for start in range(0, samples, BATCH):
-        configs = [GenerationConfig(mode=mode, max_new_tokens=K, temperature=temperature, seed=seed, **kw)
+        configs = [GenerationConfig(mode=mode, max_new_tokens=new_tokens, temperature=temperature, seed=seed,
+                                    **kw)
                    for seed in range(start, start + BATCH)]
         for result in generate(engine, [PROMPT] * BATCH, configs):
             counts[tuple(result.tokens)] += 1
@@ -142,6 +144,19 @@ def test_spec_sampling_equals_ar_sampling(checkpoint, engine, temperature, block
 def test_spec_sampling_full_vocabulary(checkpoint, engine):
     counts = sample(engine, "spec", 1.0, block_length=2)
     stat, critical = chi_square(counts, exact_distribution(checkpoint, 1.0))
+    print(f"chi-square {stat:.1f}, critical {critical:.1f}")
+    assert stat < critical, (stat, critical)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_diffusion_seed_samples_the_causal_distribution(checkpoint, engine, temperature):
+    """Diffusion's Gumbel-max in float64, exp(l) / (-log u) ** T, is a draw from softmax(l / T): its first
+    token (the prefill's seed; block length 1 leaves nothing to denoise) has AR's first-token distribution."""
+    counts = sample(engine, "diffusion", temperature, samples=SAMPLES // 2, block_length=1)
+    first: dict[tuple[int, ...], float] = {}
+    for cell, p in exact_distribution(checkpoint, temperature).items():
+        first[cell[:1]] = first.get(cell[:1], 0.0) + p
+    stat, critical = chi_square(Counter({cell[:1]: n for cell, n in counts.items()}), first)
     print(f"chi-square {stat:.1f}, critical {critical:.1f}")
     assert stat < critical, (stat, critical)
 
