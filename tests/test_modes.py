@@ -289,6 +289,19 @@ def test_spec_keeps_a_mask_token_the_verifier_chose(threshold):
     assert all(row.tokens[0] == truth[row.past - 1] for row in engine.rows_of(scripted.VERIFY))
 
 
+@pytest.mark.parametrize("has_lora,use_lora", [(True, True), (True, False), (False, True)])
+def test_only_spec_drafts_use_the_adapter(has_lora, use_lora):
+    rows = {}
+    for mode in ("spec", "diffusion", "ar"):
+        engine = scripted.ScriptedEngine(list(range(1, 41)), accept=[2] * 50, has_lora=has_lora)
+        generate(engine, [[5, 6]], GenerationConfig(mode=mode, max_new_tokens=16, block_length=4, use_lora=use_lora))
+        rows[mode] = engine.rows
+    drafts = [r for r in rows["spec"] if r.role == scripted.DRAFT]
+    assert drafts and all(r.lora == (has_lora and use_lora) for r in drafts)
+    assert not any(r.lora for r in rows["spec"] if r.role != scripted.DRAFT)  # verify and prefill: never
+    assert not any(r.lora for r in rows["diffusion"] + rows["ar"])
+
+
 def test_draft_loop_is_bounded_when_model_predicts_mask():
     engine = scripted.ScriptedEngine(list(range(1, 41)), draft_mask=True)
     out = generate(engine, [[5]], GenerationConfig(mode="spec", max_new_tokens=6, block_length=4, threshold=0.5))[0]
