@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from trimode.builder.presets import PRESETS
 from trimode.builder.random_checkpoint import make_config, write_random_checkpoint
@@ -28,3 +29,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("tiny_bf16") / "ckpt", dtype="bf16", seed=1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """One intra-op thread: on the project's shared 2-core machines more threads only fight each other
+    (a test file went from 789 s to 7 s). Results do not depend on it; timings are never asserted."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
