@@ -96,6 +96,8 @@ def print_table(report: dict) -> None:
 @click.option("--modes", default="ar,diffusion,spec,quad", show_default=True,
               help="Comma-separated modes to compare.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Prompts per batch.")
+@click.option("--num-prompts", type=click.IntRange(min=1), default=None,
+              help="Prompts per run, in groups of --batch-size (default: one batch).")
 @click.option("--prompt-length", type=click.IntRange(min=1), default=32, show_default=True,
               help="Length of random prompts.")
 @click.option("--prompts-file", type=click.Path(exists=True, path_type=Path), default=None,
@@ -114,7 +116,7 @@ def print_table(report: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report.")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Also write the JSON report here.")
 @device_options
-def bench_command(model_path: Path | None, modes: str, batch_size: int, prompt_length: int,
+def bench_command(model_path: Path | None, modes: str, batch_size: int, num_prompts: int | None, prompt_length: int,
                   prompts_file: Path | None, max_new_tokens: int, block_lengths: str | None,
                   threshold: float | None, runs: int, warmup: int, dtype: str, peers: bool, seed: int,
                   as_json: bool, output: Path | None, device: str, threads: int) -> None:
@@ -140,7 +142,7 @@ def bench_command(model_path: Path | None, modes: str, batch_size: int, prompt_l
             name = m if len(lengths) == 1 or m == "ar" else f"{m}@{value}"
             configs[name] = GenerationConfig(mode=m, max_new_tokens=new_tokens, block_length=value,
                                              threshold=threshold if m == "diffusion" else None)
-    prompts = make_prompts(engine, batch_size, prompt_length, seed, prompts_file)
+    prompts = make_prompts(engine, num_prompts or batch_size, prompt_length, seed, prompts_file)
     for config in configs.values():
         try:
             validate_request(engine, prompts, config)
@@ -153,7 +155,7 @@ def bench_command(model_path: Path | None, modes: str, batch_size: int, prompt_l
         "batch_size": batch_size, "prompt_lengths": [len(p) for p in prompts], "max_new_tokens": new_tokens,
         "block_lengths": lengths,
         "runs": runs, "warmup": warmup,
-        "modes": bench_modes(engine, prompts, configs, runs=runs, warmup=warmup),
+        "modes": bench_modes(engine, prompts, configs, runs=runs, warmup=warmup, batch_size=batch_size),
     }
     if peers:
         if "ar" not in configs:
