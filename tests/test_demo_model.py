@@ -1,8 +1,11 @@
 """The shipped demo model and the pieces of its training recipe (examples/train_demo/).
 
-The model tests load the checkpoint under trimode/demo_model and check that it really learned held-out code
-(a random model of the same shape fails them); the recipe tests pin the joint objective's attention mask and
-noising, which no end-to-end number would catch if they were subtly wrong.
+The model tests load the checkpoint under trimode/demo_model and MEASURE what it does - held-out loss,
+greedy text, self-speculation acceptance, infill against AR - so a random model of the same shape (or a
+regression in the weights) fails them; none of them reads a number stored in training.json (the one test
+that reads that file only checks that the record of the run is there). The recipe tests pin the joint
+objective's attention mask and noising, which no end-to-end number would catch if they were subtly wrong;
+tests/test_train_demo.py pins the self-speculation recipe's data builder against the inference passes.
 """
 
 from __future__ import annotations
@@ -17,11 +20,20 @@ import torch
 import torch.nn.functional as F
 
 from trimode.builder.checkpoint import load_checkpoint
+from trimode.builder.convert import convert_checkpoint
 from trimode.demo import demo_model_path
+from trimode.plugins.reference import CAUSAL
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
+from trimode.runtime.backends.step import ChunkRow, StepBatch
 from trimode.runtime.generate import GenerationConfig, generate
+from trimode.runtime.model.network import Transformer
 
 RECIPE = Path(__file__).resolve().parents[1] / "examples" / "train_demo"
+# bounds for the measured checks below (see examples/train_demo/README.md for the full measurements)
+# (measured on the shipped weights: 3.857, 2.13 and +7.7 points; the stage-2 weights: 3.861, 0.98, -10 points)
+HELD_OUT_AR_BOUND = 3.91  # the stage-2 model's 3.86 + 0.05
+SPEC_TPF_BOUND = 1.5
+INFILL_MARGIN = 0.04
 sys.path.insert(0, str(RECIPE))
 
 from objective import joint_attention_mask, joint_loss, noise_blocks  # noqa: E402
@@ -38,6 +50,23 @@ def demo() -> Path:
 @pytest.fixture(scope="module")
 def engine(demo):
     return engine_from_checkpoint(demo, dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def model(demo) -> Transformer:
+    """The demo weights (fp32) for the recipe's own loops, which use the network's layers only."""
+    checkpoint = load_checkpoint(demo, with_lora=False)
+    return Transformer(checkpoint.config, convert_checkpoint(checkpoint, torch.float32, use_lora=False))
+
+
+def prefill(engine, cache, ids: list[int]) -> torch.Tensor:
+    """Causal pass over a prompt through the engine step (writes the cache); the last token's logits."""
+    row = ChunkRow(0, list(ids), CAUSAL, write=True, logit_offsets=[len(ids) - 1])
+    return engine.step(cache, StepBatch.from_rows([row], cache))[0]
+
+
+def decode(engine, cache, token: int) -> torch.Tensor:
+    return prefill(engine, cache, [token])
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +92,13 @@ def test_demo_checkpoint_is_valid_and_tokenizer_matches(demo, tokenizer):
     text = "def spam(eggs):\n    return {'ham': eggs * 2}  # \u00e9t\u00e9\n"
     assert tokenizer.decode(tokenizer.encode(text).ids) == text
     assert (demo / "model.safetensors").stat().st_size < 20 * 2**20
+
+
+def test_training_record_names_the_run(demo):
+    """A record check, not a quality check: training.json documents the commands that made the weights."""
     record = json.loads((demo / "training.json").read_text())
-    assert record["held_out"]["ar_loss"] < 0.5 * math.log(c.vocab_size)
+    assert [run["stage"] for run in record["runs"]] == [1, 2]
+    assert "python examples/train_demo/train_joint.py" in record["continued"]["command"]
 
 
 def test_held_out_loss_through_prefill_and_decode(engine, tokenizer, prompts):
@@ -76,15 +110,28 @@ def test_held_out_loss_through_prefill_and_decode(engine, tokenizer, prompts):
     ids = tokenizer.encode(prompts[4] + prompts[6]).ids[:96]
     cache = engine.new_cache(1)
     losses = []
-    logits = engine.prefill(cache, [0], [ids[:8]])[0]
+    logits = prefill(engine, cache, ids[:8])
     for token in ids[8:]:
         losses.append(F.cross_entropy(logits, torch.tensor(token)))
-        logits = engine.decode(cache, [0], [token])[0]
+        logits = decode(engine, cache, token)
     stepwise = float(torch.stack(losses).mean())
     assert stepwise < 0.5 * math.log(engine.config.vocab_size)
-    whole = engine.verify(engine.new_cache(1), [0], torch.tensor([ids]))[0]
+    cache = engine.new_cache(1)
+    row = ChunkRow(0, ids, CAUSAL, write=True, logit_offsets=list(range(len(ids))))
+    whole = engine.step(cache, StepBatch.from_rows([row], cache))
     one_pass = float(F.cross_entropy(whole[7:-1], torch.tensor(ids[8:])))
     assert abs(one_pass - stepwise) < 1e-3
+
+
+def test_held_out_ar_loss_is_measured_near_the_shipped_level(model, tokenizer):
+    """Held-out AR loss measured now on train.py's fixed evaluation windows (8 x 8 x 256 held-out tokens, the
+    protocol of the 3.86 the first demo model reached; a random model scores about ln V = 8.3)."""
+    from data import corpus_files, token_stream
+    from train_joint import held_out_ar_loss
+
+    _, held = corpus_files()
+    stream = token_stream(tokenizer, held, model.config.eos_token_id)
+    assert held_out_ar_loss(model, stream) < HELD_OUT_AR_BOUND
 
 
 def test_greedy_continuation_is_code(engine, tokenizer, prompts):
@@ -95,13 +142,13 @@ def test_greedy_continuation_is_code(engine, tokenizer, prompts):
     """
     prompt = tokenizer.encode(prompts[1]).ids
     cache = engine.new_cache(1)
-    logits = engine.prefill(cache, [0], [prompt])
+    logits = prefill(engine, cache, prompt)
     tokens: list[int] = []
     for _ in range(24):
-        tokens.append(int(logits[0].argmax()))
+        tokens.append(int(logits.argmax()))
         if tokens[-1] == engine.config.eos_token_id:
             break
-        logits = engine.decode(cache, [0], [tokens[-1]])
+        logits = decode(engine, cache, tokens[-1])
     ar = generate(engine, [prompt], GenerationConfig(mode="ar", max_new_tokens=24))[0]
     assert ar.tokens == tokens
     outputs = generate(engine, [tokenizer.encode(p).ids for p in prompts], GenerationConfig(mode="ar",
@@ -119,8 +166,26 @@ def test_demo_spec_is_ar_exact_and_accepts_drafts(engine, tokenizer, prompts):
     assert [s.tokens for s in spec] == [a.tokens for a in ar]
     generated = sum(len(s.tokens) for s in spec)
     forwards = sum(s.forwards - 1 for s in spec)
-    # without accepted drafts a draft + verify pair yields one token (0.5 per forward)
-    assert generated / forwards > 0.6
+    # without accepted drafts a draft + verify pair yields one token (0.5 per forward); the first demo model
+    # reached about 1.0 here, the self-speculation-trained one (stage 3) about 2.1
+    assert generated / forwards > SPEC_TPF_BOUND
+
+
+def test_demo_infill_beats_ar_on_held_out_holes(model, tokenizer):
+    """One middle line of held-out functions: infill (sees the suffix) must beat AR (prefix only) clearly."""
+    from eval_infill import examples
+    from spec_lib import greedy, infill
+
+    items = examples(tokenizer, 12, prefix=128, suffix=32)
+    right_infill = right_ar = total = 0
+    for item in items:
+        n, truth = len(item["hole"]), torch.tensor(item["hole"])
+        filled = torch.tensor(infill(model, item["prefix"], item["suffix"], n, model.config.mask_token_id))
+        ar = greedy(model, torch.tensor([item["prefix"]]), n)[0]
+        right_infill += int((filled == truth).sum())
+        right_ar += int((ar == truth).sum())
+        total += n
+    assert right_infill / total > right_ar / total + INFILL_MARGIN
 
 
 def test_prompts_come_from_held_out_files():
@@ -209,11 +274,11 @@ def test_draft_attention_mask():
     assert torch.equal(allowed, expected)
 
 
-def test_adapter_distillation_targets_are_the_ar_greedy_tokens(engine, tokenizer, prompts):
+def test_adapter_distillation_targets_are_the_ar_greedy_tokens(engine, model, tokenizer, prompts):
     """The draft adapter's targets are exactly what AR mode generates, so a matching draft is accepted."""
     prefix = tokenizer.encode(prompts[8]).ids[:20]
     block = engine.config.block_size
-    inputs, targets = teacher_rollout(engine, torch.tensor([prefix]), on_policy=4, block=block)
+    inputs, targets = teacher_rollout(model, torch.tensor([prefix]), on_policy=4, block=block)
     ar = generate(engine, [prefix], GenerationConfig(mode="ar", max_new_tokens=4 + block - 1))[0].tokens
     assert inputs[0].tolist() == prefix + ar[:4]  # context + t (the 4th greedy token)
     want = torch.tensor(ar[4:])
