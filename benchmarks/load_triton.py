@@ -37,11 +37,11 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def workload(count: int, seed: int, prompts: list[str]) -> list[dict]:
+def workload(count: int, seed: int, prompts: list[str], modes: list[str]) -> list[dict]:
     rng = random.Random(seed)
     jobs = []
     for number in range(count):
-        mode = ["ar", "spec", "quad", "diffusion"][number % 4]
+        mode = modes[number % len(modes)]
         text = rng.choice(prompts)
         text = text[: rng.randint(max(8, len(text) // 3), len(text))]
         block = 16 if mode == "diffusion" else rng.choice([4, 8])
@@ -149,6 +149,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,4,16")
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--modes", default="ar,spec,quad,diffusion", help="modes of the requests, in turn")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args()
@@ -159,7 +160,7 @@ def main() -> None:
     model = args.model or str(demo_model_path())
     prompts = json.loads((ROOT / "examples/train_demo/prompts.json").read_text())
     prompts = [p["prompt"] if isinstance(p, dict) else p for p in prompts]
-    jobs = workload(args.requests, args.seed, prompts)
+    jobs = workload(args.requests, args.seed, prompts, args.modes.split(","))
     counts = [int(c) for c in args.clients.split(",")]
     http, grpc, metrics = free_port(), free_port(), free_port()
     command = [sys.executable, "-m", "trimode", "serve", model, "--http-port", str(http), "--grpc-port", str(grpc),
@@ -187,6 +188,7 @@ def main() -> None:
     base = runs[0]
     report = {"benchmark": "load_triton", "date": date.today().isoformat(), "machine": platform.machine(),
               "cpus": os.cpu_count(), "model": model, "server_threads": args.threads, "requests": len(jobs),
+              "modes": args.modes,
               "command": " ".join(["python", "benchmarks/load_triton.py"] + sys.argv[1:]), "runs": runs,
               "ratios_vs_one_at_a_time": {
                   str(r["clients"]): {"throughput": round(r["tokens_per_s"] / base["tokens_per_s"], 2),

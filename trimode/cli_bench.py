@@ -14,7 +14,7 @@ import torch
 from .cli_generate import apply_threads, default_model, device_options, parse_block_length
 from .runtime.backends.engine_loader import open_engine
 from .runtime.backends.limits import EngineLimits
-from .runtime.bench.runner import bench_modes, run_once
+from .runtime.bench.runner import TimedEngine, bench_modes, run_once
 from .runtime.generate import AUTO, MODES, GenerationConfig, RequestError, validate_request
 
 
@@ -44,6 +44,7 @@ def peer_report(model_path: Path, engine, prompts: list[list[int]], configs: dic
     from .runtime.bench.peers import DynamicCacheEngine, HFGenerate
 
     report: dict = {}
+    engine = TimedEngine(engine)  # one proxy, so its scheduler and block-length statistics persist across calls
     new_tokens = configs["ar"].max_new_tokens
     if (model_path / "config.json").is_file():
         hf = HFGenerate(model_path, engine.dtype)
@@ -60,7 +61,8 @@ def peer_report(model_path: Path, engine, prompts: list[list[int]], configs: dic
     if not hasattr(engine, "model"):  # graph backends (onnx, tensorrt) hold no torch model to share
         report["reference_loops"] = "skipped: the reference-style loops need a torch engine or a checkpoint"
         return report
-    dynamic = DynamicCacheEngine(engine.model, EngineLimits(1, engine.limits.max_seq_len), engine.tokenizer_path)
+    dynamic = TimedEngine(DynamicCacheEngine(engine.model, EngineLimits(1, engine.limits.max_seq_len),
+                                             engine.tokenizer_path))
     for name, config in configs.items():
         ours_t, theirs_t = [], []
         for _ in range(runs):
