@@ -30,14 +30,6 @@ transformers = pytest.importorskip("transformers", minversion="5.0")
 PROMPTS = [[1, 5, 6, 7], [1, *range(40, 75)], [9, 200, 3]]  # the middle one crosses YaRN's window (32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: on a shared 2-core machine extra torch threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
