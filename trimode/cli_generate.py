@@ -152,7 +152,7 @@ def generate_command(model_path: Path | None, mode: str, prompts: tuple[str, ...
                      ar_mix_weight: float | None, seed: int, lora: bool, dtype: str, verify: bool, as_json: bool,
                      device: str, threads: int, chat: bool, system: str | None, enable_thinking: bool | None,
                      max_thinking_tokens: int | None) -> None:
-    """Generate from prompts in AR, diffusion or self-speculation mode; reports forwards and tokens/forward."""
+    """Generate from prompts in any mode (ar, diffusion, spec, quad, infill); reports forwards and tokens/forward."""
     if model_path is None:
         model_path = default_model()
         if model_path is None:
