@@ -45,6 +45,7 @@ class MarkovEngine:
         self.wrong_after = wrong_after or []
         self.eos_after = eos_after  # the token after this one is EOS
         self.draft_rounds: dict[int, int] = {}
+        self.last_written: dict[int, int] = {}  # per slot, the last token a causal row wrote (infill's anchor)
         self.steps: list[list[tuple[int, int]]] = []  # per step: (mask kind, tokens) of each row
 
     def next(self, t: int) -> int:
@@ -74,7 +75,12 @@ class MarkovEngine:
                 if row.mask_kind == CAUSAL:
                     picks.append(self.next(toks[o]))
                 elif row.mask_kind == BIDIRECTIONAL:
-                    picks.append(toks[o] if toks[o] != MASK else self._draft(row.slot, toks[0], o))
+                    if toks[o] != MASK:  # a clean token: deliberately not itself, so overwriting one shows
+                        picks.append((toks[o] + 1) % 40)
+                    elif toks[0] != MASK:  # a spec or diffusion block [t, MASK...]
+                        picks.append(self._draft(row.slot, toks[0], o))
+                    else:  # an infill chunk [MASK...][suffix]: the hole continues the cached prefix
+                        picks.append(self.ahead(self.last_written[row.slot], o + 1))
                 elif row.mask_kind == PREFIX_BLOCK:
                     prefix = n - row.mask_param
                     picks.append(self.next(toks[o]) if o < prefix else
@@ -84,6 +90,8 @@ class MarkovEngine:
                     j, off = divmod(o, row.mask_param + 1)
                     d_j = toks[j * (row.mask_param + 1)]
                     picks.append(self.next(d_j) if off == 0 else self._draft(row.slot, d_j, off))
+            if row.write and row.mask_kind == CAUSAL:
+                self.last_written[row.slot] = toks[-1]
             if row.mask_kind in (QUAD, PREFIX_BLOCK, BIDIRECTIONAL):
                 self.draft_rounds[row.slot] = self.draft_rounds.get(row.slot, 0) + 1
         batch.commit_lengths(cache)
