@@ -2,8 +2,7 @@
 
 This is the single place where the runtime chooses an attention implementation. Every implementation
 computes the packed per-row contract of `plugins/reference.py`; the reference itself (a slow, obvious loop
-that concatenates each row's cache) is the oracle of the tests and can be forced with
-`set_attention_impl("reference")`.
+that concatenates each row's cache) is the oracle the tests compare the fast path with.
 
 The CPU fast path never copies a row's cached K/V: it scores the queries against a strided view of the
 cache and against the chunk's own keys separately, applies the chunk mask to the second part only, and
@@ -24,20 +23,10 @@ from ...plugins.reference import (
     BIDIRECTIONAL,
     CAUSAL,
     PREFIX_BLOCK,
-    block_attention_reference,
     chunk_mask,
     written_offsets,
 )
 from ..backends.devices import DeviceError
-
-_IMPL = {"cpu": "fast"}
-
-
-def set_attention_impl(name: str) -> None:
-    """"fast" (default) or "reference" for CPU tensors (tests compare the two)."""
-    if name not in ("fast", "reference"):
-        raise ValueError(f"unknown attention implementation {name!r}")
-    _IMPL["cpu"] = name
 
 
 class CudaPluginMissing(DeviceError):
@@ -88,13 +77,6 @@ def attend(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: t
         cu, slots, lens, kinds, params, writes = rows.device_arrays
         return _cuda_op().block_attention(q, k_new, v_new, k_cache, v_cache, cu, slots, lens, kinds, params,
                                           writes, scale, rows.max_chunk, rows.max_cache_len)
-    if _IMPL["cpu"] == "reference":
-        def i32(values: list) -> torch.Tensor:
-            return torch.tensor([int(v) for v in values], dtype=torch.int32)
-
-        return block_attention_reference(q, k_new, v_new, k_cache, v_cache, i32(rows.cu), i32(rows.slots),
-                                         i32(rows.cache_lens), i32(rows.kinds), i32(rows.params), i32(rows.writes),
-                                         scale)
     return attend_cpu(q, k_new, v_new, k_cache, v_cache, rows, scale)
 
 
