@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 MAX_SPLITS = 32
 BUILD_DIR = Path(os.environ.get("TRIMODE_PLUGIN_BUILD_DIR", Path(__file__).resolve().parent / "build"))
 LIBRARIES = {
@@ -54,7 +54,7 @@ class AttentionError(RuntimeError):
 
 
 class Params(ctypes.Structure):
-    """Mirror of TrimodeAttentionParams (ABI 3); field order and types must match block_attention.h exactly."""
+    """Mirror of TrimodeAttentionParams (ABI 4); field order and types must match block_attention.h exactly."""
 
     _fields_ = [
         ("abi_version", ctypes.c_int32),
@@ -64,8 +64,9 @@ class Params(ctypes.Structure):
         ("num_heads", ctypes.c_int32),
         ("num_kv_heads", ctypes.c_int32),
         ("head_dim", ctypes.c_int32),
-        ("cache_slots", ctypes.c_int32),
-        ("cache_capacity", ctypes.c_int32),
+        ("num_pages", ctypes.c_int32),  # P
+        ("page_size", ctypes.c_int32),  # S
+        ("pages_per_row", ctypes.c_int32),  # T: the page table's row stride
         ("max_chunk", ctypes.c_int32),
         ("max_cache_len", ctypes.c_int32),
         ("scale", ctypes.c_float),
@@ -75,7 +76,7 @@ class Params(ctypes.Structure):
         ("k_cache", ctypes.c_void_p),
         ("v_cache", ctypes.c_void_p),
         ("cu_seqlens", ctypes.c_void_p),
-        ("slots", ctypes.c_void_p),
+        ("page_table", ctypes.c_void_p),  # [B, T] int32
         ("cache_lens", ctypes.c_void_p),
         ("mask_kind", ctypes.c_void_p),
         ("mask_param", ctypes.c_void_p),
@@ -171,29 +172,34 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-ROW_ARRAYS = ("cu_seqlens", "slots", "cache_lens", "mask_kind", "mask_param", "write")
+ROW_ARRAYS = ("cu_seqlens", "page_table", "cache_lens", "mask_kind", "mask_param", "write")
 
 
 def make_params(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, cu_seqlens: torch.Tensor, slots: torch.Tensor, cache_lens: torch.Tensor,
-                mask_kind: torch.Tensor, mask_param: torch.Tensor, write: torch.Tensor | None,
-                out: torch.Tensor, scale: float, max_chunk: int, max_cache_len: int = 0,
-                workspace: torch.Tensor | None = None) -> Params:
+                v_cache: torch.Tensor, cu_seqlens: torch.Tensor, page_table: torch.Tensor,
+                cache_lens: torch.Tensor, mask_kind: torch.Tensor, mask_param: torch.Tensor,
+                write: torch.Tensor | None, out: torch.Tensor, scale: float, max_chunk: int,
+                max_cache_len: int = 0, workspace: torch.Tensor | None = None) -> Params:
     """Fills Params from tensors laid out per the contract; the tensors must outlive the call.
 
-    Only the sizes are taken from the tensors (B from `slots`); checking that they are contiguous, of one dtype
-    and int32 row arrays on the library's device is the caller's job (the torch op does it), because the C API
-    cannot see strides. `write=None` passes NULL: no row writes.
+    Only the sizes are taken from the tensors (B and T from `page_table` [B, T], P and S from `k_cache`
+    [P, S, Hkv, D]); checking that they are contiguous, of one dtype and int32 row arrays on the library's device
+    is the caller's job (the torch op does it), because the C API cannot see strides. `write=None` passes NULL:
+    no row writes.
     """
     num_tokens, num_heads, head_dim = q.shape
-    slots_count, capacity, num_kv_heads, _ = k_cache.shape
+    num_pages, page_size, num_kv_heads, _ = k_cache.shape
+    if page_table.dim() != 2:
+        raise ValueError(f"page_table must be [B, T], got shape {tuple(page_table.shape)}")
+    num_rows, pages_per_row = page_table.shape
     return Params(
-        abi_version=ABI_VERSION, dtype=DTYPES.get(q.dtype, -1), num_rows=slots.shape[0], num_tokens=num_tokens,
-        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, cache_slots=slots_count,
-        cache_capacity=capacity, max_chunk=int(max_chunk), max_cache_len=int(max_cache_len), scale=float(scale),
+        abi_version=ABI_VERSION, dtype=DTYPES.get(q.dtype, -1), num_rows=num_rows, num_tokens=num_tokens,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, num_pages=num_pages,
+        page_size=page_size, pages_per_row=pages_per_row, max_chunk=int(max_chunk),
+        max_cache_len=int(max_cache_len), scale=float(scale),
         q=_ptr(q), k_new=_ptr(k_new), v_new=_ptr(v_new), k_cache=_ptr(k_cache), v_cache=_ptr(v_cache),
-        cu_seqlens=_ptr(cu_seqlens), slots=_ptr(slots), cache_lens=_ptr(cache_lens), mask_kind=_ptr(mask_kind),
-        mask_param=_ptr(mask_param), write=_ptr(write), out=_ptr(out),
+        cu_seqlens=_ptr(cu_seqlens), page_table=_ptr(page_table), cache_lens=_ptr(cache_lens),
+        mask_kind=_ptr(mask_kind), mask_param=_ptr(mask_param), write=_ptr(write), out=_ptr(out),
         workspace=_ptr(workspace), workspace_size=0 if workspace is None else workspace.numel(),
     )
 
@@ -206,7 +212,7 @@ def max_chunk_of(cu_seqlens: torch.Tensor) -> int:
 
 def block_attention_host(kind: str, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
                          k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens: torch.Tensor,
-                         slots: torch.Tensor, cache_lens: torch.Tensor, mask_kind: torch.Tensor,
+                         page_table: torch.Tensor, cache_lens: torch.Tensor, mask_kind: torch.Tensor,
                          mask_param: torch.Tensor, write: torch.Tensor | None, scale: float,
                          max_chunk: int | None = None, max_cache_len: int = 0) -> torch.Tensor:
     """Runs a host-pointer library ("cpu" or "emu") on CPU tensors; mutates the caches of writing rows.
@@ -221,7 +227,7 @@ def block_attention_host(kind: str, q: torch.Tensor, k_new: torch.Tensor, v_new:
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
         raise ValueError("host libraries need contiguous CPU tensors")
     rows = [None if t is None else t.to(torch.int32).contiguous()
-            for t in (cu_seqlens, slots, cache_lens, mask_kind, mask_param, write)]
+            for t in (cu_seqlens, page_table, cache_lens, mask_kind, mask_param, write)]
     if max_chunk is None:
         max_chunk = min(max_chunk_of(rows[0]), max(1, q.shape[0]))
     out = torch.empty_like(q)

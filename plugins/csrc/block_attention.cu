@@ -8,7 +8,11 @@
 // One thread block computes one tile of 64 "packed" query rows of one (row b, kv head h): packed row R stands
 // for chunk token t = R / G and query head h * G + R % G (G = Hq / Hkv), so a K/V tile loaded into shared memory
 // once serves every query head of its group (GQA) and every chunk token. Keys are visited in tiles of 64 with
-// an online softmax (flash attention); cached keys come from the row's cache slot, chunk keys from k_new/v_new.
+// an online softmax (flash attention); cached keys come from the page pool through the row's page table, chunk
+// keys from k_new/v_new. 64 threads look up where the 64 keys of a tile live (one page-table read and one
+// division per key, not per element) and publish their source rows in a double-buffered shared-memory table
+// (the next tile's lookups overlap the current tile); the K and V loads and the mask read them from there. A
+// key whose page id is outside [0, P) gets no source: it is zero-filled and masked out, never read.
 // The chunk mask is evaluated per (query, key) element inside the softmax from the row's kind and parameter
 // (never materialized); the key range of a tile is bounded by what its last query token may see.
 //
@@ -18,9 +22,11 @@
 // count only, never on device data, so a call is safe to capture in a CUDA graph and replays identically.
 //
 // `out` is zeroed first (cudaMemsetAsync, capturable): tokens of no valid row stay zero. A writing row's
-// blocks of tile 0 / split 0 copy its written tokens into the cache at [p_b, p_b + count). Every block reads
-// cache positions < p_b only (chunk keys come from k_new), so the copy cannot race with any read. A row the
-// contract does not define is made empty on the device (zeros, no write; see block_attention.h).
+// blocks of tile 0 / split 0 copy its written tokens into the cache at positions [p_b, p_b + count), through its
+// page table (a page id outside [0, P) drops the write). Every block reads cache positions < p_b only (chunk keys
+// come from k_new), and a written page is used by no other row or entry of the call, so the copy cannot race
+// with any read. A row the contract does not define is made empty on the device (zeros, no write; see
+// block_attention.h).
 #include <cuda_runtime.h>
 
 #include <cmath>

@@ -21,12 +21,17 @@ namespace trimode {
 constexpr int kTileRows = 64;  // packed (query token, group head) rows per thread block
 constexpr int kTileKeys = 64;  // keys per shared-memory K/V tile
 
+// Most positions one page table can address (T * S): keeps every key index, p_b + n_b and the loop bounds of
+// the kernel far inside int32.
+constexpr long long kMaxRowPositions = 1LL << 30;
+
 inline const char* error_string(int status) {
     switch (status) {
         case TRIMODE_OK: return "ok";
         case TRIMODE_ERR_NULL_POINTER: return "a required pointer is NULL";
         case TRIMODE_ERR_INVALID_SHAPE:
-            return "invalid shape (every size must be positive, 1 <= max_chunk <= N, 0 <= max_cache_len <= L)";
+            return "invalid shape (every size must be positive, T * S <= 2^30, P * S < 2^31, "
+                   "1 <= max_chunk <= N, 0 <= max_cache_len <= T * S)";
         case TRIMODE_ERR_HEAD_DIM: return "unsupported head_dim (supported: 64, 128)";
         case TRIMODE_ERR_GQA: return "num_heads is not a multiple of num_kv_heads";
         case TRIMODE_ERR_MASK_KIND:
@@ -38,7 +43,8 @@ inline const char* error_string(int status) {
         case TRIMODE_ERR_MISALIGNED: return "a tensor pointer is not 16-byte aligned";
         case TRIMODE_ERR_OUT_OF_RANGE:
             return "per-row data out of range (cu_seqlens non-decreasing within [0, N], n_b <= max_chunk, "
-                   "slot < S, p_b <= max_cache_len or L, written positions < L, a writing row's slot unshared)";
+                   "0 <= p_b <= max_cache_len or T * S, used page ids in [0, P), ceil((p_b + written) / S) <= T, "
+                   "a written page used by no other row or entry of the call)";
         case TRIMODE_ERR_ABI: return "params.abi_version does not match the library (rebuild the plugin)";
         case TRIMODE_ERR_CUDA: return "a CUDA launch failed (see cudaGetLastError)";
         default: return "unknown trimode status";
@@ -90,19 +96,32 @@ inline int validate_shapes(const TrimodeAttentionParams* p) {
     if (p->abi_version != TRIMODE_ATTENTION_ABI_VERSION) return TRIMODE_ERR_ABI;
     if (dtype_size(p->dtype) == 0) return TRIMODE_ERR_DTYPE;
     if (p->num_rows <= 0 || p->num_tokens <= 0 || p->num_heads <= 0 || p->num_kv_heads <= 0 ||
-        p->cache_slots <= 0 || p->cache_capacity <= 0 || p->max_chunk <= 0 || p->max_chunk > p->num_tokens ||
-        p->max_cache_len < 0 || p->max_cache_len > p->cache_capacity)
+        p->num_pages <= 0 || p->page_size <= 0 || p->pages_per_row <= 0 || p->max_chunk <= 0 ||
+        p->max_chunk > p->num_tokens)
         return TRIMODE_ERR_INVALID_SHAPE;
+    const long long addressable = static_cast<long long>(p->pages_per_row) * p->page_size;
+    if (addressable > kMaxRowPositions || p->max_cache_len < 0 || p->max_cache_len > addressable)
+        return TRIMODE_ERR_INVALID_SHAPE;
+    // Pool rows (page * S + offset) are int32 in the kernel.
+    if (static_cast<long long>(p->num_pages) * p->page_size > 0x7fffffffLL) return TRIMODE_ERR_INVALID_SHAPE;
     if (p->head_dim != 64 && p->head_dim != 128) return TRIMODE_ERR_HEAD_DIM;
     if (p->num_heads % p->num_kv_heads != 0) return TRIMODE_ERR_GQA;
     return TRIMODE_OK;
+}
+
+// Positions a page-table row addresses (T * S); only meaningful after validate_shapes.
+inline int row_positions(const TrimodeAttentionParams* p) { return p->pages_per_row * p->page_size; }
+
+// The host bound of every p_b: max_cache_len, or T * S when it is 0.
+inline int max_past(const TrimodeAttentionParams* p) {
+    return p->max_cache_len > 0 ? p->max_cache_len : row_positions(p);
 }
 
 // Checks everything that can be checked without reading tensor data (which may live on the device).
 inline int validate_params(const TrimodeAttentionParams* p) {
     const int status = validate_shapes(p);
     if (status != TRIMODE_OK) return status;
-    if (!p->q || !p->k_new || !p->v_new || !p->k_cache || !p->v_cache || !p->cu_seqlens || !p->slots ||
+    if (!p->q || !p->k_new || !p->v_new || !p->k_cache || !p->v_cache || !p->cu_seqlens || !p->page_table ||
         !p->cache_lens || !p->mask_kind || !p->mask_param || !p->out)
         return TRIMODE_ERR_NULL_POINTER;
     const void* tensors[] = {p->q, p->k_new, p->v_new, p->k_cache, p->v_cache, p->out};
@@ -135,8 +154,7 @@ inline SplitPlan plan_splits(const TrimodeAttentionParams* p, int num_sms, size_
     const long long rows = static_cast<long long>(p->max_chunk) * group;
     plan.q_tiles = static_cast<int>((rows + kTileRows - 1) / kTileRows);
     const long long base = static_cast<long long>(plan.q_tiles) * p->num_rows * p->num_kv_heads;
-    const long long max_keys =
-        static_cast<long long>(p->max_cache_len > 0 ? p->max_cache_len : p->cache_capacity) + p->max_chunk;
+    const long long max_keys = static_cast<long long>(max_past(p)) + p->max_chunk;
     const long long key_tiles = (max_keys + kTileKeys - 1) / kTileKeys;
     long long splits = 1;
     if (num_sms > 0 && base < num_sms) {

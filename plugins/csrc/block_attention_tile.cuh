@@ -42,9 +42,11 @@ struct SmemLayout {
     static constexpr size_t s_off = v_off + kv_bytes;
     static constexpr size_t p_off = s_off + s_bytes;
     static constexpr size_t stat_off = p_off + p_bytes;  // m, l, alpha: kTileRows floats each
-    static constexpr size_t total = stat_off + 3 * kTileRows * sizeof(float);
+    static constexpr size_t src_off = stat_off + 3 * kTileRows * sizeof(float);  // 2 x kTileKeys key sources
+    static constexpr size_t total = src_off + 2 * kTileKeys * sizeof(int);
     static_assert(size_t(kTileRows) * ld_o * sizeof(float) <= 2 * kv_bytes, "O staging must fit over K and V");
-    static_assert(q_bytes % 128 == 0 && kv_bytes % 128 == 0 && s_bytes % 128 == 0 && p_bytes % 128 == 0,
+    static_assert(q_bytes % 128 == 0 && kv_bytes % 128 == 0 && s_bytes % 128 == 0 && p_bytes % 128 == 0 &&
+                      src_off % 128 == 0,
                   "regions must stay 128-byte aligned");
 };
 

@@ -22,9 +22,9 @@ using nvinfer1::PluginFieldType;
 using nvinfer1::TensorFormat;
 
 constexpr int32_t kNbInputs = 10;
-enum Input { kQ = 0, kKNew, kVNew, kKCache, kVCache, kCuSeqlens, kSlots, kCacheLens, kMaskKind, kMaskParam };
+enum Input { kQ = 0, kKNew, kVNew, kKCache, kVCache, kCuSeqlens, kPageTable, kCacheLens, kMaskKind, kMaskParam };
 constexpr const char* kInputList =
-    "q, k_new, v_new, k_cache, v_cache, cu_seqlens, slots, cache_lens, mask_kind, mask_param";
+    "q, k_new, v_new, k_cache, v_cache, cu_seqlens, page_table, cache_lens, mask_kind, mask_param";
 
 // Workspace TensorRT is asked for at most: bigger shapes simply get fewer splits (the kernel fits the split
 // count to the workspace it is given), never a wrong result.
@@ -53,14 +53,15 @@ int64_t max_chunk_for(int64_t tokens, const BlockAttentionConfig& c) {
     return c.max_chunk > 0 && c.max_chunk < tokens ? c.max_chunk : tokens;
 }
 
-// The max_cache_len the kernel is given for a capacity of L: the field, or 0 (= L) when absent or above L.
+// The max_cache_len the kernel is given when a page table addresses `capacity` = T * S positions: the field, or
+// 0 (= T * S) when absent or above it.
 int32_t max_cache_len_for(int64_t capacity, const BlockAttentionConfig& c) {
     return c.max_cache_len > 0 && c.max_cache_len < capacity ? c.max_cache_len : 0;
 }
 
-// Upper bound of the workspace the kernel can use for these sizes, device independent and monotonic in every
-// size, so the bound at the profile's max shape covers every shape the engine runs: the enqueue passes the
-// bound of the actual shape, which never exceeds what TensorRT allocated.
+// Upper bound of the workspace the kernel can use for these sizes (capacity: T * S), device independent and
+// monotonic in every size, so the bound at the profile's max shape covers every shape the engine runs: the
+// enqueue passes the bound of the actual shape, which never exceeds what TensorRT allocated.
 size_t workspace_bound(int64_t tokens, int64_t capacity, const BlockAttentionConfig& c) {
     if (tokens <= 0 || capacity < 0) return 0;
     const int64_t cache = c.max_cache_len > 0 && c.max_cache_len < capacity ? c.max_cache_len : capacity;
@@ -96,13 +97,16 @@ const char* shape_error(const nvinfer1::PluginTensorDesc* in, const BlockAttenti
     if (!same_dims(k, in[kVNew].dims) || !same_dims(cache, in[kVCache].dims))
         return "v_new and v_cache must have the shapes of k_new and k_cache";
     if (k.d[0] != q.d[0]) return "k_new/v_new must have q's token count N";
-    const Dims& slots = in[kSlots].dims;
-    if (slots.nbDims != 1) return "slots must be [B]";
+    const Dims& table = in[kPageTable].dims;
+    if (table.nbDims != 2) return "page_table must be [B, T]";
     for (const int i : {kCacheLens, kMaskKind, kMaskParam})
-        if (in[i].dims.nbDims != 1 || in[i].dims.d[0] != slots.d[0])
-            return "slots, cache_lens, mask_kind and mask_param must all be [B]";
-    if (in[kCuSeqlens].dims.nbDims != 1 || in[kCuSeqlens].dims.d[0] != slots.d[0] + 1)
+        if (in[i].dims.nbDims != 1 || in[i].dims.d[0] != table.d[0])
+            return "cache_lens, mask_kind and mask_param must be [B], B = page_table's first dimension";
+    if (in[kCuSeqlens].dims.nbDims != 1 || in[kCuSeqlens].dims.d[0] != table.d[0] + 1)
         return "cu_seqlens must be [B + 1]";
+    if (table.d[0] > 0 && (table.d[1] < 1 || cache.d[0] < 1 || cache.d[1] < 1))
+        return "page_table needs T >= 1 entries per row and the caches at least one page of one position";
+    if (table.d[1] * cache.d[1] > kMaxRowPositions) return "a page table addresses more than 2^30 positions";
     return nullptr;
 }
 
@@ -175,7 +179,7 @@ bool parse_config(const nvinfer1::PluginFieldCollection* fc, BlockAttentionConfi
         return false;
     }
     if (c.max_chunk < 0 || c.max_cache_len < 0) {
-        *error = "max_chunk and max_cache_len must be >= 0 (0: no bound beyond N / L)";
+        *error = "max_chunk and max_cache_len must be >= 0 (0: no bound beyond N / T * S)";
         return false;
     }
     if (!(c.scale > 0.0f)) c.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
@@ -223,12 +227,16 @@ int32_t BlockAttentionPlugin::configurePlugin(const nvinfer1::DynamicPluginTenso
     const bool q_ok = q.nbDims == 2 || q.nbDims == 3;
     const bool kv_ok = (k.nbDims == 2 || k.nbDims == 3) && cache.nbDims == k.nbDims + 1;
     if (!q_ok || !kv_ok) {
-        log_error("q/k_new/v_new must be [N, H, D] or [N, H*D] and the caches [S, L, Hkv, D] or [S, L, Hkv*D]");
+        log_error("q/k_new/v_new must be [N, H, D] or [N, H*D] and the caches [P, S, Hkv, D] or [P, S, Hkv*D]");
         return 1;
     }
-    for (int32_t i = kCuSeqlens; i <= kMaskParam; ++i)
+    if (in[kPageTable].desc.dims.nbDims != 2) {
+        log_error("page_table must be 2-D: [B, T]");
+        return 1;
+    }
+    for (const int32_t i : {kCuSeqlens, kCacheLens, kMaskKind, kMaskParam})
         if (in[i].desc.dims.nbDims != 1) {
-            log_error("cu_seqlens, slots, cache_lens, mask_kind and mask_param must be 1-D");
+            log_error("cu_seqlens, cache_lens, mask_kind and mask_param must be 1-D");
             return 1;
         }
     return 0;
@@ -264,7 +272,8 @@ int32_t BlockAttentionPlugin::getNbOutputs() const noexcept { return 1; }
 size_t BlockAttentionPlugin::getWorkspaceSize(const nvinfer1::DynamicPluginTensorDesc* inputs, int32_t nbInputs,
                                               const nvinfer1::DynamicPluginTensorDesc*, int32_t) const noexcept {
     if (nbInputs != kNbInputs) return 0;
-    return workspace_bound(inputs[kQ].max.d[0], inputs[kKCache].max.d[1], config_);
+    // The most positions a page table of the profile's max shape addresses: max T times the page size.
+    return workspace_bound(inputs[kQ].max.d[0], inputs[kPageTable].max.d[1] * inputs[kKCache].max.d[1], config_);
 }
 
 int32_t BlockAttentionPlugin::onShapeChange(const nvinfer1::PluginTensorDesc* in, int32_t nbInputs,
@@ -285,8 +294,10 @@ int32_t BlockAttentionPlugin::enqueue(const nvinfer1::PluginTensorDesc* inputDes
         return TRIMODE_ERR_INVALID_SHAPE;
     }
     const int64_t tokens = inputDesc[kQ].dims.d[0];
-    const int64_t rows = inputDesc[kSlots].dims.d[0];
+    const int64_t rows = inputDesc[kPageTable].dims.d[0];
+    const int64_t pages_per_row = inputDesc[kPageTable].dims.d[1];
     const Dims& cache = inputDesc[kKCache].dims;
+    const int64_t addressable = pages_per_row * cache.d[1];  // T * S
     if (tokens == 0) return 0;  // nothing to compute
     if (rows == 0) {
         log_error("tokens but no rows (B = 0): the output would be undefined");
@@ -300,10 +311,11 @@ int32_t BlockAttentionPlugin::enqueue(const nvinfer1::PluginTensorDesc* inputDes
     p.num_heads = config_.num_heads;
     p.num_kv_heads = config_.num_kv_heads;
     p.head_dim = config_.head_dim;
-    p.cache_slots = static_cast<int32_t>(cache.d[0]);
-    p.cache_capacity = static_cast<int32_t>(cache.d[1]);
+    p.num_pages = static_cast<int32_t>(cache.d[0]);
+    p.page_size = static_cast<int32_t>(cache.d[1]);
+    p.pages_per_row = static_cast<int32_t>(pages_per_row);
     p.max_chunk = static_cast<int32_t>(max_chunk_for(tokens, config_));
-    p.max_cache_len = max_cache_len_for(cache.d[1], config_);
+    p.max_cache_len = max_cache_len_for(addressable, config_);
     p.scale = config_.scale;
     p.q = inputs[kQ];
     p.k_new = inputs[kKNew];
@@ -312,14 +324,14 @@ int32_t BlockAttentionPlugin::enqueue(const nvinfer1::PluginTensorDesc* inputDes
     p.v_cache = const_cast<void*>(inputs[kVCache]);
     // Device memory, read by the kernel itself: nothing here waits for the device.
     p.cu_seqlens = static_cast<const int32_t*>(inputs[kCuSeqlens]);
-    p.slots = static_cast<const int32_t*>(inputs[kSlots]);
+    p.page_table = static_cast<const int32_t*>(inputs[kPageTable]);
     p.cache_lens = static_cast<const int32_t*>(inputs[kCacheLens]);
     p.mask_kind = static_cast<const int32_t*>(inputs[kMaskKind]);
     p.mask_param = static_cast<const int32_t*>(inputs[kMaskParam]);
     p.write = nullptr;
     p.out = outputs[0];
     p.workspace = workspace;
-    p.workspace_size = workspace ? workspace_bound(tokens, cache.d[1], config_) : 0;
+    p.workspace_size = workspace ? workspace_bound(tokens, addressable, config_) : 0;
     const int status = trimode_block_attention(&p, stream);
     if (status != TRIMODE_OK) log_error(trimode_error_string(status));
     return status;

@@ -1,25 +1,26 @@
-// TensorRT IPluginV3 wrapper of the block attention C API (ABI 3): plugin "BlockAttention", namespace
-// "trimode", version "1". It is the op behind the ONNX node `BlockAttention` of an exported trimode model.
+// TensorRT IPluginV3 wrapper of the block attention C API (ABI 4, paged cache): plugin "BlockAttention",
+// namespace "trimode", version "1". It is the op behind the ONNX node `BlockAttention` of an exported trimode model.
 //
 // Inputs (all linear/contiguous), in the node's order:
 //   0 q           [N, Hq, D] or [N, Hq * D]         fp32 / fp16 / bf16, packed tokens of every row
 //   1 k_new       [N, Hkv, D] or [N, Hkv * D]       same dtype as q
 //   2 v_new       like k_new
-//   3 k_cache     [S, L, Hkv, D] or [S, L, Hkv * D] one layer's cache (read only)
+//   3 k_cache     [P, S, Hkv, D] or [P, S, Hkv * D] one layer's page pool: P pages of S positions (read only)
 //   4 v_cache     like k_cache
 //   5 cu_seqlens  [B + 1] int32                     row b owns tokens cu_seqlens[b] .. cu_seqlens[b+1]-1
-//   6 slots       [B] int32
+//   6 page_table  [B, T] int32                      position p of row b: page page_table[b, p / S], offset p % S
 //   7 cache_lens  [B] int32
 //   8 mask_kind   [B] int32                         0 causal, 1 bidirectional, 2 quad, 3 prefix_block
 //   9 mask_param  [B] int32                         quad: L; prefix_block: the tail m
 // Output: out, the shape and dtype of q. The exported graph is stateless: the plugin NEVER writes the cache
-// (write = NULL); the host writes the K/V the graph returns. Every per-row input is device memory read by the
-// kernel itself (no host sync, so an engine with this plugin stays CUDA-graph capturable) and one plan serves
-// every mix of rows; a row the contract does not define gives zeros (the kernel cannot report device data).
+// (write = NULL); the host writes the K/V the graph returns. Every per-row input (the page table too) is device
+// memory read by the kernel itself (no host sync, so an engine with this plugin stays CUDA-graph capturable) and
+// one plan serves every mix of rows and pages; a row the contract does not define gives zeros and a cached
+// position whose page id is outside [0, P) is not attended to (the kernel cannot report device data).
 // Fields, named as the node's attributes: num_heads, num_kv_heads, head_dim (int32, required), scale (float32;
 // default head_dim ** -0.5), max_chunk (int32, optional: a bound of every n_b; 0 or absent = N, the token
 // count, always a valid bound but a larger grid) and max_cache_len (int32, optional: a bound of every p_b;
-// 0 or absent = L). Unknown fields (plugin_namespace, plugin_version) are ignored.
+// 0 or absent = T * S). Unknown fields (plugin_namespace, plugin_version) are ignored.
 #ifndef TRIMODE_BLOCK_ATTENTION_PLUGIN_H
 #define TRIMODE_BLOCK_ATTENTION_PLUGIN_H
 
@@ -42,7 +43,7 @@ struct BlockAttentionConfig {
     int32_t head_dim = 0;
     float scale = 0.0f;
     int32_t max_chunk = 0;      // 0: N
-    int32_t max_cache_len = 0;  // 0: L
+    int32_t max_cache_len = 0;  // 0: T * S
 };
 
 class BlockAttentionPlugin : public nvinfer1::IPluginV3,

@@ -1,7 +1,8 @@
 // Host-only check of the TensorRT plugin wrapper, needing TensorRT's public headers but neither a GPU nor the
 // TensorRT libraries: the plugin is linked against the CPU reference library (same C API, host pointers), so
 // its creator, field (de)serialization, format negotiation, shape checks, workspace bound and the mapping of
-// the 10 inputs to TrimodeAttentionParams are exercised for real. Built and run by `make tensorrt-check`.
+// the 10 inputs (ABI 4: a page pool [P, S, Hkv, D] and a page table [B, T]) to TrimodeAttentionParams are
+// exercised for real. Built and run by `make tensorrt-check`.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -83,7 +84,7 @@ int main() {
     expect(create(creator, 8, 2, 96, 0.125f) == nullptr, "head_dim 96 is rejected");
     expect(create(creator, 8, 2, 64, 0.125f, -3) == nullptr, "a negative max_chunk is rejected");
 
-    const int Hq = 8, Hkv = 2, D = 64, S = 4, L = 40;
+    const int Hq = 8, Hkv = 2, D = 64, P = 24, S = 8, T = 6;  // a pool of 24 pages of 8; tables of 6 entries
     std::unique_ptr<nvinfer1::IPluginV3> plugin(create(creator, Hq, Hkv, D, 0.0f));
     expect(plugin != nullptr, "the ONNX node's fields create a plugin");
     if (!plugin) return 1;
@@ -142,7 +143,7 @@ int main() {
         nvinfer1::DimsExprs in_exprs[kInputs] = {};
         in_exprs[0].nbDims = 3;
         for (int i = 1; i < 5; ++i) in_exprs[i].nbDims = i < 3 ? 3 : 4;
-        for (int i = 5; i < kInputs; ++i) in_exprs[i].nbDims = 1;
+        for (int i = 5; i < kInputs; ++i) in_exprs[i].nbDims = i == 6 ? 2 : 1;
         nvinfer1::DimsExprs out_exprs{};
         expect(build->getOutputShapes(in_exprs, kInputs, nullptr, 0, &out_exprs, 1, builder) == 0 && out_exprs.nbDims == 3,
                "output shape is q's");
@@ -154,8 +155,9 @@ int main() {
     std::vector<nvinfer1::DynamicPluginTensorDesc> cfg(kInputs);
     cfg[0].desc = desc({-1, Hq, D}, DataType::kFLOAT);
     for (int i : {1, 2}) cfg[i].desc = desc({-1, Hkv, D}, DataType::kFLOAT);
-    for (int i : {3, 4}) cfg[i].desc = desc({S, L, Hkv, D}, DataType::kFLOAT);
-    for (int i = 5; i < kInputs; ++i) cfg[i].desc = desc({-1}, DataType::kINT32);
+    for (int i : {3, 4}) cfg[i].desc = desc({P, S, Hkv, D}, DataType::kFLOAT);
+    for (int i = 5; i < kInputs; ++i) cfg[i].desc = desc(i == 6 ? std::vector<int64_t>{-1, -1} : std::vector<int64_t>{-1},
+                                                         DataType::kINT32);
     nvinfer1::DynamicPluginTensorDesc cfg_out{};
     cfg_out.desc = desc({-1, Hq, D}, DataType::kFLOAT);
     expect(build->configurePlugin(cfg.data(), kInputs, &cfg_out, 1) == 0, "configurePlugin accepts the exported node");
@@ -163,52 +165,66 @@ int main() {
     cfg[8].desc = desc({-1, 1}, DataType::kINT32);
     expect(build->configurePlugin(cfg.data(), kInputs, &cfg_out, 1) != 0, "configurePlugin rejects a 2-D mask_kind");
     cfg[8].desc = desc({-1}, DataType::kINT32);
-    cfg[3].desc = desc({S, L, Hkv * D}, DataType::kFLOAT);
+    cfg[6].desc = desc({-1}, DataType::kINT32);
+    expect(build->configurePlugin(cfg.data(), kInputs, &cfg_out, 1) != 0, "configurePlugin rejects a 1-D page_table");
+    cfg[6].desc = desc({-1, -1}, DataType::kINT32);
+    cfg[3].desc = desc({P, S, Hkv * D}, DataType::kFLOAT);
     expect(build->configurePlugin(cfg.data(), kInputs, &cfg_out, 1) != 0,
            "configurePlugin rejects a flat cache with 3-D k_new");
 
     // Workspace bound: the max shape's bound covers a smaller one; a max_chunk field lowers it.
     std::vector<nvinfer1::DynamicPluginTensorDesc> dyn(kInputs);
     dyn[0].max = desc({256, Hq * D}, DataType::kBF16).dims;
-    dyn[3].max = desc({8, 4096, Hkv * D}, DataType::kBF16).dims;
+    dyn[3].max = desc({4096, 16, Hkv * D}, DataType::kBF16).dims;
+    dyn[6].max = desc({8, 256}, DataType::kINT32).dims;  // T * S = 4096 positions per row
     const size_t big = build->getWorkspaceSize(dyn.data(), kInputs, nullptr, 1);
     dyn[0].max = desc({1, Hq * D}, DataType::kBF16).dims;
-    dyn[3].max = desc({1, 300, Hkv * D}, DataType::kBF16).dims;
+    dyn[6].max = desc({1, 19}, DataType::kINT32).dims;  // 304 positions
     const size_t small = build->getWorkspaceSize(dyn.data(), kInputs, nullptr, 1);
+    dyn[6].max = desc({1, 1}, DataType::kINT32).dims;  // 16 positions: a single key tile, no split
+    const size_t tiny = build->getWorkspaceSize(dyn.data(), kInputs, nullptr, 1);
     expect(big >= small && small > 0, "workspace bound is monotonic and nonzero for decode");
+    expect(tiny == 0, "workspace bound follows T * S (one key tile: no split, no workspace)");
 
-    // enqueue on host buffers (the CPU library is linked in), in both layouts, rows of all four kinds. The SAME
-    // plugin object serves two different mixes of rows (only the row arrays' values change), each equal to the
+    // enqueue on host buffers (the CPU library is linked in), in both layouts, rows of all four kinds over
+    // shuffled page tables (two rows sharing read-only pages; unused entries hold garbage). The SAME plugin object
+    // serves two different mixes of rows (only the row arrays' and page table's values change), each equal to the
     // direct C API call with write = NULL; the caches are never written.
     std::mt19937 gen(0);
     std::normal_distribution<float> normal;
     auto fill = [&](std::vector<float>& v) { for (float& x : v) x = normal(gen); };
     const int N = 5 + 6 + 4 + 7 + 3;  // tokens of the first mix (+3 owned by no row)
     const int B = 4;
-    std::vector<float> q(N * Hq * D), k(N * Hkv * D), v(N * Hkv * D), kc(S * L * Hkv * D), vc(S * L * Hkv * D);
+    std::vector<float> q(N * Hq * D), k(N * Hkv * D), v(N * Hkv * D), kc(P * S * Hkv * D), vc(P * S * Hkv * D);
     fill(q), fill(k), fill(v), fill(kc), fill(vc);
     const std::vector<float> kc_before = kc, vc_before = vc;
     struct Mix {
-        std::vector<int32_t> cu, slots, lens, kinds, params;
+        std::vector<int32_t> cu, table, lens, kinds, params;  // table: [B, T] row-major
     };
     const Mix mixes[2] = {
-        {{0, 5, 11, 15, 22}, {2, 0, 3, 1}, {7, 0, 33, 12}, {0, 2, 1, 3}, {0, 2, 0, 3}},    // causal quad bidir prefix
-        {{0, 12, 14, 15, 20}, {1, 3, 0, 2}, {0, 9, 39, 4}, {2, 0, 1, 3}, {3, 0, 0, 5}},  // quad causal bidir prefix
+        // causal quad bidir prefix; rows 2 and 3 share pages 3 and 11
+        {{0, 5, 11, 15, 22},
+         {17, -1, 99, -1, -1, -1, /**/ -1, 5, 5, 5, 5, 5, /**/ 3, 11, 20, 8, 14, 77, /**/ 3, 11, 0, 0, 0, 0},
+         {7, 0, 33, 12}, {0, 2, 1, 3}, {0, 2, 0, 3}},
+        // quad causal bidir prefix; rows 1 and 3 share page 22
+        {{0, 12, 14, 15, 20},
+         {-5, 0, 0, 0, 0, 0, /**/ 22, 1, -1, -1, -1, -1, /**/ 9, 2, 23, 4, 6, 99, /**/ 22, 1000, 7, 7, 7, 7},
+         {0, 9, 39, 4}, {2, 0, 1, 3}, {3, 0, 0, 5}},
     };
-    std::vector<int32_t> cu(B + 1), slots(B), lens(B), kinds(B), params(B);
-    auto load_mix = [&](const Mix& m) { cu = m.cu, slots = m.slots, lens = m.lens, kinds = m.kinds, params = m.params; };
+    std::vector<int32_t> cu(B + 1), table(B * T), lens(B), kinds(B), params(B);
+    auto load_mix = [&](const Mix& m) { cu = m.cu, table = m.table, lens = m.lens, kinds = m.kinds, params = m.params; };
 
     TrimodeAttentionParams p{};
     p.abi_version = TRIMODE_ATTENTION_ABI_VERSION;
     p.dtype = TRIMODE_DTYPE_FLOAT32;
     p.num_rows = B, p.num_tokens = N, p.num_heads = Hq, p.num_kv_heads = Hkv, p.head_dim = D;
-    p.cache_slots = S, p.cache_capacity = L, p.max_chunk = N, p.scale = 0.125f;
+    p.num_pages = P, p.page_size = S, p.pages_per_row = T, p.max_chunk = N, p.scale = 0.125f;
     p.q = q.data(), p.k_new = k.data(), p.v_new = v.data(), p.k_cache = kc.data(), p.v_cache = vc.data();
     p.write = nullptr;
     std::vector<float> want[2] = {std::vector<float>(q.size(), NAN), std::vector<float>(q.size(), NAN)};
     for (int m = 0; m < 2; ++m) {
         load_mix(mixes[m]);
-        p.cu_seqlens = cu.data(), p.slots = slots.data(), p.cache_lens = lens.data(), p.mask_kind = kinds.data();
+        p.cu_seqlens = cu.data(), p.page_table = table.data(), p.cache_lens = lens.data(), p.mask_kind = kinds.data();
         p.mask_param = params.data(), p.out = want[m].data();
         expect(trimode_block_attention(&p, nullptr) == 0, "direct C API call succeeds");
     }
@@ -216,15 +232,15 @@ int main() {
            "the two mixes give different results (the check can tell them apart)");
 
     const void* inputs[kInputs] = {q.data(),  k.data(),     v.data(),    kc.data(),    vc.data(),
-                                   cu.data(), slots.data(), lens.data(), kinds.data(), params.data()};
+                                   cu.data(), table.data(), lens.data(), kinds.data(), params.data()};
     for (const bool flat : {false, true}) {
         const std::vector<int64_t> q_dims = flat ? std::vector<int64_t>{N, Hq * D} : std::vector<int64_t>{N, Hq, D};
         const std::vector<int64_t> kv_dims = flat ? std::vector<int64_t>{N, Hkv * D} : std::vector<int64_t>{N, Hkv, D};
-        const std::vector<int64_t> cache_dims = flat ? std::vector<int64_t>{S, L, Hkv * D} : std::vector<int64_t>{S, L, Hkv, D};
+        const std::vector<int64_t> cache_dims = flat ? std::vector<int64_t>{P, S, Hkv * D} : std::vector<int64_t>{P, S, Hkv, D};
         nvinfer1::PluginTensorDesc in_desc[kInputs] = {
             desc(q_dims, DataType::kFLOAT),     desc(kv_dims, DataType::kFLOAT),    desc(kv_dims, DataType::kFLOAT),
             desc(cache_dims, DataType::kFLOAT), desc(cache_dims, DataType::kFLOAT), desc({B + 1}, DataType::kINT32),
-            desc({B}, DataType::kINT32),        desc({B}, DataType::kINT32),        desc({B}, DataType::kINT32),
+            desc({B, T}, DataType::kINT32),     desc({B}, DataType::kINT32),        desc({B}, DataType::kINT32),
             desc({B}, DataType::kINT32)};
         const nvinfer1::PluginTensorDesc out_desc = desc(q_dims, DataType::kFLOAT);
         std::printf("-- layout %s\n", flat ? "[N, H*D]" : "[N, H, D]");
@@ -259,6 +275,11 @@ int main() {
         kinds[1] = 9;
         expect(runtime->enqueue(in_desc, &out_desc, inputs, outputs, nullptr, nullptr) == TRIMODE_ERR_MASK_KIND,
                "an unknown kind is reported (CPU library: status 5)");
+        load_mix(mixes[0]);
+        table[2 * T + 4] = P;  // row 2 (p_b = 33) reads entry 4: a page past the pool
+        expect(runtime->enqueue(in_desc, &out_desc, inputs, outputs, nullptr, nullptr) == TRIMODE_ERR_OUT_OF_RANGE,
+               "a page id outside the pool is reported (CPU library: status 9)");
+        load_mix(mixes[0]);
 
         nvinfer1::PluginTensorDesc bad_desc[kInputs];
         std::memcpy(bad_desc, in_desc, sizeof in_desc);
@@ -272,6 +293,14 @@ int main() {
         std::memcpy(bad_desc, in_desc, sizeof in_desc);
         bad_desc[9] = desc({B - 1}, DataType::kINT32);
         expect(runtime->onShapeChange(bad_desc, kInputs, &out_desc, 1) != 0, "onShapeChange rejects mask_param != [B]");
+        std::memcpy(bad_desc, in_desc, sizeof in_desc);
+        bad_desc[6] = desc({B * T}, DataType::kINT32);
+        expect(runtime->onShapeChange(bad_desc, kInputs, &out_desc, 1) != 0, "onShapeChange rejects a 1-D page_table");
+        bad_desc[6] = desc({B - 1, T}, DataType::kINT32);
+        expect(runtime->onShapeChange(bad_desc, kInputs, &out_desc, 1) != 0, "onShapeChange rejects page_table [B-1, T]");
+        bad_desc[6] = desc({B, 0}, DataType::kINT32);
+        expect(runtime->onShapeChange(bad_desc, kInputs, &out_desc, 1) != 0, "onShapeChange rejects T = 0");
+        expect(runtime->enqueue(bad_desc, &out_desc, inputs, outputs, nullptr, nullptr) != 0, "enqueue rejects T = 0");
         std::memcpy(bad_desc, in_desc, sizeof in_desc);
         bad_desc[1] = desc(flat ? std::vector<int64_t>{N - 1, Hkv * D} : std::vector<int64_t>{N - 1, Hkv, D}, DataType::kFLOAT);
         bad_desc[2] = bad_desc[1];
