@@ -1,10 +1,11 @@
 """One prepared check for a machine with a GPU (`make device-check`); it must finish well inside 8 minutes.
 
 1. kernel: the CUDA block-attention kernel (`torch.ops.trimode.block_attention`) against the PyTorch reference
-   on packed rows: every mask kind (causal, bidirectional, quad(L), prefix_block(m)) alone and mixed in one
-   call with an empty padding row; fp32, bf16 and fp16; GQA 1, 4 and 4 with 32 heads; head dims 64 and 128;
-   cache lengths 0 to 3000; writing and read-only rows (written K/V exact, every other cache byte untouched);
-   exact and loose host bounds (max_chunk, max_cache_len).
+   on packed rows over a paged cache (shuffled page tables, page size 16): every mask kind (causal,
+   bidirectional, quad(L), prefix_block(m)) alone and mixed in one call with an empty padding row and rows
+   sharing prefix pages; fp32, bf16 and fp16; GQA 1, 4 and 4 with 32 heads; head dims 64 and 128; cache
+   lengths 0 to 3000; writing and read-only rows (written K/V exact, every other page byte untouched); exact
+   and loose host bounds (max_chunk, max_cache_len).
 2. engine: on a small random checkpoint (head_dim 64, fp32), greedy tokens of the GPU engine, eager and with
    CUDA graphs (`GraphEngine`), equal the CPU engine's in every mode and in one generate() mixing all modes;
    one mixed step's logits within 1e-3; bf16 graphs vs bf16 eager reported.
@@ -12,8 +13,9 @@
    in every mode (fp32 tokens == `--device cpu` tokens; bf16 runs), `trimode build` + `generate` of the built
    engine on the GPU (the GraphEngine path), and `trimode bench --device cuda` with its step latencies set
    against the memory-bandwidth floor (weight bytes read per step / measured device copy bandwidth).
-4. timing (optional, --skip-8b to leave out): the 8B shape on random GPU weights: decode step eager vs graph,
-   verify block 32, AR vs self-speculation tokens/s, against the bandwidth floor.
+4. timing (optional, --skip-8b to leave out): the 8B shape on random GPU weights: decode step eager vs graph
+   (with consecutive and with scattered pages), verify block 32, AR vs self-speculation tokens/s, against
+   the bandwidth floor.
 
 Sections run in that order; one that fails is reported and the next still runs; a section is skipped (and
 said so) when the time budget is spent. Prints one line per check and writes JSON to $OUT/device_check.json
@@ -43,21 +45,16 @@ import torch
 
 from trimode.builder.presets import PRESETS
 from trimode.builder.random_checkpoint import make_config, write_random_checkpoint
-from trimode.plugins.reference import (
-    BIDIRECTIONAL,
-    CAUSAL,
-    PREFIX_BLOCK,
-    QUAD,
-    block_attention_reference,
-    written_offsets,
-)
+from trimode.plugins.masks import BIDIRECTIONAL, CAUSAL, PREFIX_BLOCK, QUAD, written_offsets
+from trimode.plugins.reference import block_attention_reference
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
 from trimode.runtime.backends.cuda_graphs import GraphEngine
 from trimode.runtime.backends.limits import EngineLimits
 from trimode.runtime.backends.step import ChunkRow, StepBatch
 from trimode.runtime.backends.torch_engine import TorchEngine
-from trimode.runtime.generate import GenerationConfig, generate
+from trimode.runtime.generate import generate
 from trimode.runtime.model.network import Transformer
+from trimode.runtime.request import GenerationConfig
 
 BUDGET_S = 360.0  # no section starts after this; the last (8B timing, ~1 min) still ends inside 8 minutes
 MASK = 100
@@ -105,14 +102,28 @@ KERNEL_CASES: dict[str, list[tuple[int, int, int, int, int]]] = {
 KERNEL_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 1e-2}
 
 
+PAGE = 16
+
+
 def kernel_case(op, gen: torch.Generator, device: str, dtype: torch.dtype, heads: int, kv_heads: int,
-                head_dim: int, rows: list[tuple[int, int, int, int, int]]) -> dict:
-    """The op on one packed case vs the fp32 reference; returns the errors and the cache-contract verdicts."""
+                head_dim: int, rows: list[tuple[int, int, int, int, int]], shared: int = 0) -> dict:
+    """The op on one packed case vs the fp32 reference; returns the errors and the cache-contract verdicts.
+    Each row's pages are drawn at random from the pool; `shared` leading pages are the same for every row
+    that has that many cached full pages (a common prefix nobody writes)."""
     count = len(rows)
     lengths = [r[2] for r in rows]
     cu = [0, *itertools.accumulate(lengths)]
-    tokens, capacity, slots_total = cu[-1], 4096, count + 2
-    slots = torch.randperm(slots_total, generator=gen, device=device)[:count].tolist()
+    tokens = cu[-1]
+    used = [-(-(r[3] + (len(written_offsets(r[0], r[1], r[2])) if r[4] else 0)) // PAGE) for r in rows]
+    pages = sum(used) + 8
+    order = torch.randperm(pages, generator=gen, device=device).tolist()
+    common, order = order[:shared], order[shared:]
+    tables = []
+    for (_, _, _, past, _), need in zip(rows, used, strict=True):
+        share = min(shared, past // PAGE, need)
+        tables.append(common[:share] + order[: need - share])
+        order = order[need - share:]
+    width = max(1, max(used))
 
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=gen, device=device).to(dtype)
@@ -120,14 +131,15 @@ def kernel_case(op, gen: torch.Generator, device: str, dtype: torch.dtype, heads
     def i32(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.int32, device=device)
 
+    table = torch.full((count, width), -1, dtype=torch.int32, device=device)
+    for b, t in enumerate(tables):
+        table[b, : len(t)] = i32(t)
     q, k, v = rnd(tokens, heads, head_dim), rnd(tokens, kv_heads, head_dim), rnd(tokens, kv_heads, head_dim)
-    k_cache, v_cache = rnd(slots_total, capacity, kv_heads, head_dim), rnd(slots_total, capacity, kv_heads, head_dim)
-    args = [i32(cu), i32(slots), i32([r[3] for r in rows]), i32([r[0] for r in rows]), i32([r[1] for r in rows]),
+    k_cache, v_cache = rnd(pages, PAGE, kv_heads, head_dim), rnd(pages, PAGE, kv_heads, head_dim)
+    args = [i32(cu), table, i32([r[3] for r in rows]), i32([r[0] for r in rows]), i32([r[1] for r in rows]),
             i32([r[4] for r in rows])]
-    # the reference indexes its written offsets, so a row with none to write (prefix_block, m == n) drops the flag
-    ref_write = i32([int(r[4] and bool(written_offsets(r[0], r[1], r[2]))) for r in rows])
-    want = block_attention_reference(q.float(), k.float(), v.float(), k_cache.float(), v_cache.float(), *args[:5],
-                                     ref_write, head_dim ** -0.5)
+    want = block_attention_reference(q.float(), k.float(), v.float(), k_cache.float(), v_cache.float(), *args,
+                                     head_dim ** -0.5)
     result = {"rel_err": 0.0, "loose_rel_err": 0.0, "cache_ok": True, "finite": True, "padding_zero": True}
     for bounds, name in (((max(max(lengths), 1), max(r[3] for r in rows)), "rel_err"), ((max(tokens, 1), 0),
                                                                                           "loose_rel_err")):
@@ -144,9 +156,10 @@ def kernel_case(op, gen: torch.Generator, device: str, dtype: torch.dtype, heads
         expected_v = v_cache.clone()
         for b, (kind, param, n, past, write) in enumerate(rows):
             if write and n:
-                index = torch.tensor(written_offsets(kind, param, n), dtype=torch.long, device=device) + cu[b]
-                expected_k[slots[b], past: past + len(index)] = k[index]
-                expected_v[slots[b], past: past + len(index)] = v[index]
+                for i, offset in enumerate(written_offsets(kind, param, n)):
+                    page, slot = tables[b][(past + i) // PAGE], (past + i) % PAGE
+                    expected_k[page, slot] = k[cu[b] + offset]
+                    expected_v[page, slot] = v[cu[b] + offset]
         result["cache_ok"] &= bool(torch.equal(kc, expected_k) and torch.equal(vc, expected_v))
     return result
 
@@ -162,7 +175,8 @@ def kernel_checks(report: Report) -> None:
     worst: dict[str, dict] = {}
     for dtype, (heads, kv_heads), head_dim in configs:
         for case, rows in KERNEL_CASES.items():
-            out = kernel_case(torch_op, gen, device, dtype, heads, kv_heads, head_dim, rows)
+            out = kernel_case(torch_op, gen, device, dtype, heads, kv_heads, head_dim, rows,
+                              shared=2 if case == "mixed" else 0)
             key = f"{case} {str(dtype)[6:]}"
             entry = worst.setdefault(key, {"rel_err": 0.0, "loose_rel_err": 0.0, "cache_ok": True, "finite": True,
                                            "tolerance": KERNEL_TOLERANCE[dtype]})
@@ -186,13 +200,39 @@ def mode_name(mode: str, extra: dict) -> str:
     return mode + "".join(f" {k}={v}" for k, v in extra.items())
 
 
-def mixed_rows(cache) -> list[ChunkRow]:
-    past = cache.lengths[2]
-    return [ChunkRow(0, [40], write=True, logit_offsets=[0]),
-            ChunkRow(1, [3] + [MASK] * 7, mask_kind=BIDIRECTIONAL, lora=True, logit_offsets=list(range(8))),
-            ChunkRow(2, [5, MASK, MASK, 6, MASK, MASK], mask_kind=QUAD, mask_param=2, write=True,
+class Sequences:
+    """A few sequences on an engine's own cache, stepped directly (what the scheduler does for requests)."""
+
+    def __init__(self, engine, count: int) -> None:
+        self.engine, self.cache = engine, engine.cache
+        self.tables: list[list[int]] = [[] for _ in range(count)]
+        self.lengths = [0] * count
+
+    def step(self, seqs: list[int], rows: list[ChunkRow]) -> torch.Tensor:
+        pages = self.cache.pages
+        for seq, row in zip(seqs, rows, strict=True):
+            need = pages.pages_for(self.lengths[seq] + row.written) - len(self.tables[seq])
+            if need > 0:
+                self.tables[seq] += pages.take(need)
+        batch = StepBatch.from_rows(rows, [self.tables[s] for s in seqs], [self.lengths[s] for s in seqs],
+                                    self.cache.page_size)
+        logits = self.engine.step(self.cache, batch)
+        for seq, row in zip(seqs, rows, strict=True):
+            self.lengths[seq] += row.written
+        return logits
+
+    def release(self) -> None:
+        for table in self.tables:
+            self.cache.pages.release(table)
+
+
+def mixed_rows(seqs: Sequences) -> list[ChunkRow]:
+    past = seqs.lengths[2]
+    return [ChunkRow([40], write=True, logit_offsets=[0]),
+            ChunkRow([3] + [MASK] * 7, mask_kind=BIDIRECTIONAL, lora=True, logit_offsets=list(range(8))),
+            ChunkRow([5, MASK, MASK, 6, MASK, MASK], mask_kind=QUAD, mask_param=2, write=True,
                      logit_offsets=list(range(6)), positions=[past + j + o for j in range(2) for o in range(3)]),
-            ChunkRow(3, [9, 8, 7, MASK, MASK], mask_kind=PREFIX_BLOCK, mask_param=2, write=True, logit_offsets=[2, 4])]
+            ChunkRow([9, 8, 7, MASK, MASK], mask_kind=PREFIX_BLOCK, mask_param=2, write=True, logit_offsets=[2, 4])]
 
 
 def engine_checks(report: Report, tmp: Path) -> None:
@@ -203,15 +243,16 @@ def engine_checks(report: Report, tmp: Path) -> None:
     cpu = engine_from_checkpoint(root, dtype="fp32", max_batch_size=8, max_seq_len=512)
     gpu = engine_from_checkpoint(root, dtype="fp32", device=device, max_batch_size=8, max_seq_len=512)
     graphs = GraphEngine(gpu.model, EngineLimits(8, 512), use_graphs=device == "cuda")
+    for engine in (gpu, graphs):  # several engines share the device here: each gets a small pool
+        engine.size_cache(kv_cache_memory="512MiB")
 
     # one mixed step, logits
-    caches = {name: e.new_cache(4) for name, e in (("cpu", cpu), ("gpu", gpu), ("graphs", graphs))}
     logits = {}
     for name, engine in (("cpu", cpu), ("gpu", gpu), ("graphs", graphs)):
-        cache = caches[name]
-        prompts = [ChunkRow(s, PROMPTS[s % 3] + [s], write=True, logit_offsets=[0]) for s in range(4)]
-        engine.step(cache, StepBatch.from_rows(prompts, cache))
-        logits[name] = engine.step(cache, StepBatch.from_rows(mixed_rows(cache), cache)).cpu()
+        seqs = Sequences(engine, 4)
+        seqs.step(list(range(4)), [ChunkRow(PROMPTS[s % 3] + [s], write=True, logit_offsets=[0]) for s in range(4)])
+        logits[name] = seqs.step(list(range(4)), mixed_rows(seqs)).cpu()
+        seqs.release()
     for name in ("gpu", "graphs"):
         err = rel(logits[name], logits["cpu"])
         report.check("engine", f"mixed step logits {name} vs cpu (fp32)", err < 1e-3, rel_err=err)
@@ -227,8 +268,8 @@ def engine_checks(report: Report, tmp: Path) -> None:
     want = [r.tokens for r in generate(cpu, prompts, configs)]
     got = [r.tokens for r in generate(graphs, prompts, configs)]
     report.check("engine", "all modes in one generate: graphs tokens == cpu (fp32)", got == want)
-    report.check("engine", "scratch slot never written", graphs.cache.lengths[graphs.scratch_slot] == 0
-                 and not bool(graphs.cache.k[:, graphs.scratch_slot].any()))
+    report.check("engine", "every page given back", graphs.cache.pages.in_use == 0,
+                 in_use=graphs.cache.pages.in_use)
     captured = sum(s.graph is not None for s in graphs.steps.values())
     report.sections["engine"] = {"buckets": len(graphs.steps), "captured_graphs": captured,
                                  "eager_steps": graphs.eager_steps}
@@ -236,6 +277,8 @@ def engine_checks(report: Report, tmp: Path) -> None:
         report.check("engine", "graphs were captured", captured > 0, captured=captured)
         bf16 = engine_from_checkpoint(root, dtype="bf16", device=device, max_batch_size=8, max_seq_len=512)
         bf16_graphs = GraphEngine(bf16.model, EngineLimits(8, 512))
+        for engine in (bf16, bf16_graphs):
+            engine.size_cache(kv_cache_memory="512MiB")
         same = 0
         for mode, extra in MODES:
             cfg = GenerationConfig(**{"mode": mode, "max_new_tokens": 16, "block_length": 8, **extra})
@@ -391,21 +434,27 @@ def timing_8b(report: Report, context: int = 1024, block: int = 32) -> None:
     prompt = torch.randint(200, 1000, (context,), generator=torch.Generator().manual_seed(0)).tolist()
     results: dict = {"bandwidth_floor_ms": floor_ms}
     for name, engine in (("eager", eager), ("graph", graphs)):
-        cache = engine.new_cache(1)
-        engine.step(cache, StepBatch.from_rows([ChunkRow(0, prompt, write=True, logit_offsets=[context - 1])], cache))
+        engine.size_cache(kv_cache_memory="4GiB")
+        pages = engine.cache.pages
+        for layout in ("consecutive", "scattered"):
+            taken = pages.take(pages.pages_for(context + block) + (64 if layout == "scattered" else 0))
+            table = taken if layout == "consecutive" else taken[::-1][: pages.pages_for(context + block)]
+            size = engine.cache.page_size
 
-        def decode(engine=engine, cache=cache) -> None:
-            engine.step(cache, StepBatch.from_rows([ChunkRow(0, [5], write=True, logit_offsets=[0])], cache))
-            cache.rollback(0, context)
-        decode()
-        results[f"decode_ms_{name}"] = 1000 * timed(decode, 20)
+            def run(rows, past, engine=engine, table=table, size=size):
+                return engine.step(engine.cache, StepBatch.from_rows(rows, [table] * len(rows), [past], size))
 
-        def verify(engine=engine, cache=cache) -> None:
-            rows = [ChunkRow(0, prompt[:block], write=True, logit_offsets=list(range(block)))]
-            engine.step(cache, StepBatch.from_rows(rows, cache))
-            cache.rollback(0, context)
-        verify()
-        results[f"verify{block}_ms_{name}"] = 1000 * timed(verify, 10)
+            run([ChunkRow(prompt, write=True, logit_offsets=[context - 1])], 0)
+            decode = lambda run=run: run([ChunkRow([5], write=True, logit_offsets=[0])], context)  # noqa: E731
+            decode()
+            results[f"decode_ms_{name}_{layout}"] = 1000 * timed(decode, 20)
+            if layout == "consecutive":
+                verify = lambda run=run: run([ChunkRow(prompt[:block], write=True,  # noqa: E731
+                                                       logit_offsets=list(range(block)))], context)
+                verify()
+                results[f"verify{block}_ms_{name}"] = 1000 * timed(verify, 10)
+            pages.release(taken)
+        results[f"decode_ms_{name}"] = results[f"decode_ms_{name}_consecutive"]
     for mode in ("ar", "spec"):
         cfg = GenerationConfig(mode=mode, max_new_tokens=128, block_length=block)
         generate(graphs, [prompt[:256]], cfg)  # warm-up: captures the buckets

@@ -155,7 +155,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from trimode.demo import demo_model_path
-    from trimode.runtime.serving.triton_server import free_port
+    from trimode.runtime.serving.triton.server import free_port
 
     model = args.model or str(demo_model_path())
     prompts = json.loads((ROOT / "examples/train_demo/prompts.json").read_text())

@@ -30,11 +30,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trimode.plugins.reference import BIDIRECTIONAL, CAUSAL, QUAD  # noqa: E402
+from trimode.plugins.masks import BIDIRECTIONAL, CAUSAL, QUAD  # noqa: E402
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint  # noqa: E402
 from trimode.runtime.backends.step import ChunkRow, StepBatch  # noqa: E402
-from trimode.runtime.generate import GenerationConfig, generate  # noqa: E402
+from trimode.runtime.generate import generate  # noqa: E402
 from trimode.runtime.modes.quad import quad_layout, quad_logit_offsets  # noqa: E402
+from trimode.runtime.request import GenerationConfig  # noqa: E402
 
 
 def copy_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:

@@ -17,7 +17,7 @@ import torch
 
 from trimode.runtime.backends.engine_loader import open_engine
 from trimode.runtime.bench.runner import bench_modes
-from trimode.runtime.generate import GenerationConfig
+from trimode.runtime.request import GenerationConfig
 
 BASE = {"prompt_length": 32, "max_new_tokens": 64, "block_length": 16, "batch_size": 1}
 AXES = {"prompt_length": [8, 32, 128], "max_new_tokens": [32, 64, 128], "block_length": [4, 8, 16, 32],

@@ -21,6 +21,7 @@ from .errors import CheckpointError
 from .safetensors_io import SafetensorsFile
 
 WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SHORT_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 LORA_DIR = "linear_spec_lora"
@@ -78,6 +79,18 @@ class Checkpoint:
     @property
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.weights.values())
+
+    @property
+    def default_dtype(self) -> str:
+        """The serving dtype when none is asked for ("fp32", "bf16" or "fp16"), read as transformers reads it:
+        config.json's `dtype`, else its `torch_dtype`, else the dtype the weights are stored in."""
+        name = self.config.dtype or str(self.weights["encoder.embed_tokens.weight"].dtype).removeprefix("torch.")
+        return SHORT_DTYPE_NAMES[name]
+
+    @property
+    def dtype_source(self) -> str:
+        """Where `default_dtype` comes from (shown by `trimode inspect`)."""
+        return "config.json" if self.config.dtype else "stored tensors"
 
     def bytes_per_dtype(self) -> dict[str, int]:
         totals: dict[str, int] = {}

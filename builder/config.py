@@ -65,14 +65,12 @@ class ModelConfig:
     eos_token_id: int = 11
     mask_token_id: int = 100
     block_size: int = 32
-    torch_dtype: str = "bfloat16"
+    dtype: str | None = None  # the declared weight dtype ("dtype", else "torch_dtype"); None: not declared
     tie_word_embeddings: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
-    @property
-    def kv_bytes_per_token(self) -> int:
-        """Bytes of K and V cache one token needs across all layers, at the checkpoint's dtype."""
-        itemsize = 4 if self.torch_dtype == "float32" else 2
+    def kv_bytes_per_token(self, itemsize: int) -> int:
+        """Bytes of K and V cache one token needs across all layers, at `itemsize` bytes per element."""
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * itemsize
 
     @property
@@ -113,9 +111,10 @@ class ModelConfig:
             "block_size": self.block_size,
             "dlm_paradigm": "bidirectional",
             "max_position_embeddings": self.max_position_embeddings,
-            "torch_dtype": self.torch_dtype,
             "rope_parameters": rope,
         }
+        if self.dtype is not None:
+            out["torch_dtype"] = self.dtype  # the key the released checkpoints carry (transformers < 4.56)
         out.update(self.extra)
         return out
 
@@ -129,6 +128,23 @@ def _need(data: dict[str, Any], key: str, path: Path, kind: type, where: str = "
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         raise CheckpointError(path, f"config field '{where}{key}' must be {kind.__name__}, got {value!r}")
     return value
+
+
+WEIGHT_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def declared_dtype(data: dict[str, Any], path: Path) -> str | None:
+    """The weight dtype a config declares, read as transformers reads it: `dtype` (written by transformers
+    4.56 and later), else the older `torch_dtype`; None when neither is set (then the stored tensors decide)."""
+    for key in ("dtype", "torch_dtype"):
+        value = data.get(key)
+        if value is None or value == "auto":
+            continue
+        if not isinstance(value, str) or value.removeprefix("torch.") not in WEIGHT_DTYPE_NAMES:
+            raise CheckpointError(path, f"config field '{key}' = {value!r} is not one of "
+                                        f"{', '.join(WEIGHT_DTYPE_NAMES)}")
+        return value.removeprefix("torch.")
+    return None
 
 
 def parse_config(data: dict[str, Any], path: Path) -> ModelConfig:
@@ -176,7 +192,7 @@ def parse_config(data: dict[str, Any], path: Path) -> ModelConfig:
             raise CheckpointError(path, f"config field '{key}' = {value} is outside the vocabulary ({vocab})")
 
     core = set(REQUIRED_FIELDS) | {"head_dim", "max_position_embeddings", "bos_token_id", "eos_token_id",
-                                   "mask_token_id", "block_size", "torch_dtype", "tie_word_embeddings"}
+                                   "mask_token_id", "block_size", "dtype", "torch_dtype", "tie_word_embeddings"}
     return ModelConfig(
         hidden_size=ints["hidden_size"],
         num_hidden_layers=ints["num_hidden_layers"],
@@ -192,7 +208,7 @@ def parse_config(data: dict[str, Any], path: Path) -> ModelConfig:
         eos_token_id=int(eos),
         mask_token_id=int(data.get("mask_token_id", 100)),
         block_size=int(data.get("block_size", 32)),
-        torch_dtype=str(data.get("torch_dtype", "bfloat16")),
+        dtype=declared_dtype(data, path),
         extra={k: v for k, v in data.items() if k not in core and k not in (
             "architectures", "model_type", "hidden_act", "attention_bias", "mlp_bias", "dlm_paradigm")},
     )

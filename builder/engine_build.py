@@ -34,7 +34,6 @@ WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_EXTRAS = ("tokenizer_config.json", "chat_template.jinja")
 LORA_AUTO = "auto"
-CHECKPOINT_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 DEFAULT_MAX_SEQ_LEN = 4096  # capped by the model's max_position_embeddings
 
 
@@ -46,7 +45,8 @@ class BuildError(ValueError):
 class BuildOptions:
     """What to build. `dtype` None = the checkpoint's (fp32 for onnx); `max_seq_len` None =
     min(4096, the model's max_position_embeddings); `block_lengths` empty = block_size; `lora` "auto" = the
-    checkpoint's linear_spec_lora/ if present, None = no adapter, else an adapter dir."""
+    checkpoint's linear_spec_lora/ if present, None = no adapter, else an adapter dir; `page_size` is the
+    KV page size a tensorrt plan is built for (torch and onnx engines choose theirs when opened)."""
 
     backend: str = "torch"
     dtype: str | None = None
@@ -55,6 +55,7 @@ class BuildOptions:
     block_lengths: tuple[int, ...] = ()
     lora: str | Path | None = LORA_AUTO
     plugin_library: Path | None = None
+    page_size: int = 16
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class BuildPlan:
     max_batch_size: int
     max_seq_len: int
     block_lengths: tuple[int, ...]
+    page_size: int = 16
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -90,7 +92,7 @@ def resolve_plan(options: BuildOptions, checkpoint: Checkpoint) -> BuildPlan:
     config = checkpoint.config
     if options.backend not in BACKENDS:
         raise BuildError(f"unknown backend '{options.backend}' (choose {', '.join(BACKENDS)})")
-    default = "fp32" if options.backend == "onnx" else CHECKPOINT_DTYPES.get(config.torch_dtype, "bf16")
+    default = "fp32" if options.backend == "onnx" else checkpoint.default_dtype
     dtype = options.dtype or default
     if dtype not in ENGINE_DTYPES:
         raise BuildError(f"unknown dtype '{dtype}' (choose {', '.join(ENGINE_DTYPES)})")
@@ -109,7 +111,9 @@ def resolve_plan(options: BuildOptions, checkpoint: Checkpoint) -> BuildPlan:
     for length in blocks:
         if not 1 <= length <= max_seq_len:
             raise BuildError(f"--block-length {length} must be within [1, --max-seq-len {max_seq_len}]")
-    return BuildPlan(options.backend, dtype, options.max_batch_size, max_seq_len, blocks)
+    if options.page_size < 1:
+        raise BuildError(f"--page-size must be at least 1, got {options.page_size}")
+    return BuildPlan(options.backend, dtype, options.max_batch_size, max_seq_len, blocks, options.page_size)
 
 
 def resolve_lora(checkpoint: Checkpoint, choice: str | Path | None) -> LoraAdapter | None:
@@ -178,7 +182,8 @@ def write_tensorrt(staging: Path, checkpoint: Checkpoint, plan: BuildPlan, lora:
     plain fields and raises its own TensorRTBuildError), so the two never form an import cycle."""
     from ..runtime.backends.tensorrt_backend import TensorRTBuildError, TensorRTBuildSpec, build_tensorrt
 
-    spec = TensorRTBuildSpec(plan.torch_dtype, plan.max_batch_size, plan.max_seq_len, plan.block_lengths)
+    spec = TensorRTBuildSpec(plan.torch_dtype, plan.max_batch_size, plan.max_seq_len, plan.block_lengths,
+                             page_size=plan.page_size)
     try:
         files, artifacts, options, tools = build_tensorrt(staging, checkpoint, spec, lora, plugin_library, show)
     except TensorRTBuildError as exc:

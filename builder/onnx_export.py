@@ -3,25 +3,25 @@
 The graph is built node by node with `onnx.helper` straight from the converted weights, not traced: every
 name and every byte is fixed by the config and the weights, so the export is deterministic, and weights are
 streamed into one external-data file a tensor at a time (no 2 GiB protobuf limit, no second copy in
-memory). The graph has no state: the caller owns the KV cache, passes it in, and writes the returned K/V of
-the writing rows into it itself, at the offsets `plugins.reference.written_offsets` names (no in-place
-updates inside the graph).
+memory). The graph has no state: the caller owns the paged KV cache, passes its pages in, and writes the
+returned K/V of the writing rows into it itself, at the offsets `plugins.masks.written_offsets` names,
+through the rows' page tables (no in-place updates inside the graph).
 
-Graph inputs (N packed tokens, B rows, M logits, S cache slots, L cache positions; dims are symbolic). They
-are exactly the tensors of a `runtime.backends.step.StepBatch`:
+Graph inputs (N packed tokens, B rows, M logits, P cache pages of S positions, T page-table columns; dims are
+symbolic). They are exactly the tensors of a `runtime.backends.step.StepBatch`:
 
     tokens      [N]   int64     the rows' chunk tokens, packed end to end (no padding)
     positions   [N]   int64     absolute position of each token (RoPE and the Llama-4 query scale)
     cu_seqlens  [B+1] int32     row b owns tokens cu_seqlens[b] .. cu_seqlens[b+1]-1
-    slots       [B]   int32     cache slot of row b
-    cache_lens  [B]   int32     valid cached positions of row b's slot
+    page_table  [B, T] int32    cache position p of row b is in page page_table[b, p // S], offset p % S
+    cache_lens  [B]   int32     valid cached positions of row b
     mask_kind   [B]   int32     0 causal | 1 bidirectional | 2 quad(L) | 3 prefix_block(m)
     mask_param  [B]   int32     quad: L; prefix_block: m; otherwise 0
     lora        [N]   bool      the draft adapter's delta is added to o_proj at this token (only in graphs
                                 exported with an adapter)
     logit_index [M]   int64     packed tokens whose logits are wanted
-    k_cache.{i}, v_cache.{i}  [S, L, Hkv, D] (serving dtype), one pair per layer i; slot s's positions
-                >= its cache length are never read
+    k_cache.{i}, v_cache.{i}  [P, S, Hkv, D] (serving dtype), one pair per layer i: the page pool; a row's
+                positions >= its cache length are never read
 
 Graph outputs:
 
@@ -39,8 +39,8 @@ C++/CUDA plugin in TensorRT):
     domain   "ai.onnx.contrib" for onnxruntime-extensions; for TensorRT the op is resolved by name in the
              plugin registry, so the export uses domain "trimode" and adds the string attributes
              plugin_namespace="trimode" and plugin_version="1"
-    inputs   q [N, Hq, D], k_new [N, Hkv, D], v_new [N, Hkv, D], k_cache [S, L, Hkv, D],
-             v_cache [S, L, Hkv, D], cu_seqlens [B+1] int32, slots [B] int32, cache_lens [B] int32,
+    inputs   q [N, Hq, D], k_new [N, Hkv, D], v_new [N, Hkv, D], k_cache [P, S, Hkv, D],
+             v_cache [P, S, Hkv, D], cu_seqlens [B+1] int32, page_table [B, T] int32, cache_lens [B] int32,
              mask_kind [B] int32, mask_param [B] int32
     attrs    num_heads (int), num_kv_heads (int), head_dim (int), scale (float: head_dim ** -0.5)
     output   [N, Hq, D], same dtype as q: `block_attention_reference` with write = 0 for every row (the node
@@ -75,9 +75,9 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 DATA_ALIGNMENT = 4096  # page-aligned offsets, so runtimes may memory-map the weights
 
-TOKENS, POSITIONS, CU_SEQLENS, SLOTS = "tokens", "positions", "cu_seqlens", "slots"
+TOKENS, POSITIONS, CU_SEQLENS, PAGE_TABLE = "tokens", "positions", "cu_seqlens", "page_table"
 CACHE_LENS, MASK_KIND, MASK_PARAM, LORA, LOGIT_INDEX = "cache_lens", "mask_kind", "mask_param", "lora", "logit_index"
-ROW_INPUTS = (CU_SEQLENS, SLOTS, CACHE_LENS, MASK_KIND, MASK_PARAM)  # the node's int32 inputs, in order
+ROW_INPUTS = (CU_SEQLENS, PAGE_TABLE, CACHE_LENS, MASK_KIND, MASK_PARAM)  # the node's int32 inputs, in order
 LOGITS, NEW_K, NEW_V = "logits", "new_k", "new_v"
 ONNX_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
                torch.bfloat16: TensorProto.BFLOAT16}
@@ -230,14 +230,15 @@ def graph_inputs(config: ModelConfig, dtype: torch.dtype, with_lora: bool) -> li
         helper.make_tensor_value_info(TOKENS, TensorProto.INT64, ["tokens"]),
         helper.make_tensor_value_info(POSITIONS, TensorProto.INT64, ["tokens"]),
         helper.make_tensor_value_info(CU_SEQLENS, TensorProto.INT32, ["rows_plus_one"]),
-        *(helper.make_tensor_value_info(name, TensorProto.INT32, ["rows"]) for name in ROW_INPUTS[1:]),
+        helper.make_tensor_value_info(PAGE_TABLE, TensorProto.INT32, ["rows", "table_pages"]),
+        *(helper.make_tensor_value_info(name, TensorProto.INT32, ["rows"]) for name in ROW_INPUTS[2:]),
     ]
     if with_lora:
         inputs.append(helper.make_tensor_value_info(LORA, TensorProto.BOOL, ["tokens"]))
     inputs.append(helper.make_tensor_value_info(LOGIT_INDEX, TensorProto.INT64, ["logits"]))
     for i in range(c.num_hidden_layers):
         for name in (k_cache_name(i), v_cache_name(i)):
-            inputs.append(helper.make_tensor_value_info(name, dt, ["cache_slots", "cache_len",
+            inputs.append(helper.make_tensor_value_info(name, dt, ["cache_pages", "page_size",
                                                                    c.num_key_value_heads, c.head_dim]))
     return inputs
 

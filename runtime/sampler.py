@@ -1,4 +1,10 @@
-"""Choosing tokens from logits, exactly as the reference loops do, on the engine's device.
+"""Turning one step's logits into every row's tokens, exactly as the reference loops do, on the engine's device.
+
+Each row says how its logits become tokens (a `Pick`): AR sampling at the request's settings, argmax (drafts)
+or diffusion's Gumbel-max proposals, optionally with confidences. `decide` does the vocabulary-sized work for
+the whole step on the device and copies ONE packed tensor of tokens and confidences to the host - the step's
+single device-to-host transfer; the O(block length) logic on those numbers (acceptance, commits, rollback
+lengths) then runs in the modes on host integers.
 
 Greedy is argmax. AR sampling is multinomial over softmax(logits / T), optionally restricted to the top-k
 tokens and to the smallest set whose probability reaches top-p (renormalised). Diffusion sampling is
@@ -10,7 +16,36 @@ depends only on its own seed and path, never on what else shares the step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
 import torch
+
+SAMPLE = "sample"    # AR sampling at the request's temperature / top-k / top-p (argmax when greedy)
+ARGMAX = "argmax"    # always greedy (drafts)
+DENOISE = "denoise"  # diffusion proposals (Gumbel-max at the temperature)
+
+
+@dataclass
+class Pick:
+    """How a row's logits become tokens. `kinds` gives one kind per logit (None: `kind` for all);
+    `confidence` also returns softmax(logits)[token]; `mix` = (w, [(slot0, slot1), ...]) replaces each slot1
+    logit (row-local logit indices) by w * slot0 + (1 - w) * slot1 before picking (quad's ar_mix_weight)."""
+
+    kind: str = SAMPLE
+    kinds: list[str] | None = None
+    confidence: bool = False
+    mix: tuple[float, list[tuple[int, int]]] | None = None
+
+
+@dataclass
+class Decided:
+    """A row's picks on the host, one entry per requested logit."""
+
+    tokens: np.ndarray      # int64
+    confidence: np.ndarray  # float32 (zeros where not asked for)
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -59,3 +94,68 @@ def denoise_tokens(logits: torch.Tensor, temperature: float, generator: torch.Ge
 def confidence_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """softmax(logits)[token] per row, fp32."""
     return torch.softmax(logits.float(), dim=-1).gather(-1, tokens[:, None])[:, 0]
+
+
+class Picking(Protocol):
+    """What `decide` needs of a row: how many logits it asked for and how to pick them."""
+
+    pick: Pick
+
+    @property
+    def num_logits(self) -> int: ...
+
+
+class Sampling(Protocol):
+    """What `decide` needs of a request: its settings and its random generator."""
+
+    config: Any
+    generator: torch.Generator
+
+
+def decide(logits: torch.Tensor, plans: Sequence[Picking], sequences: Sequence[Sampling]) -> list[Decided]:
+    """Per plan, its tokens and confidences for the logits it asked for (in the step's logit order)."""
+    spans, start = [], 0
+    for plan in plans:
+        spans.append((start, start + plan.num_logits))
+        start = spans[-1][1]
+    if start == 0:
+        return [Decided(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in plans]
+    logits = _mixed(logits, plans, spans)
+    tokens = logits.argmax(-1)
+    confidence = torch.zeros(start, dtype=torch.float32, device=logits.device)
+    for plan, seq, (a, b) in zip(plans, sequences, spans, strict=True):
+        if a == b:
+            continue
+        config = seq.config
+        kinds = plan.pick.kinds or [plan.pick.kind] * (b - a)
+        if config.temperature > 0:
+            for kind in (SAMPLE, DENOISE):
+                index = [a + i for i, k in enumerate(kinds) if k == kind]
+                if not index:
+                    continue
+                rows = logits[a:b] if len(index) == b - a else logits[torch.tensor(index, device=logits.device)]
+                pick = sample_tokens if kind == SAMPLE else denoise_tokens
+                chosen = pick(rows, config.temperature, seq.generator, config.top_k, config.top_p)
+                if len(index) == b - a:
+                    tokens[a:b] = chosen
+                else:
+                    tokens[torch.tensor(index, device=logits.device)] = chosen
+        if plan.pick.confidence:
+            confidence[a:b] = confidence_of(logits[a:b], tokens[a:b])
+    host = np.array(torch.stack([tokens.double(), confidence.double()]).tolist())  # the step's one transfer
+    return [Decided(host[0, a:b].astype(np.int64), host[1, a:b].astype(np.float32)) for a, b in spans]
+
+
+def _mixed(logits: torch.Tensor, plans: Sequence[Picking], spans: list[tuple[int, int]]) -> torch.Tensor:
+    """Quad's ar_mix_weight: slot 1 logits replaced by w * slot 0 + (1 - w) * slot 1 (a copy, only if asked)."""
+    if not any(p.pick.mix for p in plans):
+        return logits
+    logits = logits.clone()
+    for plan, (a, _) in zip(plans, spans, strict=True):
+        if plan.pick.mix is None:
+            continue
+        weight, pairs = plan.pick.mix
+        slot0 = torch.tensor([a + i for i, _ in pairs], device=logits.device)
+        slot1 = torch.tensor([a + j for _, j in pairs], device=logits.device)
+        logits[slot1] = weight * logits[slot0] + (1 - weight) * logits[slot1]
+    return logits

@@ -3,20 +3,22 @@
 Random weights almost never draft correctly, so acceptance counts, EOS inside a block, confident and
 unconfident diffusion slots and the mask-token trap are driven here by a model whose predictions are fixed
 per position. The loops under test are the real ones; only the network is replaced. It implements the one
-backend method, `step(cache, batch)`, and the KV cache is the real `KVCache`, so lengths, rollbacks and the
-rows' roles are all observable.
+backend method, `step(cache, batch)`, over the real paged `KVCache` and its allocator: instead of K/V it keeps
+the TOKEN written at every pool position, read and written through each row's page table exactly as
+attention does, so lengths, rollbacks, page tables and the rows' roles are all observable. A sequence is
+known by the first page of its table (and numbered in order of first appearance: `RowRecord.slot`).
 
 A row's role is read from its mask kind, write flag and cache length, exactly as the modes map onto rows:
 
-* prefill - causal, writing, at cache length 0 (the slot's prompt is learned here; a prompt cut into
+* prefill - causal, writing, at cache length 0 (the sequence's prompt is learned here; a prompt cut into
             chunks continues until the chunk that asks for logits);
 * decode  - causal, writing, one token;
 * verify  - causal, writing, several tokens (a self-speculation verify or a diffusion re-encode);
 * draft   - bidirectional, not writing (a self-speculation draft or a diffusion denoising pass).
 
 The causal model is context-sensitive: at every causal position it predicts `truth[g]` (g = generated
-index of the next token) only if everything the slot holds before it - the cache contents the engine has
-seen written, up to the slot's current length, plus the row's own earlier tokens - equals the prompt
+index of the next token) only if everything the sequence holds before it - the tokens at its cached
+positions, read through its page table, plus the row's own earlier tokens - equals the prompt
 followed by `truth[:g]`; otherwise it predicts `JUNK`. So a stale cache entry after a wrong rollback, a draft
 token kept although the verifier rejected it, or a block whose first token was overwritten all show up as
 `JUNK` in the output. Bidirectional passes predict per position (see `ScriptedEngine`); at a position that is
@@ -31,10 +33,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trimode.plugins.reference import BIDIRECTIONAL, CAUSAL
+from trimode.plugins.masks import BIDIRECTIONAL, CAUSAL
 from trimode.runtime.backends.limits import EngineLimits
 from trimode.runtime.backends.step import StepBatch
-from trimode.runtime.model.kv_cache import KVCache
+from trimode.runtime.cache.pool import KVCache
 
 VOCAB = 64
 MASK = 60
@@ -54,7 +56,7 @@ class ScriptedConfig:
 
 @dataclass
 class RowRecord:
-    """One row the engine was given: its role, slot, cache length before it, tokens and flags."""
+    """One row the engine was given: its role, sequence number (`slot`), cache length before it, tokens, flags."""
 
     role: str
     slot: int
@@ -97,9 +99,15 @@ class ScriptedEngine:
 
     def __init__(self, truth: list[int], accept: list[int] | None = None, draft_mask: bool = False,
                  denoise: dict[int, int] | None = None, confidence: dict[int, float] | None = None,
-                 has_lora: bool = False, max_batch_size: int = 8, max_seq_len: int = 512) -> None:
+                 has_lora: bool = False, max_batch_size: int = 8, max_seq_len: int = 512, page_size: int = 4,
+                 num_pages: int = 1024) -> None:
         self.config = ScriptedConfig()
-        self.limits = EngineLimits(max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        self.limits = EngineLimits(max_batch_size=max_batch_size, max_seq_len=max_seq_len, page_size=page_size,
+                                   kv_pages=num_pages)
+        self.cache = KVCache(1, num_pages, page_size, 1, 2, torch.float32, prefix_caching=False)
+        self.store: dict[int, list[int | None]] = {}  # page -> the token written at each of its positions
+        self.seq_of_page: dict[int, int] = {}  # a sequence's first page -> its number
+        self.sequences = 0
         self.has_lora = has_lora
         self.tokenizer_path = None
         self.device = torch.device("cpu")
@@ -109,8 +117,7 @@ class ScriptedEngine:
         self.denoise = denoise or {}
         self.confidence = confidence or {}
         self.prompts: dict[int, list[int]] = {}
-        self.prefilling: set[int] = set()  # slots whose prompt is still arriving in chunks
-        self.held: dict[int, list[int]] = {}  # per slot: the tokens whose K/V the cache holds, by position
+        self.prefilling: set[int] = set()  # sequences whose prompt is still arriving in chunks
         self.draft_calls: dict[int, int] = {}
         self.calls: list[str] = []  # the role of every row, in order
         self.steps: list[list[str]] = []  # the roles of the rows of each step
@@ -125,30 +132,44 @@ class ScriptedEngine:
     def max_seq_len(self) -> int:
         return self.limits.max_seq_len
 
-    def new_cache(self, num_slots: int) -> KVCache:
-        self.limits.check_batch(num_slots)
-        return KVCache(1, num_slots, self.limits.max_seq_len, 1, 2, torch.float32)
-
     def step(self, cache: KVCache, batch: StepBatch) -> torch.Tensor:
+        if cache is not self.cache:
+            raise AssertionError("a step on another cache than the engine's")
+        self.limits.check_step(batch, cache.num_pages)
         roles = []
         out = []
-        for row, past in zip(batch.rows, batch.cache_lens, strict=True):
-            if past != cache.lengths[row.slot]:
-                raise AssertionError(f"batch built at length {past}, cache now at {cache.lengths[row.slot]}")
+        for row, past, table in zip(batch.rows, batch.cache_lens, batch.tables, strict=True):
             if row.positions is not None and row.positions != list(range(past, past + len(row.tokens))):
                 raise AssertionError(f"row positions {row.positions} are not the cache length onwards ({past})")
-            role = self._role(row, past)
+            if past == 0 and row.write:  # a new sequence (its first page may be one a finished one used)
+                self.seq_of_page[table[0]] = self.sequences
+                self.sequences += 1
+            seq = self.seq_of_page.get(table[0] if table else -1)
+            if seq is None:
+                raise AssertionError(f"a row continues at length {past} on pages no prefill wrote")
+            role = self._role(row, past, seq)
             roles.append(role)
-            self.rows.append(RowRecord(role, row.slot, past, list(row.tokens), row.lora, list(row.logit_offsets)))
+            self.rows.append(RowRecord(role, seq, past, list(row.tokens), row.lora, list(row.logit_offsets)))
+            held = self._read(table, past)
             if role == DRAFT:
-                logits = self._draft(row.slot, past, row.tokens)
+                logits = self._draft(seq, past, row.tokens)
             else:
-                logits = self._causal(row.slot, past, row.tokens, role, bool(row.logit_offsets))
+                logits = self._causal(seq, past, held, row.tokens, role, bool(row.logit_offsets))
+                self._write(table, past, row.tokens)
             out.append(logits[row.logit_offsets])
         self.calls += roles
         self.steps.append(roles)
-        batch.commit_lengths(cache)
         return torch.cat(out).reshape(-1, VOCAB)
+
+    def _read(self, table: list[int], length: int) -> list[int | None]:
+        size = self.cache.page_size
+        return [self.store.get(table[p // size], [None] * size)[p % size] for p in range(length)]
+
+    def _write(self, table: list[int], start: int, tokens: list[int]) -> None:
+        size = self.cache.page_size
+        for i, token in enumerate(tokens):
+            p = start + i
+            self.store.setdefault(table[p // size], [None] * size)[p % size] = token
 
     # -- helpers for tests ------------------------------------------------------------------------------------
     def rows_of(self, role: str, slot: int | None = None) -> list[RowRecord]:
@@ -162,38 +183,37 @@ class ScriptedEngine:
         return self.accept[draft_pass] if draft_pass < len(self.accept) else block_length - 1
 
     # -- the script ---------------------------------------------------------------------------------------------
-    def _role(self, row, past: int) -> str:
+    def _role(self, row, past: int, seq: int) -> str:
         if row.mask_kind == BIDIRECTIONAL and not row.write:
             return DRAFT
         if row.mask_kind != CAUSAL or not row.write:
             raise NotImplementedError(f"the scripted engine has no script for mask kind {row.mask_kind} "
                                       f"with write={row.write}")
-        if past == 0 or row.slot in self.prefilling:
+        if past == 0 or seq in self.prefilling:
             return PREFILL
-        if row.slot not in self.prompts:
-            raise AssertionError(f"slot {row.slot} continues at length {past} without a prefill")
+        if seq not in self.prompts:
+            raise AssertionError(f"sequence {seq} continues at length {past} without a prefill")
         return DECODE if len(row.tokens) == 1 else VERIFY
 
-    def _causal(self, slot: int, past: int, tokens: list[int], role: str, last_chunk: bool) -> torch.Tensor:
+    def _causal(self, slot: int, past: int, held: list[int | None], tokens: list[int], role: str,
+                last_chunk: bool) -> torch.Tensor:
         if role == PREFILL:  # a prompt may come in chunks; the one that asks for logits is its last
             if past == 0:
                 self.prompts[slot] = []
                 self.draft_calls[slot] = 0
-                self.held[slot] = []
             self.prompts[slot] += tokens
             if last_chunk:
                 self.prefilling.discard(slot)
             else:
                 self.prefilling.add(slot)
-        if past > len(self.held[slot]):
-            raise AssertionError(f"slot {slot} at length {past} but only {len(self.held[slot])} positions written")
-        held = self.held[slot][:past] + list(tokens)
-        self.held[slot] = held
+        if None in held:
+            raise AssertionError(f"sequence {slot} at length {past} reads positions no row wrote")
+        held = list(held) + list(tokens)
         if len(held) > self.limits.max_seq_len:
-            raise AssertionError(f"slot {slot} written past the cache ({len(held)} positions)")
+            raise AssertionError(f"sequence {slot} written past its maximum ({len(held)} positions)")
         prompt_len = len(self.prompts[slot])
         if held[:prompt_len] != self.prompts[slot]:
-            raise AssertionError(f"slot {slot} no longer holds its prompt")
+            raise AssertionError(f"sequence {slot} no longer holds its prompt")
         predicted = []
         for offset in range(len(tokens)):
             end = past + offset + 1  # the context is held[:end]
@@ -205,7 +225,7 @@ class ScriptedEngine:
 
     def _draft(self, slot: int, past: int, block: list[int]) -> torch.Tensor:
         if slot not in self.prompts:
-            raise AssertionError(f"draft pass on slot {slot} before its prefill")
+            raise AssertionError(f"draft pass on sequence {slot} before its prefill")
         start = past - len(self.prompts[slot])  # generated index of block[0]
         n = self.draft_calls[slot]
         self.draft_calls[slot] = n + 1

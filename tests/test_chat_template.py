@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from trimode.demo import DEMO_MODEL_DIR
-from trimode.runtime.serving.openai_chat_template import ChatTemplate, ChatTemplateError, chat_prompt_ids
+from trimode.runtime.serving.chat_template import ChatTemplate, ChatTemplateError, chat_prompt_ids
 
 from .conftest import build_checkpoint
 
@@ -150,7 +150,8 @@ def test_cli_generate_chat_uses_the_same_prompt(tmp_path: Path) -> None:
 
     from trimode.cli import cli
     from trimode.runtime.backends.engine_loader import open_engine
-    from trimode.runtime.generate import GenerationConfig, generate
+    from trimode.runtime.generate import generate
+    from trimode.runtime.request import GenerationConfig
 
     runner = CliRunner()
     args = ["generate", "--chat", "--system", "Be brief.", "--prompt", "hi", "--max-new-tokens", "8", "--mode", "ar",

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
-from trimode.runtime.generate import GenerationConfig, generate
+from trimode.runtime.generate import generate
+from trimode.runtime.request import GenerationConfig
 
 
 def trimode(*args: str) -> subprocess.CompletedProcess:

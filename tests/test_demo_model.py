@@ -22,11 +22,14 @@ import torch.nn.functional as F
 from trimode.builder.checkpoint import load_checkpoint
 from trimode.builder.convert import convert_checkpoint
 from trimode.demo import demo_model_path
-from trimode.plugins.reference import CAUSAL
+from trimode.plugins.masks import CAUSAL
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
-from trimode.runtime.backends.step import ChunkRow, StepBatch
-from trimode.runtime.generate import GenerationConfig, generate
+from trimode.runtime.backends.step import ChunkRow
+from trimode.runtime.generate import generate
 from trimode.runtime.model.network import Transformer
+from trimode.runtime.request import GenerationConfig
+
+from .step_helpers import Seqs
 
 RECIPE = Path(__file__).resolve().parents[1] / "examples" / "train_demo"
 # bounds for the measured checks below (see examples/train_demo/README.md for the full measurements)
@@ -59,10 +62,9 @@ def model(demo) -> Transformer:
     return Transformer(checkpoint.config, convert_checkpoint(checkpoint, torch.float32, use_lora=False))
 
 
-def prefill(engine, cache, ids: list[int]) -> torch.Tensor:
+def prefill(engine, cache: Seqs, ids: list[int]) -> torch.Tensor:
     """Causal pass over a prompt through the engine step (writes the cache); the last token's logits."""
-    row = ChunkRow(0, list(ids), CAUSAL, write=True, logit_offsets=[len(ids) - 1])
-    return engine.step(cache, StepBatch.from_rows([row], cache))[0]
+    return cache.step([0], [ChunkRow(list(ids), CAUSAL, write=True, logit_offsets=[len(ids) - 1])])[0]
 
 
 def decode(engine, cache, token: int) -> torch.Tensor:
@@ -108,7 +110,7 @@ def test_held_out_loss_through_prefill_and_decode(engine, tokenizer, prompts):
     one causal pass over the whole snippet must agree, which ties the cached path to the trained weights.
     """
     ids = tokenizer.encode(prompts[4] + prompts[6]).ids[:96]
-    cache = engine.new_cache(1)
+    cache = Seqs(engine, 1)
     losses = []
     logits = prefill(engine, cache, ids[:8])
     for token in ids[8:]:
@@ -116,9 +118,8 @@ def test_held_out_loss_through_prefill_and_decode(engine, tokenizer, prompts):
         logits = decode(engine, cache, token)
     stepwise = float(torch.stack(losses).mean())
     assert stepwise < 0.5 * math.log(engine.config.vocab_size)
-    cache = engine.new_cache(1)
-    row = ChunkRow(0, ids, CAUSAL, write=True, logit_offsets=list(range(len(ids))))
-    whole = engine.step(cache, StepBatch.from_rows([row], cache))
+    cache = Seqs(engine, 1)
+    whole = cache.step([0], [ChunkRow(ids, CAUSAL, write=True, logit_offsets=list(range(len(ids))))])
     one_pass = float(F.cross_entropy(whole[7:-1], torch.tensor(ids[8:])))
     assert abs(one_pass - stepwise) < 1e-3
 
@@ -141,7 +142,7 @@ def test_greedy_continuation_is_code(engine, tokenizer, prompts):
     the whole held-out prompt set: most continuations must be mostly letters, not runs of punctuation.
     """
     prompt = tokenizer.encode(prompts[1]).ids
-    cache = engine.new_cache(1)
+    cache = Seqs(engine, 1)
     logits = prefill(engine, cache, prompt)
     tokens: list[int] = []
     for _ in range(24):

@@ -19,15 +19,16 @@ from trimode.builder.engine_build import BuildError, BuildOptions, build_engine
 from trimode.builder.errors import CheckpointError
 from trimode.builder.manifest import MANIFEST_FILE, hash_file, read_manifest
 from trimode.builder.safetensors_io import write_safetensors
-from trimode.plugins.reference import BIDIRECTIONAL, PREFIX_BLOCK
+from trimode.plugins.masks import BIDIRECTIONAL, PREFIX_BLOCK
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
 from trimode.runtime.backends.engine_files import serving_limits
 from trimode.runtime.backends.engine_loader import open_engine
-from trimode.runtime.backends.limits import CapacityError
-from trimode.runtime.backends.step import ChunkRow, StepBatch
-from trimode.runtime.generate import GenerationConfig, RequestError, generate
+from trimode.runtime.errors import CapacityError
+from trimode.runtime.generate import generate
+from trimode.runtime.request import GenerationConfig, RequestError
 
 from .conftest import build_checkpoint
+from .step_helpers import Seqs, row
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31,
             32, 33, 34, 35, 36, 37], [1, 9, 3]]
@@ -66,23 +67,23 @@ def fresh_engine(tiny_checkpoint, tmp_path) -> Path:
     return out
 
 
-def step(engine, cache, rows: list[ChunkRow]) -> torch.Tensor:
-    return engine.step(cache, StepBatch.from_rows(rows, cache))
+def step(engine, cache: Seqs, rows) -> torch.Tensor:
+    return cache.run(rows)
 
 
 def all_steps(engine, lora: bool) -> list[torch.Tensor]:
     """Logits of prefill rows (2 lengths), then one step of decode, draft (bidirectional), verify and
     prefix_block rows on one cache, then the cache itself."""
-    cache = engine.new_cache(4)
-    out = [step(engine, cache, [ChunkRow(s, p, write=True, logit_offsets=[len(p) - 1])
+    cache = Seqs(engine, 4, shuffle=4)
+    out = [step(engine, cache, [row(s, p, write=True, logit_offsets=[len(p) - 1])
                                 for s, p in enumerate(PROMPTS + PROMPTS[::-1])])]
     block = [3, 100, 100, 100, 100, 100, 100, 100]
     out.append(step(engine, cache, [
-        ChunkRow(1, [40], write=True, logit_offsets=[0]),
-        ChunkRow(0, block, mask_kind=BIDIRECTIONAL, lora=lora, logit_offsets=list(range(8))),
-        ChunkRow(2, block, write=True, logit_offsets=list(range(8))),
-        ChunkRow(3, [7, 100, 100], mask_kind=PREFIX_BLOCK, mask_param=2, write=True, logit_offsets=[0, 1, 2])]))
-    out.append(cache.k[:, :, : max(cache.lengths)].clone())
+        row(1, [40], write=True, logit_offsets=[0]),
+        row(0, block, mask_kind=BIDIRECTIONAL, lora=lora, logit_offsets=list(range(8))),
+        row(2, block, write=True, logit_offsets=list(range(8))),
+        row(3, [7, 100, 100], mask_kind=PREFIX_BLOCK, mask_param=2, write=True, logit_offsets=[0, 1, 2])]))
+    out.append(torch.cat([cache.keys(seq)[0] for seq in range(4)], dim=1))
     return out
 
 
@@ -120,10 +121,10 @@ def test_no_lora_engine_has_no_adapter(tiny_checkpoint, fresh_engine):
     assert manifest.lora is None
     engine = open_engine(fresh_engine)
     assert not engine.has_lora and not any(".lora_" in name for name in engine.model.w)
-    cache = engine.new_cache(1)
-    step(engine, cache, [ChunkRow(0, [1, 2, 3], write=True, logit_offsets=[2])])
+    cache = Seqs(engine, 1)
+    step(engine, cache, [row(0, [1, 2, 3], write=True, logit_offsets=[2])])
     with pytest.raises(ValueError, match="no LoRA adapter"):
-        step(engine, cache, [ChunkRow(0, [4, 100], mask_kind=BIDIRECTIONAL, lora=True, logit_offsets=[0])])
+        step(engine, cache, [row(0, [4, 100], mask_kind=BIDIRECTIONAL, lora=True, logit_offsets=[0])])
 
 
 def test_engine_opened_without_lora(torch_engine_dir):
@@ -272,11 +273,11 @@ def test_requests_beyond_built_shapes_are_refused(torch_engine_dir):
     with pytest.raises(CapacityError, match="batch size 16 exceeds the engine's built maximum 4"):
         open_engine(torch_engine_dir, max_batch_size=16)
     engine = open_engine(torch_engine_dir, max_seq_len=64)  # smaller limits are fine
-    cache = engine.new_cache(1)
+    cache = Seqs(engine, 1)
     with pytest.raises(CapacityError, match="beyond the engine's maximum sequence length 64"):
-        step(engine, cache, [ChunkRow(0, [1] * 65, write=True, logit_offsets=[0])])
+        step(engine, cache, [row(0, [1] * 65, write=True, logit_offsets=[0])])
     with pytest.raises(CapacityError, match="exceeds the engine's maximum batch size 4"):
-        engine.new_cache(5)
+        step(engine, Seqs(engine, 5), [row(s, [1], write=True) for s in range(5)])
     with pytest.raises(RequestError, match="beyond the engine's maximum sequence length 64"):
         generate(engine, [[1, 2, 3]], GenerationConfig(mode="ar", max_new_tokens=62))
 

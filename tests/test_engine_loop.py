@@ -8,14 +8,19 @@ import time
 import pytest
 
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
-from trimode.runtime.generate import GenerationConfig, generate
+from trimode.runtime.generate import generate
 from trimode.runtime.modes.sequence import SequenceResult
+from trimode.runtime.request import GenerationConfig, new_request
 from trimode.runtime.scheduler.loop import EngineLoop, Job
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_checkpoint):
     return engine_from_checkpoint(tiny_checkpoint, max_batch_size=4)
+
+
+def job(engine, prompt: list[int], config: GenerationConfig, sink) -> Job:
+    return Job(new_request(engine, prompt, config), sink)
 
 
 class ListSink:
@@ -46,42 +51,43 @@ def test_jobs_with_different_settings_share_steps_and_equal_solo_runs(engine):
     loop = EngineLoop(engine, on_step=steps.append)
     loop.start()
     modes = ["ar", "diffusion", "spec", "quad"]
-    jobs = [Job([1, 10 + i, 4], GenerationConfig(mode=modes[i % 4], max_new_tokens=8 + 8 * (i % 2),
-                                                 block_length=4 + 4 * (i % 2), seed=i), ListSink())
+    jobs = [job(engine, [1, 10 + i, 4], GenerationConfig(mode=modes[i % 4], max_new_tokens=8 + 8 * (i % 2),
+                                                         block_length=4 + 4 * (i % 2), seed=i), ListSink())
             for i in range(10)]
     threads = [threading.Thread(target=loop.submit, args=(job,)) for job in jobs]
     for thread in threads:
         thread.start()
-    for job in jobs:
-        assert job.sink.done.wait(120)
+    for item in jobs:
+        assert item.sink.done.wait(120)
     loop.stop()
-    for job in jobs:
-        solo = generate(engine, [job.prompt], job.config)[0]
-        assert job.sink.result.tokens == solo.tokens and job.sink.result.forwards == solo.forwards
-        assert sum(job.sink.chunks, []) == solo.tokens
+    for item in jobs:
+        solo = generate(engine, [list(item.request.prompt)], item.request.config)[0]
+        assert item.sink.result.tokens == solo.tokens and item.sink.result.forwards == solo.forwards
+        assert sum(item.sink.chunks, []) == solo.tokens
     assert max(len(s.modes) for s in steps) > 1  # requests of different modes shared forwards
     assert max(s.rows for s in steps) <= engine.limits.max_batch_size
 
 
 def test_cancellation_and_bad_requests(engine):
-    loop = EngineLoop(engine)
+    loop = EngineLoop(engine, max_step_tokens=64)
     loop.start()
     config = GenerationConfig(mode="ar", max_new_tokens=64)
     cancelled, normal, bad = ListSink(cancel_after=3), ListSink(), ListSink()
-    loop.submit(Job([1, 2, 3], config, cancelled))
-    loop.submit(Job([1, 2, 4], config, normal))
-    loop.submit(Job([1, 999], config, bad))  # refused at submission: the client hears why, the loop goes on
+    loop.submit(job(engine, [1, 2, 3], config, cancelled))
+    loop.submit(job(engine, [1, 2, 4], config, normal))
+    wide = GenerationConfig(mode="quad", max_new_tokens=8, block_length=8)  # 72-token rows, steps of 64
+    loop.submit(job(engine, [1, 5], wide, bad))  # refused by the scheduler: the client hears why, the loop goes on
     for sink in (cancelled, normal, bad):
         assert sink.done.wait(60)
     assert cancelled.result.finish_reason == "cancelled" and len(cancelled.result.tokens) < 64
     assert normal.result.tokens == generate(engine, [[1, 2, 4]], config)[0].tokens
-    assert "outside the vocabulary" in bad.error
+    assert "more than one step may hold" in bad.error
     after = ListSink()
-    loop.submit(Job([5], config, after))
+    loop.submit(job(engine, [5], config, after))
     assert after.done.wait(60) and after.result is not None
     loop.stop()
     late = ListSink()
-    loop.submit(Job([5], config, late))
+    loop.submit(job(engine, [5], config, late))
     assert late.error == "the model is shutting down"
 
 
@@ -89,7 +95,7 @@ def test_stop_cancels_what_runs(engine):
     loop = EngineLoop(engine)
     loop.start()
     sink = ListSink()
-    loop.submit(Job([1, 2, 3], GenerationConfig(mode="ar", max_new_tokens=3000), sink))
+    loop.submit(job(engine, [1, 2, 3], GenerationConfig(mode="ar", max_new_tokens=3000), sink))
     while not sink.chunks:
         time.sleep(0.001)
     loop.stop()
@@ -119,11 +125,11 @@ def test_the_loop_survives_a_failing_step(engine):
     config = GenerationConfig(mode="spec", max_new_tokens=8, block_length=4)
     sinks = [ListSink(), ListSink()]
     for number, sink in enumerate(sinks):
-        loop.submit(Job([1, number + 2], config, sink))
+        loop.submit(job(engine, [1, number + 2], config, sink))
     for sink in sinks:
         assert sink.done.wait(60) and sink.error == "generation failed: RuntimeError: boom"
     flaky.broken = False
     healthy = ListSink()
-    loop.submit(Job([1, 2], config, healthy))
+    loop.submit(job(engine, [1, 2], config, healthy))
     assert healthy.done.wait(60) and healthy.result.tokens == generate(engine, [[1, 2]], config)[0].tokens
     loop.stop()

@@ -20,10 +20,12 @@ import torch
 
 from trimode.builder.checkpoint import load_checkpoint
 from trimode.builder.convert import convert_checkpoint
-from trimode.plugins.reference import BIDIRECTIONAL, CAUSAL, PREFIX_BLOCK, QUAD
+from trimode.plugins.masks import BIDIRECTIONAL, CAUSAL, PREFIX_BLOCK, QUAD
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
-from trimode.runtime.generate import GenerationConfig, generate
+from trimode.runtime.generate import generate
 from trimode.runtime.model.network import Transformer
+from trimode.runtime.request import GenerationConfig
+from trimode.runtime.scheduler.scheduler import Scheduler
 
 transformers = pytest.importorskip("transformers", minversion="5.0")
 
@@ -101,28 +103,31 @@ def written(kind: int, param: int, tokens: list[int]) -> list[int]:
 
 @dataclass
 class Seen:
-    history: list[int]       # tokens the slot's cache held before the row (positions 0..past-1)
+    history: list[int]       # tokens the sequence's cache held before the row (positions 0..past-1)
     row: object              # the ChunkRow
     positions: list[int]     # the chunk's positions
     logits: torch.Tensor     # what the engine returned for the row's logit offsets
 
 
 def record_steps(engine, monkeypatch) -> list[Seen]:
-    """Wrap engine.step: remember each row with the cache contents it ran against and its logits."""
+    """Wrap engine.step: remember each row with the cache contents it ran against and its logits. The contents
+    are tracked token by token per pool position (page, offset), through each row's page table."""
     seen: list[Seen] = []
-    held: dict[int, list[int]] = {}
+    held: dict[tuple[int, int], int] = {}
     original = engine.step
 
     def spy(cache, batch):
+        size = cache.page_size
         logits = original(cache, batch)
-        for b, (row, past) in enumerate(zip(batch.rows, batch.cache_lens, strict=True)):
-            history = held.get(row.slot, [])[:past] if past else []
-            assert len(history) == past, "a row reads cache positions nothing wrote"
+        for b, (row, past, table) in enumerate(zip(batch.rows, batch.cache_lens, batch.tables, strict=True)):
+            history = [held.get((table[p // size], p % size)) for p in range(past)]
+            assert None not in history, "a row reads cache positions nothing wrote"
             positions = row.positions if row.positions is not None else list(range(past, past + len(row.tokens)))
             mine = logits[[m for m, owner in enumerate(batch.logit_rows) if owner == b]]
             seen.append(Seen(history, row, positions, mine.detach().clone()))
             if row.write:
-                held[row.slot] = history + written(row.mask_kind, row.mask_param, list(row.tokens))
+                for i, token in enumerate(written(row.mask_kind, row.mask_param, list(row.tokens))):
+                    held[(table[(past + i) // size], (past + i) % size)] = token
         return logits
 
     monkeypatch.setattr(engine, "step", spy)
@@ -157,8 +162,12 @@ MODES = [("ar", {}), ("spec", {"block_length": 4}), ("spec", {"block_length": 4,
 @pytest.mark.parametrize("mode,kw", MODES, ids=[f"{m}-{'-'.join(map(str, k.values()))}" for m, k in MODES])
 def test_every_forward_equals_a_dense_recomputation_without_cache(engine, dense, monkeypatch, mode, kw):
     seen = record_steps(engine, monkeypatch)
-    generate(engine, PROMPTS, GenerationConfig(mode=mode, max_new_tokens=8, **kw))
+    scheduler = Scheduler(engine, cache=engine.allocate_cache())  # a fresh pool: the spy saw every page written
+    config = GenerationConfig(mode=mode, max_new_tokens=8, **kw)
+    generate(engine, PROMPTS, config, scheduler=scheduler)
+    again = generate(engine, PROMPTS[1:2], config, scheduler=scheduler)  # its prompt's full pages are reused
     monkeypatch.undo()
+    assert again[0].cached_tokens == 32
     kinds = {(s.row.mask_kind, bool(s.row.write), bool(s.row.lora)) for s in seen if s.row.logit_offsets}
     if mode == "spec":  # the draft pass with the adapter, after a causal prefix, was among them
         assert (BIDIRECTIONAL, False, True) in kinds and (CAUSAL, True, False) in kinds

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from trimode.plugins.reference import BIDIRECTIONAL
+from trimode.plugins.masks import BIDIRECTIONAL
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
-from trimode.runtime.generate import GenerationConfig, RequestError, generate, validate_request
+from trimode.runtime.generate import generate
+from trimode.runtime.request import GenerationConfig, RequestError, new_request
 
 from . import scripted_engine as scripted
 from .conftest import build_checkpoint
@@ -380,9 +381,9 @@ def test_cancelled_sequences_leave_the_batch(engine):
     ({}, [[1, -1]], "token id -1 outside the vocabulary"),
     ({"max_new_tokens": 0}, [[1]], "max_new_tokens must be a positive integer"),
     ({"mode": "beam"}, [[1]], "unknown mode 'beam'"),
-    ({}, [[]], "prompt 0 is empty"),
+    ({}, [[]], "prompt is empty"),
     ({"max_new_tokens": 4000}, [[1] * 200], "beyond the engine's maximum sequence length"),
 ])
 def test_bad_requests(engine, kw, prompts, message):
     with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        validate_request(engine, prompts, GenerationConfig(**kw))
+        new_request(engine, prompts[0], GenerationConfig(**kw))

@@ -16,15 +16,18 @@ from trimode.builder.checkpoint import load_checkpoint
 from trimode.builder.engine_build import BuildOptions, build_engine
 from trimode.builder.onnx_export import ATTENTION_OP, ORT_DOMAIN, TRT_DOMAIN, AttentionNode, export_onnx
 from trimode.cli import cli
-from trimode.plugins.reference import BIDIRECTIONAL, PREFIX_BLOCK, QUAD
+from trimode.plugins.masks import BIDIRECTIONAL, PREFIX_BLOCK, QUAD
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
 from trimode.runtime.backends.engine_loader import open_engine
-from trimode.runtime.backends.limits import CapacityError
 from trimode.runtime.backends.onnx_engine import OnnxEngine
-from trimode.runtime.backends.step import ChunkRow, StepBatch
-from trimode.runtime.generate import GenerationConfig, generate
+from trimode.runtime.errors import CapacityError
+from trimode.runtime.generate import generate
 
 # 40 tokens: positions cross the test config's YaRN window (32), so the graph's query scale is exercised.
+from trimode.runtime.request import GenerationConfig
+
+from .step_helpers import Seqs, row
+
 PROMPTS = [list(range(1, 41)), [1, 9, 3]]
 MASK = 100
 
@@ -46,33 +49,33 @@ def engines(onnx_dir, tiny_checkpoint):
     return open_engine(onnx_dir), engine_from_checkpoint(tiny_checkpoint, max_batch_size=8, max_seq_len=128)
 
 
-def step(engine, cache, rows: list[ChunkRow]) -> torch.Tensor:
-    return engine.step(cache, StepBatch.from_rows(rows, cache))
+def step(engine, cache: Seqs, rows) -> torch.Tensor:
+    return cache.run(rows)
 
 
-def prompts_step(num: int) -> list[ChunkRow]:
+def prompts_step(num: int) -> list:
     """Prefill rows of different lengths (the first crosses the YaRN window), last-token logits."""
     rows = []
     for slot in range(num):
         tokens = PROMPTS[0] if slot == 0 else [(7 * slot + i) % 90 + 1 for i in range(3 + 4 * slot)]
-        rows.append(ChunkRow(slot, tokens, write=True, logit_offsets=[len(tokens) - 1]))
+        rows.append(row(slot, tokens, write=True, logit_offsets=[len(tokens) - 1]))
     return rows
 
 
-def mixed_step(cache, lora: bool) -> list[ChunkRow]:
+def mixed_step(cache, lora: bool) -> list:
     """One step with a fresh prefill row, a decode row, a draft row (LoRA), a quad row and a prefix_block row."""
     length = 2
     past = cache.lengths[3]
     quad_positions = [past + j + o for j in range(length) for o in range(length + 1)]
     return [
-        ChunkRow(5, [11, 12, 13, 14, 15], write=True, logit_offsets=[4]),
-        ChunkRow(1, [40], write=True, logit_offsets=[0]),
-        ChunkRow(2, [3] + [MASK] * 7, mask_kind=BIDIRECTIONAL, lora=lora, logit_offsets=list(range(8))),
-        ChunkRow(3, [5, MASK, MASK, 6, MASK, MASK], mask_kind=QUAD, mask_param=length, write=True,
+        row(5, [11, 12, 13, 14, 15], write=True, logit_offsets=[4]),
+        row(1, [40], write=True, logit_offsets=[0]),
+        row(2, [3] + [MASK] * 7, mask_kind=BIDIRECTIONAL, lora=lora, logit_offsets=list(range(8))),
+        row(3, [5, MASK, MASK, 6, MASK, MASK], mask_kind=QUAD, mask_param=length, write=True,
                  logit_offsets=list(range(6)), positions=quad_positions),
-        ChunkRow(4, [9, 8, 7, MASK, MASK, MASK], mask_kind=PREFIX_BLOCK, mask_param=3, write=True,
+        row(4, [9, 8, 7, MASK, MASK, MASK], mask_kind=PREFIX_BLOCK, mask_param=3, write=True,
                  logit_offsets=list(range(6))),
-        ChunkRow(0, [41, 42, 43], write=True, logit_offsets=[0, 1, 2]),  # a verify-like causal block
+        row(0, [41, 42, 43], write=True, logit_offsets=[0, 1, 2]),  # a verify-like causal block
     ]
 
 
@@ -87,74 +90,74 @@ def test_opens_as_onnx_engine(engines, onnx_dir):
 @pytest.mark.parametrize("lora", [False, True])
 def test_mixed_rows_match_torch(engines, lora):
     """Every mask kind in one step, against the torch engine: logits, written K/V and lengths."""
-    caches = [e.new_cache(6) for e in engines]
+    caches = [Seqs(e, 6, shuffle=6) for e in engines]
     results: list[list[torch.Tensor]] = [[], []]
     for engine, cache, out in zip(engines, caches, results, strict=True):
         out.append(step(engine, cache, prompts_step(5)))
         out.append(step(engine, cache, mixed_step(cache, lora)))
-        out.append(step(engine, cache, [ChunkRow(s, [50 + s], write=True, logit_offsets=[0]) for s in (4, 3, 5)]))
+        out.append(step(engine, cache, [row(s, [50 + s], write=True, logit_offsets=[0]) for s in (4, 3, 5)]))
     for name, got, want in zip(["prefill", "mixed", "decode after mixed"], *results, strict=True):
         assert got.shape == want.shape, name
         assert rel(got, want) < 1e-4, name
     assert caches[0].lengths == caches[1].lengths == [43, 8, 11, 18, 23, 6]
-    for slot, used in enumerate(caches[1].lengths):
-        for got, want in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
-            assert rel(got[:, slot, :used], want[:, slot, :used]) < 1e-5
+    for seq in range(6):
+        for got, want in zip(caches[0].keys(seq), caches[1].keys(seq), strict=True):
+            assert rel(got, want) < 1e-5
 
 
 def test_bidirectional_rows_never_write(engines):
     engine, _ = engines
-    cache = engine.new_cache(2)
+    cache = Seqs(engine, 2, shuffle=2)
     step(engine, cache, prompts_step(2))
-    k, v, lengths = cache.k.clone(), cache.v.clone(), list(cache.lengths)
-    step(engine, cache, [ChunkRow(0, [1] + [MASK] * 7, mask_kind=BIDIRECTIONAL, lora=True, logit_offsets=[0]),
-                         ChunkRow(1, [2] + [MASK] * 3, mask_kind=BIDIRECTIONAL, logit_offsets=[3])])
-    assert torch.equal(cache.k, k) and torch.equal(cache.v, v) and cache.lengths == lengths
+    k, v, lengths = cache.cache.k.clone(), cache.cache.v.clone(), list(cache.lengths)
+    step(engine, cache, [row(0, [1] + [MASK] * 7, mask_kind=BIDIRECTIONAL, lora=True, logit_offsets=[0]),
+                         row(1, [2] + [MASK] * 3, mask_kind=BIDIRECTIONAL, logit_offsets=[3])])
+    assert torch.equal(cache.cache.k, k) and torch.equal(cache.cache.v, v) and cache.lengths == lengths
 
 
 def test_quad_row_writes_only_its_drafts(engines):
     """The graph returns every token's K/V; only the d_j go into the cache, at p + j."""
     engine, reference = engines
-    caches = [e.new_cache(1) for e in engines]
+    caches = [Seqs(e, 1, shuffle=1) for e in engines]
     for e, cache in zip(engines, caches, strict=True):
-        step(e, cache, [ChunkRow(0, PROMPTS[1], write=True, logit_offsets=[2])])
-        step(e, cache, [ChunkRow(0, [4, MASK, MASK, MASK, 5, MASK, MASK, MASK, 6, MASK, MASK, MASK], mask_kind=QUAD,
+        step(e, cache, [row(0, PROMPTS[1], write=True, logit_offsets=[2])])
+        step(e, cache, [row(0, [4, MASK, MASK, MASK, 5, MASK, MASK, MASK, 6, MASK, MASK, MASK], mask_kind=QUAD,
                                  mask_param=3, write=True, logit_offsets=[0],
                                  positions=[3 + j + o for j in range(3) for o in range(4)])])
     assert caches[0].lengths == caches[1].lengths == [6]
-    assert rel(caches[0].k[:, 0, :6], caches[1].k[:, 0, :6]) < 1e-5
+    assert rel(caches[0].keys(0)[0], caches[1].keys(0)[0]) < 1e-5
     # the drafts' K/V equal a causal pass over them (quad d_j sees the cache and d_0..d_j)
-    causal = reference.new_cache(1)
-    step(reference, causal, [ChunkRow(0, PROMPTS[1] + [4, 5, 6], write=True, logit_offsets=[5])])
-    assert rel(caches[0].k[:, 0, :6], causal.k[:, 0, :6]) < 1e-5
+    causal = Seqs(reference, 1, shuffle=1)
+    step(reference, causal, [row(0, PROMPTS[1] + [4, 5, 6], write=True, logit_offsets=[5])])
+    assert rel(caches[0].keys(0)[0], causal.keys(0)[0]) < 1e-5
 
 
 def test_lora_changes_the_draft(engines):
     engine, _ = engines
-    cache = engine.new_cache(1)
-    step(engine, cache, [ChunkRow(0, PROMPTS[1], write=True, logit_offsets=[2])])
-    rows = [ChunkRow(0, [4] + [MASK] * 7, mask_kind=BIDIRECTIONAL, logit_offsets=list(range(8)))]
+    cache = Seqs(engine, 1, shuffle=1)
+    step(engine, cache, [row(0, PROMPTS[1], write=True, logit_offsets=[2])])
+    rows = [row(0, [4] + [MASK] * 7, mask_kind=BIDIRECTIONAL, logit_offsets=list(range(8)))]
     plain = step(engine, cache, rows)
-    rows[0].lora = True
+    rows[0][1].lora = True
     assert rel(step(engine, cache, rows), plain) > 1e-3
 
 
 def test_opened_without_lora(onnx_dir):
     engine = open_engine(onnx_dir, use_lora=False)
     assert not engine.has_lora
-    cache = engine.new_cache(1)
-    step(engine, cache, [ChunkRow(0, [1, 2, 3], write=True, logit_offsets=[2])])
+    cache = Seqs(engine, 1, shuffle=1)
+    step(engine, cache, [row(0, [1, 2, 3], write=True, logit_offsets=[2])])
     with pytest.raises(ValueError, match="no LoRA adapter"):
-        step(engine, cache, [ChunkRow(0, [4, MASK], mask_kind=BIDIRECTIONAL, lora=True, logit_offsets=[0])])
+        step(engine, cache, [row(0, [4, MASK], mask_kind=BIDIRECTIONAL, lora=True, logit_offsets=[0])])
 
 
 def test_capacity(engines):
     engine, _ = engines
     with pytest.raises(CapacityError, match="maximum batch size"):
-        engine.new_cache(9)
-    cache = engine.new_cache(1)
+        step(engine, Seqs(engine, 9), [row(s, [1], write=True) for s in range(9)])
+    cache = Seqs(engine, 1, shuffle=1)
     with pytest.raises(CapacityError, match="maximum sequence length 128"):
-        step(engine, cache, [ChunkRow(0, [1] * 129, write=True, logit_offsets=[0])])
+        step(engine, cache, [row(0, [1] * 129, write=True, logit_offsets=[0])])
     assert cache.lengths == [0]
 
 
@@ -187,19 +190,20 @@ def test_graph_contract(onnx_dir, tiny_checkpoint):
     assert len(nodes) == config.num_hidden_layers
     for layer, node in enumerate(nodes):
         assert node.domain == ORT_DOMAIN
-        assert list(node.input)[3:] == [f"k_cache.{layer}", f"v_cache.{layer}", "cu_seqlens", "slots", "cache_lens",
-                                        "mask_kind", "mask_param"]
+        assert list(node.input)[3:] == [f"k_cache.{layer}", f"v_cache.{layer}", "cu_seqlens", "page_table",
+                                        "cache_lens", "mask_kind", "mask_param"]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs == {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "scale": 0.25}
         assert len(node.output) == 1
     inputs = {i.name: i.type.tensor_type for i in model.graph.input}
-    assert list(inputs)[:9] == ["tokens", "positions", "cu_seqlens", "slots", "cache_lens", "mask_kind", "mask_param",
-                                "lora", "logit_index"]
+    assert list(inputs)[:9] == ["tokens", "positions", "cu_seqlens", "page_table", "cache_lens", "mask_kind",
+                                "mask_param", "lora", "logit_index"]
     dims = {name: [d.dim_param or d.dim_value for d in t.shape.dim] for name, t in inputs.items()}
     assert dims["tokens"] == dims["positions"] == dims["lora"] == ["tokens"]
     assert dims["cu_seqlens"] == ["rows_plus_one"] and dims["mask_kind"] == ["rows"]
-    assert dims["logit_index"] == ["logits"] and dims["k_cache.0"] == ["cache_slots", "cache_len", 2, 16]
-    for name in ("cu_seqlens", "slots", "cache_lens", "mask_kind", "mask_param"):
+    assert dims["logit_index"] == ["logits"] and dims["k_cache.0"] == ["cache_pages", "page_size", 2, 16]
+    assert dims["page_table"] == ["rows", "table_pages"]
+    for name in ("cu_seqlens", "page_table", "cache_lens", "mask_kind", "mask_param"):
         assert inputs[name].elem_type == onnx.TensorProto.INT32, name
     assert inputs["tokens"].elem_type == inputs["positions"].elem_type == onnx.TensorProto.INT64
     assert inputs["lora"].elem_type == onnx.TensorProto.BOOL

@@ -154,7 +154,8 @@ def cli_expected(checkpoint: Path) -> dict[str, list[dict]]:
 
 def solo(engine, tokenizer, prompt: str, **settings) -> tuple[str, list[int], str]:
     """generate() for one prompt alone: text, tokens and finish reason."""
-    from trimode.runtime.generate import GenerationConfig, generate
+    from trimode.runtime.generate import generate
+    from trimode.runtime.request import GenerationConfig
 
     result = generate(engine, [tokenizer.encode(prompt).ids], GenerationConfig(**settings))[0]
     return tokenizer.decode(result.tokens), result.tokens, result.finish_reason
@@ -318,8 +319,9 @@ def test_sixteen_concurrent_streams_get_their_solo_results(server: Server, engin
 @pytest.mark.integration
 @pytest.mark.parametrize("mode", ["ar", "diffusion", "spec", "quad"])
 def test_thinking_budget_forces_end_think(server: Server, engine, tokenizer, checkpoint: Path, mode: str) -> None:
-    from trimode.runtime.generate import GenerationConfig, generate
-    from trimode.runtime.serving.openai_chat_template import ChatTemplate, chat_prompt_ids
+    from trimode.runtime.generate import generate
+    from trimode.runtime.request import GenerationConfig
+    from trimode.runtime.serving.chat_template import ChatTemplate, chat_prompt_ids
 
     messages = [{"role": "user", "content": "think"}]
     prompt = chat_prompt_ids(ChatTemplate.from_dir(checkpoint), tokenizer, messages)
@@ -482,7 +484,7 @@ def test_sigterm_finishes_or_cancels_and_exits_zero(one_slot: Server) -> None:
 # -- unit tests without a server -------------------------------------------------------------------------------------
 
 def test_protocol_refuses_unknown_and_mistyped_fields() -> None:
-    from trimode.runtime.serving.openai_protocol import APIError, CompletionRequest, check_completion, parse_body
+    from trimode.runtime.serving.openai.protocol import APIError, CompletionRequest, check_completion, parse_body
 
     with pytest.raises(APIError, match="unrecognized request argument supplied: bogus"):
         parse_body(b'{"model": "m", "prompt": "x", "bogus": 1}', CompletionRequest)
@@ -496,7 +498,7 @@ def test_protocol_refuses_unknown_and_mistyped_fields() -> None:
 
 
 def test_text_assembler_holds_back_stop_prefixes_and_split_characters() -> None:
-    from trimode.runtime.serving.openai_text import TextAssembler
+    from trimode.runtime.serving.text import TextAssembler
 
     pieces = ["ab", "c", "\xe2", "\x82", "\xac", "END", "more"]
     as_bytes = [p.encode("latin-1") for p in pieces]

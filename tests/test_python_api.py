@@ -9,7 +9,8 @@ import pytest
 
 import trimode
 from trimode import LLM, SamplingParams
-from trimode.runtime.generate import GenerationConfig, RequestError, generate
+from trimode.runtime.generate import generate
+from trimode.runtime.request import GenerationConfig, RequestError
 
 from .test_chat_template import END_THINK, thinking_checkpoint
 

@@ -6,14 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trimode.plugins.reference import PREFIX_BLOCK, QUAD
+from trimode.plugins.masks import PREFIX_BLOCK, QUAD
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
-from trimode.runtime.backends.step import ChunkRow, StepBatch
-from trimode.runtime.generate import GenerationConfig, generate
+from trimode.runtime.backends.step import ChunkRow
+from trimode.runtime.generate import generate
 from trimode.runtime.modes.quad import quad_layout
+from trimode.runtime.request import GenerationConfig, new_request
 from trimode.runtime.scheduler.scheduler import Scheduler
 
 from .markov_engine import EOS, MASK, MarkovEngine, truth
+from .step_helpers import Seqs
 
 
 def rand_tokens(n: int, seed: int, vocab: int = 256) -> list[int]:
@@ -43,22 +45,26 @@ def test_quad_greedy_equals_ar_alone_and_ragged(engine, block_length):
 def test_scripted_acceptance_forwards_and_cache(pattern):
     length = 4
     engine = MarkovEngine(wrong_after=pattern)
-    scheduler = Scheduler(engine, num_slots=1)
+    scheduler = Scheduler(engine, max_batch_size=1)
     prompt = [5, 6, 7]
-    seq = scheduler.submit(prompt, GenerationConfig(mode="quad", max_new_tokens=12, block_length=length))
-    lengths = []
+    seq = scheduler.submit(new_request(engine, prompt, GenerationConfig(mode="quad", max_new_tokens=12,
+                                                                        block_length=length)))
+    lengths, emitted = [], []
     while not seq.done:
         scheduler.step()
-        lengths.append(scheduler.cache.lengths[seq.slot])
+        lengths.append(seq.cached)
+        emitted.append(len(seq.tokens))
     assert seq.tokens == truth(prompt, 12, engine)
-    rounds = seq.mode.rounds
-    expected = [max(1, min(g, length)) for g in pattern]
-    assert rounds[: len(expected)] == expected[: len(rounds)]
+    # d's accepted per round (d_0 and the agreeing drafts); past the script every draft agrees
+    expected = [max(1, min(g, length)) for g in pattern] + [length] * 12
+    rounds = [b - a for a, b in zip(emitted, emitted[1:], strict=False)]  # a round emits as many as it accepts
+    assert emitted[0] == 1 and rounds[:-1] == expected[: len(rounds) - 1]  # the last round is cut at 12 tokens
     assert seq.forwards == 1 + len(rounds)  # the first forward (prefill + masks) and one per round
     # after the first forward the cache holds the prompt; after round r, prompt + accepted d's so far
     assert lengths[0] == len(prompt)
-    for r, accepted_so_far in enumerate(torch.tensor(rounds).cumsum(0).tolist()[:-1]):  # the last is cut at 12
+    for r, accepted_so_far in enumerate(torch.tensor(expected).cumsum(0).tolist()[: len(rounds) - 1]):
         assert lengths[r + 1] == len(prompt) + accepted_so_far
+    assert engine.cache_lens[1:] == [[n] for n in lengths[:-1]]  # each round's row saw the previous length
     kinds = [step[0][0] for step in engine.steps]
     assert kinds[0] == PREFIX_BLOCK and set(kinds[1:]) == {QUAD}
 
@@ -88,10 +94,10 @@ def dense_masked_logits(engine, tokens, positions, allowed):
 def test_first_and_second_forward_against_a_dense_mask_recomputation(engine):
     L, prompt = 3, rand_tokens(9, 77)
     P = len(prompt)
-    cache = engine.new_cache(1)
-    first = ChunkRow(0, prompt + [MASK_ID] * L, PREFIX_BLOCK, mask_param=L, write=True,
+    seqs = Seqs(engine, 1, shuffle=5)
+    first = ChunkRow(prompt + [MASK_ID] * L, PREFIX_BLOCK, mask_param=L, write=True,
                      logit_offsets=list(range(P + L)))
-    got1 = engine.step(cache, StepBatch.from_rows([first], cache))
+    got1 = seqs.step([0], [first])
     n = P + L
     allowed = torch.zeros(n, n, dtype=torch.bool)
     for t in range(n):
@@ -99,14 +105,14 @@ def test_first_and_second_forward_against_a_dense_mask_recomputation(engine):
             allowed[t, s] = s <= t if t < P else True  # masks see the prompt and each other
     want1 = dense_masked_logits(engine, prompt + [MASK_ID] * L, list(range(n)), allowed)
     assert float((got1 - want1).norm() / want1.norm()) < 1e-4
-    assert cache.lengths[0] == P
+    assert seqs.lengths[0] == P
 
     drafts = rand_tokens(L, 78)
     tokens, positions = quad_layout(P, drafts, MASK_ID)
-    second = ChunkRow(0, tokens, QUAD, mask_param=L, write=True, logit_offsets=list(range(len(tokens))),
+    second = ChunkRow(tokens, QUAD, mask_param=L, write=True, logit_offsets=list(range(len(tokens))),
                       positions=positions)
-    got2 = engine.step(cache, StepBatch.from_rows([second], cache))
-    assert cache.lengths[0] == P + L
+    got2 = seqs.step([0], [second])
+    assert seqs.lengths[0] == P + L
     # the whole sequence without a cache: prompt causal, then the chunk with the structured mask spelled out
     m = len(tokens)
     full = prompt + tokens
@@ -121,7 +127,7 @@ def test_first_and_second_forward_against_a_dense_mask_recomputation(engine):
     want2 = dense_masked_logits(engine, full, list(range(P)) + positions, allowed)[P:]
     assert float((got2 - want2).norm() / want2.norm()) < 1e-4
     # the cache now holds exactly the drafts' causal K/V: decoding after them equals a causal recomputation
-    ar_after = engine.step(cache, StepBatch.from_rows([ChunkRow(0, [5], write=True, logit_offsets=[0])], cache))
+    ar_after = seqs.step([0], [ChunkRow([5], write=True, logit_offsets=[0])])
     causal = torch.ones(P + L + 1, P + L + 1, dtype=torch.bool).tril()
     want3 = dense_masked_logits(engine, prompt + drafts + [5], list(range(P + L + 1)), causal)[-1:]
     assert float((ar_after - want3).norm() / want3.norm()) < 1e-4

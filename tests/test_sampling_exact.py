@@ -25,8 +25,9 @@ from safetensors.torch import load_file, save_file
 from trimode.builder.checkpoint import load_checkpoint
 from trimode.builder.convert import convert_checkpoint
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
-from trimode.runtime.generate import GenerationConfig, generate
+from trimode.runtime.generate import generate
 from trimode.runtime.model.network import Transformer
+from trimode.runtime.request import GenerationConfig
 
 from .conftest import build_checkpoint
 
@@ -164,12 +165,12 @@ def test_diffusion_seed_samples_the_causal_distribution(checkpoint, engine, temp
 def test_the_statistic_rejects_a_greedy_verify(checkpoint, engine, monkeypatch):
     """The test's power: the same statistic on a self-speculation whose verify pass takes the argmax."""
     from trimode.runtime.modes import spec
-    from trimode.runtime.modes.base import ARGMAX, Pick
+    from trimode.runtime.sampler import ARGMAX, Pick
 
     original = spec.SpecMode.plan_decode
 
-    def greedy_verify(self, seq, cache):
-        plan = original(self, seq, cache)
+    def greedy_verify(self, seq):
+        plan = original(self, seq)
         if plan.row.write:  # the verify row
             plan.pick = Pick(ARGMAX)
         return plan

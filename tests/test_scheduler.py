@@ -6,12 +6,15 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from trimode.plugins.reference import BIDIRECTIONAL, CAUSAL, PREFIX_BLOCK, QUAD
+from trimode.plugins.masks import BIDIRECTIONAL, CAUSAL, PREFIX_BLOCK, QUAD
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
-from trimode.runtime.backends.step import ChunkRow, StepBatch
-from trimode.runtime.generate import GenerationConfig, RequestError, generate
+from trimode.runtime.backends.step import ChunkRow
+from trimode.runtime.generate import generate
 from trimode.runtime.modes.quad import quad_layout
+from trimode.runtime.request import GenerationConfig, RequestError, new_request
 from trimode.runtime.scheduler.scheduler import Scheduler, shared_scheduler
+
+from .step_helpers import Seqs
 
 
 def rand_tokens(n: int, seed: int, vocab: int = 256) -> list[int]:
@@ -39,18 +42,22 @@ MIX = [
 
 
 def solo(engine, prompt, config):
-    return generate(engine, [prompt], config, scheduler=Scheduler(engine, num_slots=1))[0]
+    return generate(engine, [prompt], config, scheduler=Scheduler(engine, max_batch_size=1))[0]
+
+
+def submit(scheduler, prompt, config, **kw):
+    return scheduler.submit(new_request(scheduler.engine, prompt, config), **kw)
 
 
 def test_mixed_requests_arriving_at_different_steps_equal_their_solo_runs(engine):
-    scheduler = Scheduler(engine, num_slots=4, max_step_tokens=24)  # fewer slots than requests: some wait
+    scheduler = Scheduler(engine, max_batch_size=4, max_step_tokens=24)  # fewer rows than requests: some wait
     arrivals = [0, 0, 1, 1, 3, 4, 4, 6, 9]
     pending = list(zip(arrivals, MIX, strict=True))
     sequences = []
     while pending or scheduler.has_work:
         while pending and pending[0][0] <= scheduler.steps:
             _, (prompt, config) = pending.pop(0)
-            sequences.append(scheduler.submit(prompt, config))
+            sequences.append(submit(scheduler, prompt, config))
         scheduler.step()
     for seq, (prompt, config) in zip(sequences, MIX, strict=True):
         alone = solo(engine, prompt, config)
@@ -69,12 +76,12 @@ def test_one_forward_per_step_for_a_mixed_batch(engine):
 
     engine.step = counting
     try:
-        scheduler = Scheduler(engine, num_slots=5)
+        scheduler = Scheduler(engine, max_batch_size=5)
         configs = [GenerationConfig(mode="ar", max_new_tokens=10)] * 2 + \
             [GenerationConfig(mode="spec", max_new_tokens=10, block_length=4)] * 2 + \
             [GenerationConfig(mode="diffusion", max_new_tokens=8, block_length=4)]
         for i, config in enumerate(configs):
-            scheduler.submit(rand_tokens(6 + i, 20 + i), config)
+            submit(scheduler, rand_tokens(6 + i, 20 + i), config)
         scheduler.run()
     finally:
         del engine.step
@@ -83,12 +90,12 @@ def test_one_forward_per_step_for_a_mixed_batch(engine):
 
 
 def test_a_late_request_gets_its_first_token_within_a_bounded_number_of_steps(engine):
-    scheduler = Scheduler(engine, num_slots=3, max_step_tokens=16)
-    scheduler.submit(rand_tokens(60, 30), GenerationConfig(mode="ar", max_new_tokens=200))
-    scheduler.submit(rand_tokens(10, 31), GenerationConfig(mode="spec", max_new_tokens=200, block_length=8))
+    scheduler = Scheduler(engine, max_batch_size=3, max_step_tokens=16)
+    submit(scheduler, rand_tokens(60, 30), GenerationConfig(mode="ar", max_new_tokens=200))
+    submit(scheduler, rand_tokens(10, 31), GenerationConfig(mode="spec", max_new_tokens=200, block_length=8))
     for _ in range(5):
         scheduler.step()
-    late = scheduler.submit(rand_tokens(40, 32), GenerationConfig(mode="ar", max_new_tokens=4))
+    late = submit(scheduler, rand_tokens(40, 32), GenerationConfig(mode="ar", max_new_tokens=4))
     while not late.done:
         scheduler.step()
     # the running rows use 1 + 8 tokens, so the late prompt gets >= 7 tokens per step: 40 tokens in <= 6 steps
@@ -97,74 +104,87 @@ def test_a_late_request_gets_its_first_token_within_a_bounded_number_of_steps(en
     assert late.result().steps_waited == 0
 
 
-def test_finished_slots_are_reused_and_cancellation_frees_a_slot(engine):
-    scheduler = Scheduler(engine, num_slots=2)
+def test_finished_requests_give_their_pages_back_and_waiting_ones_are_admitted(engine):
+    scheduler = Scheduler(engine, max_batch_size=2, cache=engine.allocate_cache(64, prefix_caching=False))
+    free = scheduler.pages.available
     cancel = {"now": False}
-    short = scheduler.submit(rand_tokens(5, 40), GenerationConfig(mode="ar", max_new_tokens=2))
-    doomed = scheduler.submit(rand_tokens(5, 41), GenerationConfig(mode="ar", max_new_tokens=500),
-                              is_cancelled=lambda _i: cancel["now"])
-    third = scheduler.submit(rand_tokens(5, 42), GenerationConfig(mode="ar", max_new_tokens=3))
-    fourth = scheduler.submit(rand_tokens(5, 43), GenerationConfig(mode="ar", max_new_tokens=3))
+    short = submit(scheduler, rand_tokens(5, 40), GenerationConfig(mode="ar", max_new_tokens=2))
+    doomed = submit(scheduler, rand_tokens(5, 41), GenerationConfig(mode="ar", max_new_tokens=500),
+                    is_cancelled=lambda _i: cancel["now"])
+    third = submit(scheduler, rand_tokens(5, 42), GenerationConfig(mode="ar", max_new_tokens=3))
+    fourth = submit(scheduler, rand_tokens(5, 43), GenerationConfig(mode="ar", max_new_tokens=3))
     scheduler.step()
-    assert third.slot == -1 and fourth.slot == -1  # both wait: two slots only
+    assert third.admitted_step == -1 and fourth.admitted_step == -1  # both wait: two rows per step only
+    assert scheduler.pages.available == free - len(short.pages) - len(doomed.pages)
     while not short.done:
         scheduler.step()
+    assert short.pages == [] and not third.pages  # the finished request's pages went back at once
     scheduler.step()
-    assert third.slot == short.slot  # the finished request's slot, reused at the next step
+    assert third.pages and third.admitted_step >= 0  # the next step admits a waiting request
     cancel["now"] = True
     scheduler.step()
-    assert doomed.finish_reason == "cancelled" and fourth.slot == doomed.slot
+    assert doomed.finish_reason == "cancelled" and doomed.pages == [] and fourth.admitted_step >= 0
     scheduler.run()
+    assert scheduler.pages.available == free  # everything given back
     assert third.result().tokens == solo(engine, rand_tokens(5, 42), third.config).tokens
 
 
 def test_the_cache_is_allocated_once(engine):
-    scheduler = shared_scheduler(engine, 2)
+    scheduler = shared_scheduler(engine)
     address = scheduler.cache.k.data_ptr()
     for seed in range(4):
         generate(engine, [rand_tokens(7, seed), rand_tokens(3, seed + 9)],
                  GenerationConfig(mode="spec", max_new_tokens=6, block_length=4))
-    assert shared_scheduler(engine, 2) is scheduler and scheduler.cache.k.data_ptr() == address
+    assert shared_scheduler(engine) is scheduler and scheduler.cache is engine.cache
+    assert engine.cache.k.data_ptr() == address
 
 
 def test_a_request_that_can_never_fit_is_refused_at_submission(engine):
-    scheduler = Scheduler(engine, num_slots=1)
+    scheduler = Scheduler(engine, max_batch_size=1)
     with pytest.raises(RequestError, match="maximum sequence length"):
-        scheduler.submit([3] * 10, GenerationConfig(mode="ar", max_new_tokens=engine.limits.max_seq_len))
-    assert not scheduler.has_work
+        new_request(engine, [3] * 10, GenerationConfig(mode="ar", max_new_tokens=engine.limits.max_seq_len))
+    small = Scheduler(engine, cache=engine.allocate_cache(4))  # 4 pages of 16 positions
+    with pytest.raises(RequestError, match="more than the whole cache holds"):
+        submit(small, [3] * 10, GenerationConfig(mode="ar", max_new_tokens=60))
+    narrow = Scheduler(engine, max_step_tokens=64)
+    with pytest.raises(RequestError, match="more than one step may hold"):
+        submit(narrow, [3] * 10, GenerationConfig(mode="quad", max_new_tokens=8, block_length=8))
+    assert not scheduler.has_work and not small.has_work and not narrow.has_work
 
 
 def test_a_mixed_forward_gives_each_row_its_solo_logits(engine):
     prompts = [rand_tokens(n, 50 + n) for n in (9, 4, 13, 6, 7)]
 
-    def prefilled(slots):
-        cache = engine.new_cache(5)
-        rows = [ChunkRow(s, prompts[s], write=True) for s in slots]
-        engine.step(cache, StepBatch.from_rows(rows, cache))
-        return cache
+    def prefilled(ids):
+        seqs = Seqs(engine, 5, shuffle=len(ids))  # scattered pages: tables are not contiguous
+        seqs.step(list(ids), [ChunkRow(prompts[s], write=True) for s in ids])
+        return seqs
 
     quad_tokens, quad_positions = quad_layout(len(prompts[3]), rand_tokens(3, 60), 100)
-    rows = [ChunkRow(0, [7], CAUSAL, write=True, logit_offsets=[0]),
-            ChunkRow(1, rand_tokens(5, 61), BIDIRECTIONAL, lora=True, logit_offsets=list(range(5))),
-            ChunkRow(2, rand_tokens(6, 62), CAUSAL, write=True, logit_offsets=list(range(6))),
-            ChunkRow(3, quad_tokens, QUAD, mask_param=3, write=True, logit_offsets=list(range(12)),
+    rows = [ChunkRow([7], CAUSAL, write=True, logit_offsets=[0]),
+            ChunkRow(rand_tokens(5, 61), BIDIRECTIONAL, lora=True, logit_offsets=list(range(5))),
+            ChunkRow(rand_tokens(6, 62), CAUSAL, write=True, logit_offsets=list(range(6))),
+            ChunkRow(quad_tokens, QUAD, mask_param=3, write=True, logit_offsets=list(range(12)),
                      positions=quad_positions),
-            ChunkRow(4, rand_tokens(4, 63) + [100] * 3, PREFIX_BLOCK, mask_param=3, write=True,
+            ChunkRow(rand_tokens(4, 63) + [100] * 3, PREFIX_BLOCK, mask_param=3, write=True,
                      logit_offsets=list(range(7)))]
-    cache = prefilled(range(5))
-    draft_slot_before = cache.k[:, 1].clone()
-    mixed = engine.step(cache, StepBatch.from_rows(rows, cache))
-    assert torch.equal(cache.k[:, 1], draft_slot_before)  # the bidirectional row wrote nothing
+    seqs = prefilled(range(5))
+    draft_before = seqs.keys(1)[0].clone()
+    pool_before = seqs.cache.k.clone()
+    mixed = seqs.step(list(range(5)), rows)
+    assert torch.equal(seqs.keys(1)[0], draft_before)  # the bidirectional row wrote nothing
+    touched = {page for s in range(5) if s != 1 for page in seqs.tables[s]}
+    untouched = [p for p in range(seqs.cache.num_pages) if p not in touched]
+    assert torch.equal(seqs.cache.k[:, untouched], pool_before[:, untouched])  # no other page changed
     start = 0
-    for row in rows:
-        alone_cache = prefilled([row.slot])
-        alone = engine.step(alone_cache, StepBatch.from_rows([row], alone_cache))
+    for index, row in enumerate(rows):
+        alone = prefilled([index])
+        got_alone = alone.step([index], [row])
         got = mixed[start : start + len(row.logit_offsets)]
         start += len(row.logit_offsets)
-        assert float((got - alone).abs().max()) < 1e-5
-        n = alone_cache.lengths[row.slot]
-        assert cache.lengths[row.slot] == n and torch.allclose(cache.k[:, row.slot, :n], alone_cache.k[:, row.slot, :n],
-                                                               atol=1e-6)
+        assert float((got - got_alone).abs().max()) < 1e-5
+        n = alone.lengths[index]
+        assert seqs.lengths[index] == n and torch.allclose(seqs.keys(index)[0], alone.keys(index)[0], atol=1e-6)
 
 
 class HostReads(TorchDispatchMode):
@@ -200,9 +220,10 @@ def test_at_most_one_host_transfer_per_step(engine, monkeypatch, batch, config):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
-    scheduler = Scheduler(engine, num_slots=batch)
-    for i in range(batch):
-        scheduler.submit(rand_tokens(5 + i, 70 + i), config)
+    scheduler = Scheduler(engine, max_batch_size=batch)
+    requests = [new_request(engine, rand_tokens(5 + i, 70 + i), config) for i in range(batch)]
+    for request in requests:
+        scheduler.submit(request)
     per_step = []
     while scheduler.has_work:
         before = reads.count + transfers["count"]

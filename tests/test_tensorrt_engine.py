@@ -18,7 +18,7 @@ import torch
 
 from trimode.builder.checkpoint import load_checkpoint
 from trimode.builder.engine_build import BuildOptions, build_engine
-from trimode.plugins.reference import BIDIRECTIONAL, PREFIX_BLOCK, QUAD
+from trimode.plugins.masks import BIDIRECTIONAL, PREFIX_BLOCK, QUAD
 from trimode.runtime.backends.cuda_graphs import Bucketing
 from trimode.runtime.backends.graph_steps import (
     BLOCK,
@@ -28,10 +28,12 @@ from trimode.runtime.backends.graph_steps import (
     optimization_profiles,
     profile_input_shapes,
 )
-from trimode.runtime.backends.limits import CapacityError
 from trimode.runtime.backends.step import ChunkRow, StepBatch
-from trimode.runtime.generate import GenerationConfig, RequestError, generate
-from trimode.runtime.model.kv_cache import KVCache
+from trimode.runtime.errors import CapacityError
+from trimode.runtime.generate import generate
+from trimode.runtime.request import GenerationConfig, RequestError
+
+from .step_helpers import Seqs
 
 
 def tensorrt_missing() -> str | None:
@@ -67,12 +69,13 @@ def test_profiles_are_sizes_not_step_kinds():
 def test_profile_input_shapes(tiny_checkpoint):
     config = load_checkpoint(tiny_checkpoint).config
     ranges = optimization_profiles(4, 512, (8,))[1]
-    shapes = profile_input_shapes(config, ranges, max_batch_size=4, max_seq_len=128)
+    shapes = profile_input_shapes(config, ranges, num_pages=32, page_size=16, max_pages=8)
     assert shapes["tokens"] == shapes["positions"] == shapes["lora"] == [[1], [32], [32]]
     assert shapes["cu_seqlens"] == [[2], [6], [6]]
-    assert shapes["slots"] == shapes["mask_kind"] == shapes["mask_param"] == shapes["cache_lens"] == [[1], [5], [5]]
+    assert shapes["mask_kind"] == shapes["mask_param"] == shapes["cache_lens"] == [[1], [5], [5]]
+    assert shapes["page_table"] == [[1, 8], [5, 8], [5, 8]]  # the padding row included; one column per page
     assert shapes["logit_index"] == [[1], [32], [32]]
-    assert shapes["k_cache.0"] == shapes["v_cache.1"] == [[5, 128, 2, 16]] * 3  # the scratch slot included
+    assert shapes["k_cache.0"] == shapes["v_cache.1"] == [[1, 16, 2, 16], [32, 16, 2, 16], [32, 16, 2, 16]]
 
 
 def test_every_bucket_has_a_profile():
@@ -83,12 +86,12 @@ def test_every_bucket_has_a_profile():
         for tokens in bucketing.tokens:
             for logits in (b for b in bucketing.tokens if b <= tokens):
                 choose_profile(profiles, tokens, rows + 1, logits)
-    cache = KVCache(1, 8, 4096, 1, 2, torch.float32)
-    decode = StepBatch.from_rows([ChunkRow(s, [1], write=True, logit_offsets=[0]) for s in range(8)], cache)
+    decode = StepBatch.from_rows([ChunkRow([1], write=True, logit_offsets=[0]) for _ in range(8)],
+                                 [[s] for s in range(8)], [0] * 8, 16)
     key = bucketing.key(decode)
     assert choose_profile(profiles, key.tokens, key.rows + 1, key.logits) == DECODE
-    block = StepBatch.from_rows([ChunkRow(s, [1] * 32, mask_kind=BIDIRECTIONAL, logit_offsets=list(range(32)))
-                                 for s in range(4)], cache)
+    block = StepBatch.from_rows([ChunkRow([1] * 32, mask_kind=BIDIRECTIONAL, logit_offsets=list(range(32)))
+                                 for _ in range(4)], [[s] for s in range(4)], [3] * 4, 16)
     key = bucketing.key(block)
     assert choose_profile(profiles, key.tokens, key.rows + 1, key.logits) == BLOCK
     with pytest.raises(CapacityError, match="beyond every optimization profile"):
@@ -111,6 +114,7 @@ def test_backend_module_resolves_its_names_against_a_stub(monkeypatch):
         module = importlib.import_module(name)
         spec = module.TensorRTBuildSpec(torch.float32, 4, 128, (8,))
         assert spec.max_step_tokens == module.DEFAULT_MAX_STEP_TOKENS
+        assert spec.page_size == 16 and spec.table_pages == 8 and spec.max_kv_pages == 32
         library = Path(module.__file__).resolve().parents[2] / "plugins" / "build" / module.PLUGIN_LIBRARY
         if not library.is_file():
             with pytest.raises(module.TensorRTBuildError, match=str(library)):
@@ -144,29 +148,28 @@ def engines(trt_dir, tiny_checkpoint):
                                                                        max_batch_size=8, max_seq_len=128)
 
 
-def step(engine, cache, rows):
-    return engine.step(cache, StepBatch.from_rows(rows, cache))
-
-
 @needs_tensorrt
 @pytest.mark.parametrize("lora", [False, True])
 def test_mixed_rows_match_torch(engines, lora):
-    caches = [e.new_cache(5) for e in engines]
+    groups = [Seqs(e, 5, cache=e.cache, shuffle=3) for e in engines]
     results: list[list[torch.Tensor]] = [[], []]
-    for engine, cache, out in zip(engines, caches, results, strict=True):
-        out.append(step(engine, cache, [ChunkRow(s, PROMPTS[s % 2] + [s], write=True, logit_offsets=[0])
-                                        for s in range(4)]))
-        past = cache.lengths[2]
-        out.append(step(engine, cache, [
-            ChunkRow(0, [40], write=True, logit_offsets=[0]),
-            ChunkRow(1, [3] + [MASK] * 7, mask_kind=BIDIRECTIONAL, lora=lora, logit_offsets=list(range(8))),
-            ChunkRow(2, [5, MASK, MASK, 6, MASK, MASK], mask_kind=QUAD, mask_param=2, write=True,
+    for group, out in zip(groups, results, strict=True):
+        out.append(group.step(list(range(4)), [ChunkRow(PROMPTS[s % 2] + [s], write=True, logit_offsets=[0])
+                                               for s in range(4)]))
+        past = group.lengths[2]
+        out.append(group.step(list(range(5)), [
+            ChunkRow([40], write=True, logit_offsets=[0]),
+            ChunkRow([3] + [MASK] * 7, mask_kind=BIDIRECTIONAL, lora=lora, logit_offsets=list(range(8))),
+            ChunkRow([5, MASK, MASK, 6, MASK, MASK], mask_kind=QUAD, mask_param=2, write=True,
                      logit_offsets=list(range(6)), positions=[past + j + o for j in range(2) for o in range(3)]),
-            ChunkRow(3, [9, 8, 7, MASK, MASK], mask_kind=PREFIX_BLOCK, mask_param=2, write=True, logit_offsets=[4]),
-            ChunkRow(4, [1, 2, 3], write=True, logit_offsets=[2])]))
+            ChunkRow([9, 8, 7, MASK, MASK], mask_kind=PREFIX_BLOCK, mask_param=2, write=True, logit_offsets=[4]),
+            ChunkRow([1, 2, 3], write=True, logit_offsets=[2])]))
     for got, want in zip(*results, strict=True):
         assert rel(got, want) < 1e-3
-    assert caches[0].lengths[:5] == caches[1].lengths
+    assert groups[0].lengths == groups[1].lengths
+    for group in groups:
+        for table in group.tables:
+            group.cache.pages.release(table)
 
 
 @needs_tensorrt

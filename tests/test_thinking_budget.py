@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trimode.runtime.generate import GenerationConfig, RequestError, generate, validate_request
-from trimode.runtime.modes.sampling import filter_probs
+from trimode.runtime.generate import generate
+from trimode.runtime.request import GenerationConfig, RequestError, new_request
+from trimode.runtime.sampler import filter_probs
 
 from .markov_engine import MarkovEngine, f
 
@@ -68,4 +69,4 @@ def test_top_k_one_is_greedy_in_every_sampling_mode():
                                          ({"mode": "spec", "ar_mix_weight": 0.5}, "ar_mix_weight")])
 def test_bad_settings_are_refused(bad, message):
     with pytest.raises(RequestError, match=message):
-        validate_request(MarkovEngine(), [[1, 2]], GenerationConfig(**{"max_new_tokens": 8, **bad}))
+        new_request(MarkovEngine(), [1, 2], GenerationConfig(**{"max_new_tokens": 8, **bad}))

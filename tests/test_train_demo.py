@@ -201,19 +201,21 @@ def test_infill_first_pass_is_the_infill_chunk(model):
 
 def engine_draft_logits(model, context: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
     """The runtime engine's own passes: causal prefill writing the cache, then a bidirectional chunk row."""
-    from trimode.plugins.reference import BIDIRECTIONAL, CAUSAL
+    from trimode.plugins.masks import BIDIRECTIONAL, CAUSAL
     from trimode.runtime.backends.limits import EngineLimits
-    from trimode.runtime.backends.step import ChunkRow, StepBatch
+    from trimode.runtime.backends.step import ChunkRow
     from trimode.runtime.backends.torch_engine import TorchEngine
 
+    from .step_helpers import Seqs
+
     engine = TorchEngine(model, EngineLimits(max_batch_size=1, max_seq_len=128))
-    cache = engine.new_cache(1)
-    engine.step(cache, StepBatch.from_rows([ChunkRow(0, context.tolist(), CAUSAL, write=True,
-                                                     logit_offsets=[len(context) - 1])], cache))
+    cache = Seqs(engine, 1)
+    cache.step([0], [ChunkRow(context.tolist(), CAUSAL, write=True, logit_offsets=[len(context) - 1])])
     assert cache.lengths[0] == len(context)
-    row = ChunkRow(0, chunk.tolist(), BIDIRECTIONAL, write=False, logit_offsets=list(range(len(chunk))))
-    logits = engine.step(cache, StepBatch.from_rows([row], cache))
-    assert cache.lengths[0] == len(context)  # a draft pass never writes
+    row = ChunkRow(chunk.tolist(), BIDIRECTIONAL, write=False, logit_offsets=list(range(len(chunk))))
+    before = cache.cache.k.clone()
+    logits = cache.step([0], [row])
+    assert torch.equal(cache.cache.k, before)  # a draft pass never writes
     return logits
 
 

@@ -42,7 +42,7 @@ def test_prefill_logits_match_transformers_beyond_yarn_window(tiny_checkpoint):
     with torch.no_grad():
         expected = model(tokens).logits[0].float()
     engine = engine_from_checkpoint(tiny_checkpoint, dtype="fp32")
-    cache = engine.new_cache(1)
+    cache = steps.Seqs(engine, 1, shuffle=7)
     # one causal written row over the whole sequence, logits at every offset
     got = steps.verify(engine, cache, [0], tokens)[0]
     assert relative_error(got, expected) < 1e-4
@@ -56,7 +56,7 @@ def test_cached_decode_matches_transformers(tiny_checkpoint):
     with torch.no_grad():
         expected = model(tokens).logits[0].float()
     engine = engine_from_checkpoint(tiny_checkpoint, dtype="fp32")
-    cache = engine.new_cache(1)
+    cache = steps.Seqs(engine, 1, shuffle=7)
     split = length - 6
     steps.prefill(engine, cache, [0], [tokens[0, :split].tolist()])
     for pos in range(split, length):

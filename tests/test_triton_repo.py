@@ -14,10 +14,10 @@ from tokenizers import Tokenizer
 
 from trimode.builder.errors import CheckpointError
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
-from trimode.runtime.generate import GenerationConfig, RequestError
-from trimode.runtime.serving.openai_text import TextAssembler
-from trimode.runtime.serving.triton_repo import ServingSettings, write_triton_repo
-from trimode.runtime.serving.triton_request import parse_request
+from trimode.runtime.request import GenerationConfig, RequestError
+from trimode.runtime.serving.text import TextAssembler
+from trimode.runtime.serving.triton.repo import ServingSettings, write_triton_repo
+from trimode.runtime.serving.triton.request import parse_request
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_repo_layout_and_parameters(tiny_checkpoint, tmp_path):
                  "seed", "stream", "text_output", "output_ids", "forwards"):
         assert f'name: "{name}"' in config
     shim = (tmp_path / "repo" / "trimode" / "1" / "model.py").read_text()
-    assert "from trimode.runtime.serving.triton_model import TritonPythonModel" in shim
+    assert "from trimode.runtime.serving.triton.model import TritonPythonModel" in shim
     compile(shim, "model.py", "exec")
 
 
@@ -84,14 +84,15 @@ def one(value, dtype) -> np.ndarray:
 
 def test_parse_defaults_and_values(engine):
     parsed = parse_request({"input_ids": ids(1, 2)}, engine, default_mode="ar", default_max_tokens=9)
-    assert parsed.prompt == [1, 2] and not parsed.stream
-    assert parsed.config == GenerationConfig(mode="ar", max_new_tokens=9, block_length=engine.config.block_size)
+    assert parsed.request.prompt == (1, 2) and not parsed.stream
+    assert parsed.request.config == GenerationConfig(mode="ar", max_new_tokens=9,
+                                                     block_length=engine.config.block_size)
     parsed = parse_request({"input_ids": ids(3), "mode": one(b"Diffusion", object), "max_tokens": one(16, np.int32),
                             "block_length": one(4, np.int32), "threshold": one(0.5, np.float32),
                             "temperature": one(0.7, np.float32), "seed": one(5, np.int64),
                             "stream": one(True, bool)}, engine)
-    assert parsed.stream and parsed.config.mode == "diffusion" and parsed.config.block_length == 4
-    assert parsed.config.threshold == pytest.approx(0.5) and parsed.config.seed == 5
+    assert parsed.stream and parsed.request.config.mode == "diffusion" and parsed.request.config.block_length == 4
+    assert parsed.request.config.threshold == pytest.approx(0.5) and parsed.request.config.seed == 5
 
 
 def test_parse_text_needs_and_uses_the_tokenizer(engine):
@@ -99,7 +100,7 @@ def test_parse_text_needs_and_uses_the_tokenizer(engine):
         parse_request({"text_input": one(b"hi", object)}, engine)
     tokenizer = Tokenizer.from_file(str(engine.tokenizer_path))
     parsed = parse_request({"text_input": one(b"hi", object)}, engine, encode=lambda t: tokenizer.encode(t).ids)
-    assert parsed.prompt == tokenizer.encode("hi").ids
+    assert list(parsed.request.prompt) == tokenizer.encode("hi").ids
 
 
 @pytest.mark.parametrize("inputs,message", [
@@ -151,7 +152,7 @@ def test_text_deltas_concatenate_to_the_whole_text(engine):
 
 
 def test_log_tail_names_the_model_load_failure(tmp_path):
-    from trimode.runtime.serving.triton_server import TritonServer
+    from trimode.runtime.serving.triton.server import TritonServer
 
     log = tmp_path / "tritonserver.log"
     log.write_text('I1126 server.cc:1] "starting"\n'
@@ -166,7 +167,7 @@ def test_log_tail_names_the_model_load_failure(tmp_path):
 def test_server_environment_puts_this_pythons_libdir_first():
     import sysconfig
 
-    from trimode.runtime.serving.triton_server import TritonInstall, server_environment
+    from trimode.runtime.serving.triton.server import TritonInstall, server_environment
 
     env = server_environment(TritonInstall(binary=sys.executable, backend_dir=None, lib_dirs=()))
     libdir = sysconfig.get_config_var("LIBDIR")

@@ -27,9 +27,10 @@ import numpy as np
 import pytest
 
 from trimode.runtime.backends.engine_loader import open_engine
-from trimode.runtime.generate import GenerationConfig, generate
-from trimode.runtime.serving.triton_repo import write_triton_repo
-from trimode.runtime.serving.triton_server import TritonServer, TritonUnavailable, find_tritonserver, free_port
+from trimode.runtime.generate import generate
+from trimode.runtime.request import GenerationConfig
+from trimode.runtime.serving.triton.repo import write_triton_repo
+from trimode.runtime.serving.triton.server import TritonServer, TritonUnavailable, find_tritonserver, free_port
 
 from .conftest import build_checkpoint
 

@@ -1,12 +1,14 @@
 """The Python API for embedding the engine: `from trimode import LLM, SamplingParams`.
 
-    llm = LLM("path/to/engine-or-checkpoint")            # or LLM() for the shipped demo model
-    params = SamplingParams(max_tokens=64, mode="spec", stop=["\\n\\n"])
-    for out in llm.generate(["def add(a, b):", "import os"], params):
-        print(out.text, out.finish_reason, out.forwards)
-    for piece in llm.stream("class Stack:", params):      # text deltas as they are committed
-        print(piece, end="", flush=True)
-    llm.chat([{"role": "user", "content": "hi"}], params)  # the checkpoint's chat template
+    with LLM("path/to/engine-or-checkpoint") as llm:      # or LLM() for the shipped demo model
+        params = SamplingParams(max_tokens=64, mode="spec", stop=["\\n\\n"])
+        for out in llm.generate(["def add(a, b):", "import os"], params):
+            print(out.text, out.finish_reason, out.forwards)
+        for piece in llm.stream("class Stack:", params):      # text deltas as they are committed
+            print(piece, end="", flush=True)
+        [answer] = llm.chat([{"role": "user", "content": "hi"}], params)  # a list, one output per conversation
+
+Without `with` (or `close()`), the engine loop is stopped when the program exits.
 
 Every prompt is one request on the engine's scheduler loop (the same one `trimode serve` uses), so a batch
 runs together in one forward per step and each prompt gets exactly its result alone. Stop strings, text
@@ -22,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runtime.serving.openai_frontend import Completion, Frontend, Prepared, Settings
+from .runtime.modes.sequence import tokens_per_forward
+from .runtime.serving.frontend import Completion, Frontend, Prepared, Settings
 
 Prompt = str | list[int]
 
@@ -36,6 +39,7 @@ class SamplingParams:
     top_p in (0, 1] and top_k (0: off) filter the sampling distribution. stop: strings that end the output (cut
     before them). max_thinking_tokens: force `</think>` after that many tokens (needs the token in the
     tokenizer). suffix: infill mode's text after the hole. enable_thinking: passed to the chat template.
+    priority: lower runs first when the engine is full (default 0).
     """
 
     max_tokens: int = 64
@@ -51,6 +55,7 @@ class SamplingParams:
     suffix: str | None = None
     use_lora: bool | None = None
     enable_thinking: bool | None = None
+    priority: int = 0
     extra: dict = field(default_factory=dict)  # further GenerationConfig fields, e.g. {"ar_mix_weight": 0.5}
 
     def settings(self) -> Settings:
@@ -58,7 +63,7 @@ class SamplingParams:
         return Settings(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                         top_k=self.top_k, seed=self.seed, stop=stop, mode=self.mode, block_length=self.block_length,
                         threshold=self.threshold, max_thinking_tokens=self.max_thinking_tokens, suffix=self.suffix,
-                        use_lora=self.use_lora, extra=dict(self.extra))
+                        use_lora=self.use_lora, extra={"priority": self.priority, **self.extra})
 
 
 @dataclass
@@ -72,11 +77,12 @@ class RequestOutput:
     forwards: int
     finish_reason: str  # "stop" (EOS or a stop string) | "length" | "cancelled"
     stop_string: str | None = None
+    cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
+    block_length: int = 0   # the block length it ran with ("auto" resolved)
 
     @property
     def tokens_per_forward(self) -> float:
-        after_prefill = self.forwards - 1
-        return len(self.token_ids) / after_prefill if after_prefill > 0 else float(len(self.token_ids))
+        return tokens_per_forward(len(self.token_ids), self.forwards)
 
 
 class GenerationFailed(RuntimeError):
@@ -88,7 +94,9 @@ class LLM:
 
     def __init__(self, path: str | Path | None = None, *, device: str = "auto", threads: int | None = None,
                  dtype: str = "auto", max_batch_size: int | None = None, max_seq_len: int | None = None,
-                 use_lora: bool = True, verify: bool = False) -> None:
+                 use_lora: bool = True, verify: bool = False, kv_cache_memory: int | str | None = None,
+                 page_size: int | None = None, prefix_caching: bool = True) -> None:
+        """`kv_cache_memory`: bytes or a size like "4GiB" (default: see the README's KV cache section)."""
         from .runtime.backends.engine_loader import open_engine
 
         if threads:
@@ -103,8 +111,9 @@ class LLM:
                 raise FileNotFoundError("no path given and no demo model is installed")
         self.path = Path(path)
         self.engine = open_engine(self.path, dtype=dtype, use_lora=use_lora, verify=verify,
-                                  device=device, max_batch_size=max_batch_size,
-                                  max_seq_len=max_seq_len)
+                                  device=device, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                                  kv_cache_memory=kv_cache_memory, page_size=page_size,
+                                  prefix_caching=prefix_caching)
         self.frontend = Frontend(self.engine, use_lora=use_lora)
 
     # -- lifecycle --------------------------------------------------------------------------------------------
@@ -200,4 +209,4 @@ def _is_ids(prompt: object) -> bool:
 
 def _output(prompt: Prompt, item: Prepared, result: Completion) -> RequestOutput:
     return RequestOutput(prompt, list(item.prompt), result.text, list(result.token_ids), result.forwards,
-                         result.finish_reason, result.stop_string)
+                         result.finish_reason, result.stop_string, result.cached_tokens, result.block_length)

@@ -9,24 +9,29 @@ from datetime import date
 from pathlib import Path
 
 import click
-import torch
 
-from .cli_generate import apply_threads, default_model, device_options, parse_block_length
-from .runtime.backends.engine_loader import open_engine
-from .runtime.backends.limits import EngineLimits
-from .runtime.bench.runner import TimedEngine, bench_modes, run_once
-from .runtime.generate import AUTO, MODES, GenerationConfig, RequestError, validate_request
+from .cli_options import (
+    apply_threads,
+    cache_options,
+    default_model,
+    device_options,
+    engine_cache_kwargs,
+    parse_block_length,
+)
+from .runtime.request import AUTO, MODES, GenerationConfig, RequestError, new_request
 
 
 def make_prompts(engine, count: int, length: int, seed: int, prompt_file: Path | None) -> list[list[int]]:
     """Prompts from a JSON list of strings (needs a tokenizer) or random ids of a fixed length."""
+    import torch
+
+    from .runtime.serving.text import load_tokenizer
+
     if prompt_file is not None:
         texts = json.loads(prompt_file.read_text())
         if engine.tokenizer_path is None:
             raise click.UsageError("--prompts-file needs an engine with tokenizer.json")
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(engine.tokenizer_path))
+        tokenizer = load_tokenizer(engine.tokenizer_path)
         texts = [t if isinstance(t, str) else t["prompt"] for t in texts][:count]
         return [tokenizer.encode(t).ids for t in texts]
     gen = torch.Generator().manual_seed(seed)
@@ -41,7 +46,9 @@ def make_prompts(engine, count: int, length: int, seed: int, prompt_file: Path |
 def peer_report(model_path: Path, engine, prompts: list[list[int]], configs: dict[str, GenerationConfig],
                 runs: int) -> dict:
     """transformers' generate and the dynamic-cache reference loops, one prompt at a time, vs ours."""
+    from .runtime.backends.limits import EngineLimits
     from .runtime.bench.peers import DynamicCacheEngine, HFGenerate
+    from .runtime.bench.runner import TimedEngine, run_once
 
     report: dict = {}
     engine = TimedEngine(engine)  # one proxy, so its scheduler and block-length statistics persist across calls
@@ -112,17 +119,25 @@ def print_table(report: dict) -> None:
 @click.option("--runs", type=click.IntRange(min=1), default=3, show_default=True, help="Measured runs (median).")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="Serving dtype of a checkpoint (auto: its torch_dtype); an engine keeps its own.")
+              help="Serving dtype of a checkpoint (auto: the checkpoint's own, see trimode inspect); an engine "
+                   "keeps its own.")
 @click.option("--peers", is_flag=True, help="Also measure transformers' generate and the reference-style loops.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report.")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Also write the JSON report here.")
 @device_options
+@cache_options
 def bench_command(model_path: Path | None, modes: str, batch_size: int, num_prompts: int | None, prompt_length: int,
                   prompts_file: Path | None, max_new_tokens: int, block_lengths: str | None,
                   threshold: float | None, runs: int, warmup: int, dtype: str, peers: bool, seed: int,
-                  as_json: bool, output: Path | None, device: str, threads: int) -> None:
+                  as_json: bool, output: Path | None, device: str, threads: int, kv_cache_memory: str | None,
+                  page_size: int | None, prefix_cache: bool) -> None:
     """Measure forwards, tokens/forward, tokens/s, time to first token and step latency per mode."""
+    import torch
+
+    from .runtime.backends.engine_loader import open_engine
+    from .runtime.bench.runner import bench_modes
+
     model_path = model_path or default_model()
     if model_path is None:
         raise click.UsageError("no --model given and no demo model is installed")
@@ -131,7 +146,8 @@ def bench_command(model_path: Path | None, modes: str, batch_size: int, num_prom
     if unknown:
         raise click.UsageError(f"unknown mode(s) {', '.join(unknown)} (choose from {', '.join(MODES)})")
     apply_threads(threads)
-    engine = open_engine(model_path, dtype=dtype, device=device)
+    engine = open_engine(model_path, dtype=dtype, device=device,
+                         **engine_cache_kwargs(kv_cache_memory, page_size, prefix_cache))
     lengths = [parse_block_length(v.strip()) for v in (block_lengths or "").split(",") if v.strip()] or \
         [engine.config.block_size]
     length = next((v for v in lengths if v != AUTO), engine.config.block_size)
@@ -147,7 +163,8 @@ def bench_command(model_path: Path | None, modes: str, batch_size: int, num_prom
     prompts = make_prompts(engine, num_prompts or batch_size, prompt_length, seed, prompts_file)
     for config in configs.values():
         try:
-            validate_request(engine, prompts, config)
+            for number, prompt in enumerate(prompts):
+                new_request(engine, prompt, config, f"prompt {number}")
         except RequestError as exc:
             raise click.UsageError(str(exc)) from None
     report = {

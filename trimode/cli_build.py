@@ -6,7 +6,6 @@ from pathlib import Path
 
 import click
 
-from .builder.engine_build import LORA_AUTO, BuildError, BuildOptions, build_engine
 from .builder.manifest import BACKENDS, ENGINE_DTYPES
 
 
@@ -27,7 +26,8 @@ def _human(nbytes: int) -> str:
               help="torch: converted weights for the reference/CUDA engine; onnx: one ONNX step graph run by "
                    "onnxruntime on CPU (fp32); tensorrt: a TensorRT plan (needs TensorRT and a GPU).")
 @click.option("--dtype", type=click.Choice(ENGINE_DTYPES), default=None,
-              help="Serving dtype (default: the checkpoint's torch_dtype; fp32 for onnx, its only choice).")
+              help="Serving dtype (default: the checkpoint's own - config.json's dtype, else torch_dtype, else "
+                   "the stored weights'; fp32 for onnx, its only choice).")
 @click.option("--max-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Most sequences one step may carry.")
 @click.option("--max-seq-len", type=click.IntRange(min=1), default=None,
@@ -39,6 +39,9 @@ def _human(nbytes: int) -> str:
               help="PEFT adapter directory for self-speculation drafts (default: the checkpoint's "
                    "linear_spec_lora/ if present).")
 @click.option("--no-lora", is_flag=True, help="Build without any draft adapter.")
+@click.option("--page-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="tensorrt: the KV page size the plan is built for (torch and onnx engines choose theirs when "
+                   "they are opened: --page-size of generate / serve).")
 @click.option("--plugin-library", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="tensorrt: the BlockAttention plugin library (default: plugins/build/libtrimode_trt_plugin.so).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
@@ -46,13 +49,16 @@ def _human(nbytes: int) -> str:
               help="Show progress bars (default: only when stderr is a terminal).")
 def build_command(checkpoint: Path, output: Path, backend: str, dtype: str | None, max_batch_size: int,
                   max_seq_len: int | None, block_lengths: tuple[int, ...], lora_dir: Path | None, no_lora: bool,
-                  plugin_library: Path | None, force: bool, progress: bool | None) -> None:
+                  page_size: int, plugin_library: Path | None, force: bool, progress: bool | None) -> None:
     """Validate CHECKPOINT, convert its weights and compile an engine directory with a versioned manifest."""
+    from .builder.engine_build import LORA_AUTO, BuildError, BuildOptions, build_engine
+
     if lora_dir is not None and no_lora:
         raise click.UsageError("--lora and --no-lora exclude each other")
     lora: str | Path | None = None if no_lora else (lora_dir or LORA_AUTO)
     options = BuildOptions(backend=backend, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                           block_lengths=block_lengths, lora=lora, plugin_library=plugin_library)
+                           block_lengths=block_lengths, lora=lora, plugin_library=plugin_library,
+                           page_size=page_size)
     try:
         manifest = build_engine(checkpoint, output, options, force=force, show_progress=progress)
     except BuildError as exc:

@@ -7,11 +7,8 @@ import math
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
-from .builder.checkpoint import expected_shapes, load_checkpoint
 from .builder.presets import PRESETS, SIZE_FIELDS
-from .builder.random_checkpoint import make_config, write_random_checkpoint
 
 
 def human_bytes(n: float) -> str:
@@ -23,6 +20,8 @@ def human_bytes(n: float) -> str:
 
 
 def checkpoint_summary(path: Path) -> dict:
+    from .builder.checkpoint import load_checkpoint
+
     ckpt = load_checkpoint(path)
     c = ckpt.config
     return {
@@ -41,7 +40,9 @@ def checkpoint_summary(path: Path) -> dict:
         "block_size": c.block_size,
         "parameters": ckpt.num_parameters,
         "bytes_per_dtype": ckpt.bytes_per_dtype(),
-        "kv_bytes_per_token": c.kv_bytes_per_token,
+        "dtype": ckpt.default_dtype,
+        "dtype_source": ckpt.dtype_source,
+        "kv_bytes_per_token": c.kv_bytes_per_token(4 if ckpt.default_dtype == "fp32" else 2),
         "tokenizer": ckpt.tokenizer_path is not None,
         "lora": None if ckpt.lora is None else {"rank": ckpt.lora.rank, "alpha": ckpt.lora.alpha},
     }
@@ -69,7 +70,9 @@ def inspect_command(path: Path, as_json: bool) -> None:
         ("block size", info["block_size"]),
         ("parameters", f"{info['parameters']:,} ({info['parameters'] / 1e9:.3f} B)"),
         ("bytes per dtype", ", ".join(f"{k}: {human_bytes(v)}" for k, v in info["bytes_per_dtype"].items())),
-        ("KV cache per token", human_bytes(info["kv_bytes_per_token"])),
+        ("serving dtype", f"{info['dtype']} (from {info['dtype_source']}; what build, generate and serve use "
+                          "by default)"),
+        ("KV cache per token", f"{human_bytes(info['kv_bytes_per_token'])} at {info['dtype']}"),
         ("tokenizer", "tokenizer.json" if info["tokenizer"] else "none"),
         ("LoRA adapter", "none" if info["lora"] is None else
          f"rank {info['lora']['rank']}, alpha {info['lora']['alpha']:g} (o_proj, draft passes only)"),
@@ -102,6 +105,11 @@ def _size_options(func):
 def random_checkpoint_command(out: Path, preset: str, seed: int, dtype: str, shard_size_mb: int | None,
                               with_lora: bool, lora_rank: int | None, force: bool, **sizes) -> None:
     """Write a checkpoint in the real Hugging Face format with random weights (for tests and benchmarks)."""
+    from tqdm import tqdm
+
+    from .builder.checkpoint import expected_shapes
+    from .builder.random_checkpoint import make_config, write_random_checkpoint
+
     if out.exists() and any(out.iterdir()) and not force:
         raise click.UsageError(f"{out} exists and is not empty (use --force to write into it)")
     config = make_config(PRESETS[preset], dtype, sizes)

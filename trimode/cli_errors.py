@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from .builder.errors import CheckpointError
-from .runtime.backends.devices import DeviceError
-from .runtime.backends.limits import CapacityError
-from .runtime.generate import RequestError
+from .runtime.errors import CapacityError, DeviceError, RequestError
 
 USER_ERRORS: tuple[type[Exception], ...] = (CheckpointError, CapacityError, RequestError, DeviceError)

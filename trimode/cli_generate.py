@@ -10,59 +10,18 @@ from pathlib import Path
 
 import click
 
-from .runtime.backends.engine_loader import open_engine
-from .runtime.generate import AUTO, MODES, GenerationConfig, RequestError, generate, validate_request
-from .runtime.serving.openai_text import TextAssembler
+from .cli_options import (
+    apply_threads,
+    cache_options,
+    default_model,
+    device_options,
+    engine_cache_kwargs,
+    parse_block_length,
+    parse_ids,
+)
+from .runtime.request import MODES, GenerationConfig, RequestDefaults, RequestError, make_config, new_request
 
-
-def parse_ids(text: str) -> list[int]:
-    try:
-        ids = [int(part) for part in text.replace(" ", "").split(",") if part]
-    except ValueError:
-        raise click.BadParameter(f"'{text}' is not a comma-separated list of token ids",
-                                 param_hint="--prompt-ids") from None
-    if not ids:
-        raise click.BadParameter("empty list of token ids", param_hint="--prompt-ids")
-    return ids
-
-
-def default_model() -> Path | None:
-    """The shipped demo model, used when no --model is given."""
-    try:
-        from .demo import demo_model_path
-    except ImportError:
-        return None
-    return demo_model_path()
-
-
-def apply_threads(threads: int | None) -> None:
-    """--threads N: torch's intra-op threads (0/None keeps torch's default; see README "Threads")."""
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-def parse_block_length(value: str | None) -> int | str | None:
-    if value is None or value == AUTO:
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise click.BadParameter(f"'{value}' is not an integer or 'auto'", param_hint="--block-length") from None
-
-
-def device_options(function):
-    """--device and --threads, shared by generate, bench and serve."""
-    function = click.option("--threads", type=click.IntRange(min=0), default=0, show_default=True,
-                            help="torch CPU threads (0: torch's default; on a busy machine 1 is often fastest)."
-                            )(function)
-    return click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                        help="Where the engine runs (auto: cuda when a GPU is visible). cuda needs the CUDA "
-                             "plugin library (make plugins); a missing one is an error.")(function)
-
-
-# -- `--chat` and the thinking budget: the OpenAI server's chat path (runtime/serving/openai_chat_template.py) --
+# -- `--chat` and the thinking budget: the OpenAI server's chat path (runtime/serving/chat_template.py) --
 
 def chat_options(function):
     options = [
@@ -83,7 +42,7 @@ def chat_options(function):
 
 def chat_batch(engine, tokenizer, prompts: tuple[str, ...], prompt_ids: tuple[str, ...], system: str | None,
                enable_thinking: bool | None, chat: bool) -> list[list[int]]:
-    from .runtime.serving.openai_chat_template import ChatTemplate, ChatTemplateError, chat_prompt_ids
+    from .runtime.serving.chat_template import ChatTemplate, ChatTemplateError, chat_prompt_ids
 
     if not chat:
         raise click.UsageError("--system and --enable-thinking need --chat")
@@ -106,7 +65,7 @@ def chat_batch(engine, tokenizer, prompts: tuple[str, ...], prompt_ids: tuple[st
 def with_thinking_budget(config: GenerationConfig, tokenizer, max_thinking_tokens: int | None) -> GenerationConfig:
     if max_thinking_tokens is None:
         return config
-    from .runtime.serving.openai_chat_template import end_think_token_id
+    from .runtime.serving.chat_template import end_think_token_id
 
     end_think = end_think_token_id(tokenizer)
     if end_think is None:
@@ -128,7 +87,8 @@ def with_thinking_budget(config: GenerationConfig, tokenizer, max_thinking_token
 @click.option("--max-new-tokens", type=int, default=64, show_default=True,
               help="Tokens to generate (infill: the length of the hole).")
 @click.option("--block-length", default=None,
-              help="Block length, or 'auto' for spec/quad (default: the model's block_size).")
+              help="Block length, or 'auto' for spec/quad: the fastest on this engine from measured costs and "
+                   "acceptance, kept across runs (default: the model's block_size).")
 @click.option("--threshold", type=float, default=None,
               help="Confidence threshold in [0, 1] (diffusion commits / draft passes).")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
@@ -140,19 +100,30 @@ def with_thinking_budget(config: GenerationConfig, tokenizer, max_thinking_token
 @click.option("--lora/--no-lora", default=True, show_default=True,
               help="Use the linear_spec_lora adapter in self-speculation draft passes, if present.")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help="Serving dtype when --model is a checkpoint (auto: the checkpoint's torch_dtype, as "
+              help="Serving dtype when --model is a checkpoint (auto: the checkpoint's own - config.json's dtype, "
+                   "else torch_dtype, else the stored weights' - as "
                    "`trimode build` does). An engine's dtype is fixed: another value is an error.")
 @click.option("--verify", is_flag=True, help="Check the SHA-256 of every engine file before loading.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with tokens, text and forwards.")
 @chat_options
 @device_options
+@cache_options
 def generate_command(model_path: Path | None, mode: str, prompts: tuple[str, ...], prompt_ids: tuple[str, ...],
                      suffix: str | None, suffix_ids: str | None, max_new_tokens: int, block_length: str | None,
                      threshold: float | None, temperature: float, top_p: float, top_k: int,
                      ar_mix_weight: float | None, seed: int, lora: bool, dtype: str, verify: bool, as_json: bool,
                      device: str, threads: int, chat: bool, system: str | None, enable_thinking: bool | None,
-                     max_thinking_tokens: int | None) -> None:
-    """Generate from prompts in any mode (ar, diffusion, spec, quad, infill); reports forwards and tokens/forward."""
+                     max_thinking_tokens: int | None, kv_cache_memory: str | None, page_size: int | None,
+                     prefix_cache: bool) -> None:
+    """Generate from prompts in any mode (ar, diffusion, spec, quad, infill); reports forwards and tokens/forward.
+
+    The summary line reads "N tokens in S s (T tok/s); F forwards (X tok/fwd)": forwards count every forward
+    the request took, the prompt's prefill as one, and tok/fwd is the generated tokens over the forwards after
+    the prefill."""
+    from .runtime.backends.engine_loader import open_engine
+    from .runtime.generate import generate
+    from .runtime.serving.text import TextAssembler, load_tokenizer
+
     if model_path is None:
         model_path = default_model()
         if model_path is None:
@@ -160,12 +131,9 @@ def generate_command(model_path: Path | None, mode: str, prompts: tuple[str, ...
     if not prompts and not prompt_ids:
         raise click.UsageError("give at least one --prompt or --prompt-ids")
     apply_threads(threads)
-    engine = open_engine(model_path, dtype=dtype, use_lora=lora, verify=verify, device=device)
-    tokenizer = None
-    if engine.tokenizer_path is not None:
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(engine.tokenizer_path))
+    engine = open_engine(model_path, dtype=dtype, use_lora=lora, verify=verify, device=device,
+                         **engine_cache_kwargs(kv_cache_memory, page_size, prefix_cache))
+    tokenizer = load_tokenizer(engine.tokenizer_path)
     if prompts and tokenizer is None:
         raise click.UsageError(f"--prompt needs a tokenizer.json, and {model_path} has none (use --prompt-ids)")
     batch = [tokenizer.encode(text).ids for text in prompts] if prompts else []
@@ -176,13 +144,14 @@ def generate_command(model_path: Path | None, mode: str, prompts: tuple[str, ...
         raise click.UsageError(f"--suffix needs a tokenizer.json, and {model_path} has none (use --suffix-ids)")
     suffix_tokens = tokenizer.encode(suffix).ids if suffix is not None else []
     suffix_tokens += parse_ids(suffix_ids) if suffix_ids else []
-    config = GenerationConfig(mode=mode, max_new_tokens=max_new_tokens,
-                              block_length=parse_block_length(block_length) or engine.config.block_size,
-                              threshold=threshold, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                              use_lora=lora, suffix=tuple(suffix_tokens), ar_mix_weight=ar_mix_weight)
+    config = make_config(engine.config, RequestDefaults(mode, max_new_tokens, lora), mode=mode,
+                         max_new_tokens=max_new_tokens, block_length=parse_block_length(block_length),
+                         threshold=threshold, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                         suffix=tuple(suffix_tokens) or None, ar_mix_weight=ar_mix_weight)
     config = with_thinking_budget(config, tokenizer, max_thinking_tokens)
     try:
-        validate_request(engine, batch, config)
+        for number, prompt in enumerate(batch):
+            new_request(engine, prompt, config, "prompt" if len(batch) == 1 else f"prompt {number}")
     except RequestError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -200,9 +169,7 @@ def generate_command(model_path: Path | None, mode: str, prompts: tuple[str, ...
     elapsed = time.perf_counter() - start
     outputs = []
     for result in results:
-        entry = {"tokens": result.tokens, "text": tokenizer.decode(result.tokens) if tokenizer else None,
-                 "forwards": result.forwards, "tokens_per_forward": round(result.tokens_per_forward, 4),
-                 "finish_reason": result.finish_reason}
+        entry = {**result.to_dict(), "text": tokenizer.decode(result.tokens) if tokenizer else None}
         outputs.append(entry)
     if as_json:
         click.echo(json.dumps({"mode": mode, "outputs": outputs, "elapsed_s": round(elapsed, 4)}))
@@ -214,9 +181,14 @@ def generate_command(model_path: Path | None, mode: str, prompts: tuple[str, ...
         for number, entry in enumerate(outputs):
             click.echo(f"[{number}] " + (entry["text"] if entry["text"] is not None else str(entry["tokens"])))
     total = sum(len(e["tokens"]) for e in outputs)
-    forwards = ", ".join(f"{e['forwards']} forwards ({e['tokens_per_forward']:.2f} tok/fwd)" for e in outputs)
-    click.echo(f"-- {mode}: {total} tokens in {elapsed:.2f}s ({total / max(elapsed, 1e-9):.1f} tok/s); {forwards}",
-               err=True)
+    forwards = ", ".join(f"{e['forwards']} forwards ({e['tokens_per_forward']:.2f} tok/fwd after the prefill)"
+                         for e in outputs)
+    blocks = sorted({e["block_length"] for e in outputs})
+    block = f" at block length {','.join(map(str, blocks))}" if mode not in ("ar", "infill") else ""
+    if block and config.block_length == "auto":
+        block += " (auto)"
+    click.echo(f"-- {mode}{block}: {total} tokens in {elapsed:.2f}s ({total / max(elapsed, 1e-9):.1f} tok/s); "
+               f"{forwards}", err=True)
 
 
 COMMANDS = [generate_command]

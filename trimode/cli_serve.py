@@ -11,9 +11,9 @@ from typing import Any
 
 import click
 
-from .runtime.backends.devices import resolve_device
-from .runtime.generate import MODES
-from .runtime.serving.triton_repo import DEFAULT_MODEL_NAME, SYNC_SUFFIX, write_triton_repo
+from .cli_options import cache_options
+from .runtime.request import MODES
+from .runtime.serving.triton.repo import DEFAULT_MODEL_NAME, SYNC_SUFFIX, write_triton_repo
 
 
 def repo_options(function: Any) -> Any:
@@ -30,11 +30,14 @@ def repo_options(function: Any) -> Any:
                      help="Most tokens one forward carries; longer prompts are prefilled in chunks (0: the "
                           "engine's default)."),
         click.option("--max-batch-size", type=click.IntRange(min=0), default=0,
-                     help="Requests running at once, each holding a KV-cache slot (0: the engine's maximum)."),
+                     help="Most rows one step carries, and so requests running at once (0: the engine's maximum); "
+                          "the KV memory they share is --kv-cache-memory."),
         click.option("--max-seq-len", type=click.IntRange(min=0), default=0,
                      help="Serve at most this many positions per sequence (0: the engine's maximum)."),
-        click.option("--dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
-                     help="Serving dtype when ENGINE_DIR is a checkpoint (an engine keeps its own)."),
+        click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                     show_default=True,
+                     help="Serving dtype when ENGINE_DIR is a checkpoint (auto: the checkpoint's own, as generate "
+                          "and build use; an engine keeps its own)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                      help="torch device of the engine (auto: cuda when available)."),
         click.option("--lora/--no-lora", default=True, show_default=True,
@@ -48,14 +51,21 @@ def repo_options(function: Any) -> Any:
     ]
     for option in reversed(options):
         function = option(function)
-    return function
+    return cache_options(function)
 
 
 def _write(engine_dir: Path, repo: Path, force: bool, **kw: Any) -> list[Path]:
+    from .runtime.backends.devices import resolve_device
+    from .runtime.cache.sizing import parse_size
+
+    if kw["kv_cache_memory"]:
+        parse_size(kw["kv_cache_memory"])  # a bad size is refused here, not inside tritonserver
     settings = {"dtype": kw["dtype"], "device": resolve_device(kw["device"]), "use_lora": kw["lora"],
                 "max_batch_size": kw["max_batch_size"], "max_seq_len": kw["max_seq_len"],
                 "max_step_tokens": kw["max_step_tokens"], "default_mode": kw["default_mode"],
-                "default_max_tokens": kw["default_max_tokens"], "torch_threads": kw["torch_threads"]}
+                "default_max_tokens": kw["default_max_tokens"], "torch_threads": kw["torch_threads"],
+                "kv_cache_memory": kw["kv_cache_memory"] or "", "page_size": kw["page_size"] or 0,
+                "prefix_caching": kw["prefix_cache"]}
     try:
         return write_triton_repo(engine_dir, repo, model_name=kw["model_name"], sync_model=kw["sync_model"],
                                  instance_count=kw["instance_count"], force=force, **settings)
@@ -70,7 +80,8 @@ def _write(engine_dir: Path, repo: Path, force: bool, **kw: Any) -> list[Path]:
 @click.option("--force", is_flag=True, help="Replace model directories of the same name.")
 @repo_options
 def triton_repo_command(engine_dir: Path, repo: Path, force: bool, **kw: Any) -> None:
-    """Write a Triton model repository (Python backend, decoupled) serving ENGINE_DIR in all three modes.
+    """Write a Triton model repository (Python backend, decoupled) serving ENGINE_DIR in every mode (ar,
+    diffusion, spec, quad, infill; chosen per request).
 
     ENGINE_DIR is an engine (`trimode build`) or a checkpoint directory; its absolute path is stored in
     config.pbtxt, and 1/model.py imports the serving code from the installed trimode package.
@@ -116,7 +127,7 @@ def serve_command(engine_dir: Path, api: str, served_model_name: str | None, shu
     if api == "openai":
         _serve_openai(engine_dir, host, http_port, served_model_name, shutdown_timeout, log_verbose, **kw)
         return
-    from .runtime.serving.triton_server import TritonServer, TritonStartError, TritonUnavailable
+    from .runtime.serving.triton.server import TritonServer, TritonStartError, TritonUnavailable
 
     with tempfile.TemporaryDirectory(prefix="trimode-repo-") as scratch:
         repo_dir = repo if repo is not None else Path(scratch) / "repo"
@@ -156,10 +167,12 @@ def serve_command(engine_dir: Path, api: str, served_model_name: str | None, shu
 def _serve_openai(engine_dir: Path, host: str, http_port: int, served_model_name: str | None,
                   shutdown_timeout: float, log_verbose: int, **kw: Any) -> None:
     """`--api openai`: load the engine in this process and serve it with uvicorn until SIGTERM / Ctrl-C."""
+    from .cli_options import engine_cache_kwargs
+    from .runtime.backends.devices import resolve_device
     from .runtime.backends.engine_loader import open_engine
-    from .runtime.serving.openai_frontend import Frontend
-    from .runtime.serving.openai_metrics import ServerMetrics
-    from .runtime.serving.openai_server import OpenAIServer, bind_socket, run_server
+    from .runtime.serving.frontend import Frontend
+    from .runtime.serving.openai.metrics import ServerMetrics
+    from .runtime.serving.openai.server import OpenAIServer, bind_socket, run_server
 
     try:
         sock = bind_socket(host, http_port)
@@ -170,7 +183,8 @@ def _serve_openai(engine_dir: Path, host: str, http_port: int, served_model_name
 
         torch.set_num_threads(kw["torch_threads"])
     engine = open_engine(engine_dir, dtype=kw["dtype"], use_lora=kw["lora"], device=resolve_device(kw["device"]),
-                         max_batch_size=kw["max_batch_size"] or None, max_seq_len=kw["max_seq_len"] or None)
+                         max_batch_size=kw["max_batch_size"] or None, max_seq_len=kw["max_seq_len"] or None,
+                         **engine_cache_kwargs(kw["kv_cache_memory"], kw["page_size"], kw["prefix_cache"]))
     frontend = Frontend(engine, default_mode=kw["default_mode"], default_max_tokens=kw["default_max_tokens"],
                         use_lora=kw["lora"], metrics=ServerMetrics(), max_step_tokens=kw["max_step_tokens"])
     name = served_model_name or Path(engine_dir).resolve().name
@@ -180,7 +194,8 @@ def _serve_openai(engine_dir: Path, host: str, http_port: int, served_model_name
     def ready() -> None:
         limits = engine.limits
         click.echo(f"trimode OpenAI-compatible server ready: http://{host}:{port}/v1 (model '{name}', max batch "
-                   f"{limits.max_batch_size}, max length {limits.max_seq_len}); Ctrl-C or SIGTERM stops it", err=True)
+                   f"{limits.max_batch_size}, max length {limits.max_seq_len}, KV cache {limits.kv_pages} pages of "
+                   f"{limits.page_size}); Ctrl-C or SIGTERM stops it", err=True)
 
     run_server(server, sock, log_level="info" if log_verbose else "warning", on_ready=ready)
     click.echo("trimode OpenAI-compatible server stopped", err=True)

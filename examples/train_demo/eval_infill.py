@@ -114,7 +114,8 @@ def main() -> None:
     items = examples(tokenizer, args.count, args.prefix, args.suffix)
     if args.decoder == "runtime":
         from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint
-        from trimode.runtime.generate import GenerationConfig, generate
+        from trimode.runtime.generate import generate
+        from trimode.runtime.request import GenerationConfig
 
         engine = engine_from_checkpoint(args.model, dtype="fp32", use_lora=False)
 

@@ -19,7 +19,7 @@ def engine_from_checkpoint(path: str | Path, dtype: str = "auto", use_lora: bool
     """Validate, convert and place a checkpoint's weights; returns the torch engine."""
     checkpoint = load_checkpoint(path, with_lora=use_lora)
     if dtype == "auto":
-        dtype = {"float32": "fp32", "float16": "fp16"}.get(checkpoint.config.torch_dtype, "bf16")
+        dtype = checkpoint.default_dtype
     weights = convert_checkpoint(checkpoint, resolve_dtype(dtype), use_lora=use_lora)
     lora_scale = checkpoint.lora.scale if (use_lora and checkpoint.lora) else 0.0
     model = Transformer(checkpoint.config, weights, lora_scale).to(device)

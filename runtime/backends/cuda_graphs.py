@@ -3,19 +3,21 @@
 A decode step of a small batch is dominated by kernel-launch overhead, not by math. Capturing a step once
 into a `torch.cuda.CUDAGraph` and replaying it turns it into one graph launch. Graphs replay fixed
 addresses and fixed shapes, so everything a step touches lives in static buffers: the engine owns ONE
-preallocated KV cache (plus a scratch slot), and each step's packed tensors are copied into the static
-tensors of its bucket before the replay.
+preallocated paged KV cache, and each step's packed tensors - page tables included - are copied into the
+static tensors of its bucket before the replay.
 
-Mask kind, write flag and LoRA are per-row (per-token) *data* of a `StepBatch`, read by the kernel on the
-device, so one captured graph per bucket serves any mix of modes. A bucket is (row bucket, token bucket,
-logit bucket, whether any row uses the adapter, cache-length bucket): the last two are the only host-side
-choices baked into a capture (the LoRA matmuls are skipped when no row needs them; the kernel's grid is
-sized for the cache-length bound). A step smaller than its bucket is padded:
+Mask kind, write flag, LoRA and the page tables are per-row (per-token) *data* of a `StepBatch`, read by the
+kernel on the device, so one captured graph per bucket serves any mix of modes and any pages. A bucket is (row
+bucket, token bucket, logit bucket, whether any row uses the adapter, cache-length bucket): the last two are
+the only host-side choices baked into a capture (the LoRA matmuls are skipped when no row needs them; the
+kernel's grid is sized for the cache-length bound). A step smaller than its bucket is padded:
 
-* the static buffers hold `rows + 1` rows; rows past the batch's are padding rows on the scratch slot with
-  cache length 0, causal mask and write 0, so they read nothing and write nothing;
+* the static buffers hold `rows + 1` rows of page tables as wide as the longest sequence's; rows past the
+  batch's are padding rows with cache length 0, causal mask, write 0 and no pages, so they read nothing and
+  write nothing;
 * the first padding row owns the padding tokens (N..N_bucket-1, token 0 at position 0); the others own none;
-* padding logit indices point at token 0 and their logits are dropped.
+* padding logit indices point at token 0 and their logits are dropped; page-table entries past a row's pages
+  are -1 (never read).
 
 There is always at least one padding row, so the adapter is always applied through the per-token mask
 (never the all-rows shortcut), whatever rows a capture saw.
@@ -33,11 +35,11 @@ from pathlib import Path
 
 import torch
 
-from ...plugins.reference import CAUSAL
-from ..model.kv_cache import KVCache
+from ...plugins.masks import CAUSAL
+from ..cache.pool import KVCache
 from ..model.network import Transformer
 from .limits import EngineLimits
-from .step import StepBatch
+from .step import ChunkRow, StepBatch
 from .torch_engine import TorchEngine
 
 MIN_CACHE_BUCKET = 64
@@ -51,10 +53,6 @@ def buckets(maximum: int, smallest: int = 1) -> list[int]:
         out.append(size)
         size *= 2
     return out + [maximum]
-
-
-def batch_buckets(max_batch_size: int) -> list[int]:
-    return buckets(max_batch_size)
 
 
 def _first_at_least(options: list[int], value: int) -> int:
@@ -89,32 +87,19 @@ class Bucketing:
                          _first_at_least(self.cache, max(batch.cache_lens)))
 
 
-@dataclass
-class PaddingRow:
-    """A row of the static buffers that no request owns: on the scratch slot, causal, never writes."""
-
-    slot: int
-    tokens: list[int]
-    mask_kind: int = CAUSAL
-    mask_param: int = 0
-    write: bool = False
-    lora: bool = False
-    written: int = 0
-
-
 class StaticStep:
     """The static input buffers of one bucket, its captured graph and that graph's output."""
 
-    def __init__(self, key: BucketKey, scratch_slot: int, device: torch.device | str) -> None:
+    def __init__(self, key: BucketKey, max_pages: int, device: torch.device | str) -> None:
         rows = key.rows + 1  # always one padding row at least
         self.key = key
-        self.scratch_slot = scratch_slot
+        self.max_pages = max_pages
         self.device = torch.device(device)
         # Three device buffers (int64, int32, bool), each static input a 256-byte aligned slice of one of them,
         # so a step is three host-to-device copies from pinned staging buffers rather than ten.
         layout = {torch.long: [("tokens", key.tokens), ("positions", key.tokens), ("logit_index", key.logits)],
-                  torch.int32: [("cu_seqlens", rows + 1), ("slots", rows), ("cache_lens", rows), ("mask_kind", rows),
-                                ("mask_param", rows), ("write", rows)],
+                  torch.int32: [("cu_seqlens", rows + 1), ("page_table", rows * max_pages), ("cache_lens", rows),
+                                ("mask_kind", rows), ("mask_param", rows), ("write", rows)],
                   torch.bool: [("lora", key.tokens)]}
         pinned = self.device.type == "cuda"
         self._buffers: list[tuple[torch.Tensor, torch.Tensor, list[tuple[str, int, int]]]] = []
@@ -129,7 +114,8 @@ class StaticStep:
             for name, start, size in spans:
                 setattr(self, name, device_buffer[start: start + size])
             self._buffers.append((device_buffer, host_buffer, spans))
-        self.slots.fill_(scratch_slot)
+        self.page_table = self.page_table.view(rows, max_pages)
+        self.page_table.fill_(-1)
         self._copied: torch.cuda.Event | None = None
         self.output: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -137,7 +123,7 @@ class StaticStep:
 
     @property
     def num_rows(self) -> int:
-        return int(self.slots.shape[0])
+        return int(self.cache_lens.shape[0])
 
     def padded(self, batch: StepBatch) -> dict[str, torch.Tensor]:
         """The batch's tensors padded to this bucket (host tensors): see the module docstring."""
@@ -145,7 +131,11 @@ class StaticStep:
         key = self.key
         if n > key.tokens or rows > key.rows or m > key.logits:
             raise ValueError(f"a step of {rows} rows, {n} tokens and {m} logits does not fit bucket {key}")
+        if batch.page_table.shape[1] > self.max_pages:
+            raise ValueError(f"a page table of {batch.page_table.shape[1]} pages is wider than {self.max_pages}")
         pad_rows, pad_tokens = self.num_rows - rows, key.tokens - n
+        table = torch.full((self.num_rows, self.max_pages), -1, dtype=torch.int32)
+        table[:rows, : batch.page_table.shape[1]] = batch.page_table
 
         def pad(t: torch.Tensor, count: int, value: int) -> torch.Tensor:
             return torch.cat([t.cpu(), torch.full((count,), value, dtype=t.dtype)])
@@ -155,7 +145,7 @@ class StaticStep:
             "positions": pad(batch.positions.long(), pad_tokens, 0),
             "lora": pad(batch.lora.bool(), pad_tokens, False),
             "cu_seqlens": pad(batch.cu_seqlens.int(), pad_rows, key.tokens),
-            "slots": pad(batch.slots.int(), pad_rows, self.scratch_slot),
+            "page_table": table.view(-1),
             "cache_lens": pad(batch.cache_lens_t.int(), pad_rows, 0),
             "mask_kind": pad(batch.mask_kind.int(), pad_rows, CAUSAL),
             "mask_param": pad(batch.mask_param.int(), pad_rows, 0),
@@ -172,7 +162,7 @@ class StaticStep:
             self._copied.synchronize()
         for device_buffer, host_buffer, spans in self._buffers:
             for name, start, size in spans:
-                host_buffer[start: start + size] = padded[name]
+                host_buffer[start: start + size] = padded[name].view(-1)
             device_buffer.copy_(host_buffer, non_blocking=True)
         if self.device.type == "cuda":
             self._copied = torch.cuda.Event()
@@ -185,8 +175,8 @@ class StaticStep:
         row, the cache-length bucket as the longest cache): the kernel reads the actual rows on the device."""
         key, rows = self.key, len(batch.rows)
         pad_rows = self.num_rows - rows
-        padding = [PaddingRow(self.scratch_slot, [0] * (key.tokens - batch.num_tokens))]
-        padding += [PaddingRow(self.scratch_slot, []) for _ in range(pad_rows - 1)]
+        padding = [ChunkRow([0] * (key.tokens - batch.num_tokens))]  # reads nothing, writes nothing
+        padding += [ChunkRow([]) for _ in range(pad_rows - 1)]
         if exact:
             cu = list(batch.cu) + [key.tokens] * pad_rows
             cache_lens = list(batch.cache_lens) + [0] * pad_rows
@@ -194,8 +184,9 @@ class StaticStep:
             cu = [0] + [key.tokens] * self.num_rows
             cache_lens = [key.cache_len] + [0] * (self.num_rows - 1)
         logit_rows = list(batch.logit_rows) + [rows] * (key.logits - int(batch.logit_index.shape[0]))
-        return StepBatch(rows=list(batch.rows) + padding, cache_lens=cache_lens, cu=cu, tokens=self.tokens,
-                         positions=self.positions, cu_seqlens=self.cu_seqlens, slots=self.slots,
+        return StepBatch(rows=list(batch.rows) + padding, cache_lens=cache_lens,
+                         tables=list(batch.tables) + [[] for _ in range(pad_rows)], cu=cu, tokens=self.tokens,
+                         positions=self.positions, cu_seqlens=self.cu_seqlens, page_table=self.page_table,
                          cache_lens_t=self.cache_lens, mask_kind=self.mask_kind, mask_param=self.mask_param,
                          write=self.write, lora=self.lora, logit_index=self.logit_index, logit_rows=logit_rows)
 
@@ -211,33 +202,27 @@ class GraphEngine(TorchEngine):
         self.use_graphs = model.device.type == "cuda" if use_graphs is None else use_graphs
         if self.use_graphs and model.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device (use_graphs=False runs them eagerly)")
-        batch = self.limits.max_batch_size
-        self.scratch_slot = batch
-        self.cache = model.new_cache(batch + 1, self.limits.max_seq_len)
-        self.bucketing = Bucketing(batch, min(max_graph_tokens, self.limits.max_step_tokens), self.cache.max_len)
+        self.bucketing = Bucketing(self.limits.max_batch_size, min(max_graph_tokens, self.limits.max_step_tokens),
+                                   self.limits.max_seq_len)
         self.steps: dict[BucketKey, StaticStep] = {}
         self.eager_steps = 0
         self.pool = None
 
-    def new_cache(self, num_slots: int) -> KVCache:
-        """The engine's one cache, emptied: graphs captured its addresses, so it is never reallocated."""
-        self.limits.check_batch(num_slots)
-        self.cache.reset()
-        return self.cache
+    def allocate_cache(self, num_pages: int | None = None, prefix_caching: bool | None = None) -> KVCache:
+        raise ValueError("a GraphEngine serves only its own cache (`engine.cache`): its CUDA graphs captured "
+                         "that cache's addresses")
 
     def static_step(self, key: BucketKey) -> StaticStep:
         """The bucket's static buffers, allocated on first use and reused by every later step of the bucket."""
         static = self.steps.get(key)
         if static is None:
-            static = self.steps[key] = StaticStep(key, self.scratch_slot, self.model.device)
+            static = self.steps[key] = StaticStep(key, self.limits.max_pages_per_sequence, self.model.device)
         return static
 
     def step(self, cache: KVCache, batch: StepBatch) -> torch.Tensor:
         if cache is not self.cache:
-            raise ValueError("GraphEngine steps must use the cache returned by its new_cache()")
-        if any(row.slot == self.scratch_slot for row in batch.rows):
-            raise ValueError(f"slot {self.scratch_slot} is the engine's scratch slot, not a sequence's")
-        self.limits.check_step(batch, cache)
+            raise ValueError("GraphEngine steps must use the engine's own cache (`engine.cache`)")
+        self.limits.check_step(batch, cache.num_pages)
         key = self.bucketing.key(batch)
         if key is None:
             self.eager_steps += 1
@@ -254,8 +239,7 @@ class GraphEngine(TorchEngine):
             logits = static.output
         else:
             logits = self.model.forward_step(cache, view)
-        batch.commit_lengths(cache)
-        return logits[: batch.logit_index.shape[0]].clone()
+        return logits[: batch.num_logits].clone()
 
     def _capture(self, static: StaticStep, view: StepBatch) -> None:
         """Warm up on a side stream, then capture (GPU only). The warm-up runs the filled step itself: a

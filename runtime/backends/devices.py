@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import torch
 
-
-class DeviceError(ValueError):
-    """The asked-for device cannot be used here (no GPU, or no CUDA plugin library)."""
+from ..errors import DeviceError
 
 
 def resolve_device(name: str | None, backend: str = "torch") -> str:

@@ -16,8 +16,9 @@ import torch
 from ...builder.errors import CheckpointError
 from ...builder.manifest import Manifest, hash_file, read_manifest
 from ...builder.safetensors_io import SafetensorsFile
+from ..errors import CapacityError
 from ..model.network import Transformer
-from .limits import CapacityError, EngineLimits
+from .limits import EngineLimits
 from .step import StepEngine
 from .torch_engine import TorchEngine
 

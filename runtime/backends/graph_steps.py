@@ -1,10 +1,11 @@
 """The host side of a step on an exported graph (ONNX, TensorRT): inputs in, returned K/V written back.
 
-The exported graph (builder/onnx_export.py) is stateless: it reads the caches it is given and returns every
-token's new K/V. What is the same for every graph backend lives here: the graph's inputs built from a
+The exported graph (builder/onnx_export.py) is stateless: it reads the page pools it is given and returns
+every token's new K/V. What is the same for every graph backend lives here: the graph's inputs built from a
 `StepBatch`, the capacity checks of a step, and storing the writing rows' K/V at the cache positions
-`plugins.reference.written_offsets` names (bidirectional rows never write, quad rows write their draft
-tokens only, prefix_block rows their causal prefix), so the cache only ever holds causally computed K/V.
+`plugins.masks.written_offsets` names (bidirectional rows never write, quad rows write their draft tokens
+only, prefix_block rows their causal prefix), through each row's page table, so the cache only ever holds
+causally computed K/V.
 """
 
 from __future__ import annotations
@@ -22,28 +23,32 @@ from ...builder.onnx_export import (
     LORA,
     MASK_KIND,
     MASK_PARAM,
+    PAGE_TABLE,
     POSITIONS,
-    SLOTS,
     TOKENS,
     k_cache_name,
     v_cache_name,
 )
-from ...plugins.reference import written_offsets
-from ..model.kv_cache import KVCache
-from .limits import CapacityError, EngineLimits
+from ...plugins.masks import written_offsets
+from ..cache.pool import KVCache
+from ..errors import CapacityError
+from ..model.attention import flat_positions
+from .engine_cache import CacheOwner
+from .limits import EngineLimits
 from .step import StepBatch
 
 DECODE, BLOCK, PREFILL = "decode", "block", "prefill"
 
 
-def graph_inputs(batch: StepBatch, with_lora: bool, slots: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The step graph's non-cache inputs (host tensors, the graph's dtypes); `slots` replaces batch.slots
-    when the caller hands the graph other cache rows than the batch's slots (e.g. only the rows it uses)."""
+def graph_inputs(batch: StepBatch, with_lora: bool, page_table: torch.Tensor | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """The step graph's non-cache inputs (host tensors, the graph's dtypes); `page_table` replaces the batch's
+    when the caller hands the graph other pages than the pool's (e.g. only the pages the step reads)."""
     inputs = {
         TOKENS: batch.tokens.to(torch.long),
         POSITIONS: batch.positions.to(torch.long),
         CU_SEQLENS: batch.cu_seqlens.to(torch.int32),
-        SLOTS: (batch.slots if slots is None else slots).to(torch.int32),
+        PAGE_TABLE: (batch.page_table if page_table is None else page_table).to(torch.int32),
         CACHE_LENS: batch.cache_lens_t.to(torch.int32),
         MASK_KIND: batch.mask_kind.to(torch.int32),
         MASK_PARAM: batch.mask_param.to(torch.int32),
@@ -71,24 +76,26 @@ def optimization_profiles(max_batch_size: int, max_step_tokens: int, block_lengt
     ]
 
 
-def profile_input_shapes(config: ModelConfig, ranges: dict[str, Any], max_batch_size: int, max_seq_len: int
-                         ) -> dict[str, list[list[int]]]:
-    """(min, opt, max) shape of every step-graph input for one profile; the caches are fixed at their full
-    size (max_batch + 1 slots, the last the scratch slot of padding rows; max_seq_len positions)."""
+def profile_input_shapes(config: ModelConfig, ranges: dict[str, Any], num_pages: int, page_size: int,
+                         max_pages: int) -> dict[str, list[list[int]]]:
+    """(min, opt, max) shape of every step-graph input for one profile; the page pools hold 1 .. num_pages
+    pages of page_size positions (the engine's pool is sized at open, up to num_pages) and the page table has
+    max_pages columns."""
     n, b, m = ranges["tokens"], ranges["rows"], ranges["logits"]
-    cache = [max_batch_size + 1, max_seq_len, config.num_key_value_heads, config.head_dim]
+    cache = [[pages, page_size, config.num_key_value_heads, config.head_dim] for pages in (1, num_pages, num_pages)]
     out: dict[str, list[list[int]]] = {
         TOKENS: [[n[k]] for k in range(3)],
         POSITIONS: [[n[k]] for k in range(3)],
         CU_SEQLENS: [[b[k] + 1] for k in range(3)],
         LOGIT_INDEX: [[m[k]] for k in range(3)],
     }
-    for name in (SLOTS, CACHE_LENS, MASK_KIND, MASK_PARAM):
+    for name in (CACHE_LENS, MASK_KIND, MASK_PARAM):
         out[name] = [[b[k]] for k in range(3)]
+    out[PAGE_TABLE] = [[b[k], max_pages] for k in range(3)]
     out[LORA] = out[TOKENS]
     for layer in range(config.num_hidden_layers):
         for name in (k_cache_name(layer), v_cache_name(layer)):
-            out[name] = [cache] * 3
+            out[name] = cache
     return out
 
 
@@ -102,34 +109,23 @@ def choose_profile(profiles: list[dict[str, Any]], tokens: int, rows: int, logit
                         "optimization profile of this engine (rebuild it with larger limits)")
 
 
-def written_tokens(batch: StepBatch) -> list[tuple[int, int, list[int]]]:
-    """(slot, first cache position, packed token indices) of every writing row, from host data only."""
-    out, start = [], 0
-    for row, past in zip(batch.rows, batch.cache_lens, strict=True):
-        n = len(row.tokens)
-        if row.write:
-            offsets = written_offsets(row.mask_kind, row.mask_param, n)
-            if offsets:
-                out.append((row.slot, past, [start + o for o in offsets]))
-        start += n
-    return out
-
-
 def write_returned_kv(cache: KVCache, batch: StepBatch, new_k: torch.Tensor, new_v: torch.Tensor) -> None:
-    """Store the writing rows' K/V (new_k/new_v [layers, N, Hkv, D] from the graph) and advance the lengths."""
-    for slot, past, index in written_tokens(batch):
-        count = len(index)
-        if index == list(range(index[0], index[0] + count)):
-            keys, values = new_k[:, index[0]: index[0] + count], new_v[:, index[0]: index[0] + count]
-        else:
-            picked = torch.as_tensor(index, dtype=torch.long, device=new_k.device)
-            keys, values = new_k[:, picked], new_v[:, picked]
-        cache.k[:, slot, past: past + count] = keys.to(cache.k.device, cache.k.dtype)
-        cache.v[:, slot, past: past + count] = values.to(cache.v.device, cache.v.dtype)
-    batch.commit_lengths(cache)
+    """Store the writing rows' K/V (new_k/new_v [layers, N, Hkv, D] from the graph) through their page tables."""
+    flat_k = cache.k.view(cache.k.shape[0], -1, *cache.k.shape[3:])  # [layers, P * page_size, Hkv, D]
+    flat_v = cache.v.view(cache.v.shape[0], -1, *cache.v.shape[3:])
+    start = 0
+    for row, past, table in zip(batch.rows, batch.cache_lens, batch.tables, strict=True):
+        n = len(row.tokens)
+        offsets = written_offsets(row.mask_kind, row.mask_param, n) if row.write else []
+        if offsets:
+            index = torch.as_tensor([start + o for o in offsets], dtype=torch.long, device=new_k.device)
+            target = flat_positions(table, past, len(offsets), cache.page_size)
+            flat_k[:, target] = new_k[:, index].to(cache.k.device, cache.k.dtype)
+            flat_v[:, target] = new_v[:, index].to(cache.v.device, cache.v.dtype)
+        start += n
 
 
-class GraphStepEngine:
+class GraphStepEngine(CacheOwner):
     """A StepEngine over a stateless step graph; subclasses implement `_execute` (one run of the graph)."""
 
     backend = "graph"
@@ -143,17 +139,16 @@ class GraphStepEngine:
         self.tokenizer_path = tokenizer_path
         self.device = torch.device("cpu")
 
-    def new_cache(self, num_slots: int) -> KVCache:
-        self.limits.check_batch(num_slots)
+    def _make_cache(self, num_pages: int, root: int, prefix_caching: bool) -> KVCache:
         c = self.config
-        return KVCache(c.num_hidden_layers, num_slots, self.limits.max_seq_len, c.num_key_value_heads, c.head_dim,
-                       self.dtype, self.device)
+        return KVCache(c.num_hidden_layers, num_pages, self.limits.page_size, c.num_key_value_heads, c.head_dim,
+                       self.dtype, self.device, root, prefix_caching)
 
     def step(self, cache: KVCache, batch: StepBatch) -> torch.Tensor:
-        """One forward: logits [M, V] fp32; the writing rows' K/V go into `cache`, their lengths advance."""
+        """One forward: logits [M, V] fp32; the writing rows' K/V go into `cache` through their page tables."""
         if batch.any_lora and not self.has_lora:
             raise ValueError("this engine has no LoRA adapter")
-        self.limits.check_step(batch, cache, limit_tokens=True)
+        self.limits.check_step(batch, cache.num_pages)
         logits, new_k, new_v = self._execute(cache, batch)
         write_returned_kv(cache, batch, new_k, new_v)
         return logits

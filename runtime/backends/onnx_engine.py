@@ -2,9 +2,9 @@
 
 It is the portable check of the export: the same graph TensorRT compiles, with the attention node backed by
 the reference contract (runtime/backends/onnx_ops.py), so every mix of rows can be compared with the torch
-engine on any machine. The KV cache is a normal `KVCache`; each step hands the graph only the cache rows of
-the batch's slots (renumbered 0..B-1), trimmed to the longest cached prefix (positions beyond a row's cache
-length are never read), and writes the returned K/V back per `written_offsets` (graph_steps.py).
+engine on any machine. The KV cache is the engine's paged `KVCache`; each step hands the graph only the pages
+its rows read (renumbered 0..), and writes the returned K/V back through the rows' page tables per
+`written_offsets` (graph_steps.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 
 from ...builder.config import ModelConfig
 from ...builder.onnx_export import LOGITS, NEW_K, NEW_V, k_cache_name, v_cache_name
-from ..model.kv_cache import KVCache
+from ..cache.pool import KVCache
 from .graph_steps import GraphStepEngine, graph_inputs
 from .limits import EngineLimits
 from .step import StepBatch
@@ -41,13 +41,18 @@ class OnnxEngine(GraphStepEngine):
         self.graph_has_lora = graph_has_lora
 
     def _execute(self, cache: KVCache, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rows = len(batch.rows)
-        index = torch.as_tensor([r.slot for r in batch.rows], dtype=torch.long)
-        cached = max(1, max(batch.cache_lens))  # at least one (unread) position: no empty tensors
-        inputs = graph_inputs(batch, self.graph_has_lora, slots=torch.arange(rows, dtype=torch.int32))
+        size = cache.page_size
+        read = [table[: -(-past // size)] for table, past in zip(batch.tables, batch.cache_lens, strict=True)]
+        used = sorted({page for pages in read for page in pages}) or [0]  # at least one (unread) page
+        renumber = {page: i for i, page in enumerate(used)}
+        table = torch.full((len(read), max(1, max(len(p) for p in read))), -1, dtype=torch.int32)
+        for b, pages in enumerate(read):
+            table[b, : len(pages)] = torch.tensor([renumber[p] for p in pages], dtype=torch.int32)
+        inputs = graph_inputs(batch, self.graph_has_lora, page_table=table)
         feeds: dict[str, np.ndarray] = {name: tensor.numpy() for name, tensor in inputs.items()}
-        keys = cache.k[:, index, :cached].contiguous()  # [layers, B, cached, Hkv, D]: only the rows used
-        values = cache.v[:, index, :cached].contiguous()
+        index = torch.as_tensor(used, dtype=torch.long)
+        keys = cache.k[:, index].contiguous()  # [layers, pages read, S, Hkv, D]: only the pages read
+        values = cache.v[:, index].contiguous()
         for layer in range(self.config.num_hidden_layers):
             feeds[k_cache_name(layer)] = keys[layer].numpy()
             feeds[v_cache_name(layer)] = values[layer].numpy()

@@ -25,13 +25,14 @@ def _tensor(array: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor
 
 
 def block_attention_numpy(q: np.ndarray, k_new: np.ndarray, v_new: np.ndarray, k_cache: np.ndarray,
-                          v_cache: np.ndarray, cu_seqlens: np.ndarray, slots: np.ndarray, cache_lens: np.ndarray,
-                          mask_kind: np.ndarray, mask_param: np.ndarray, scale: float) -> np.ndarray:
-    """The node's computation: the reference contract over packed rows, reading the caches only."""
-    rows = int(slots.shape[0])
+                          v_cache: np.ndarray, cu_seqlens: np.ndarray, page_table: np.ndarray,
+                          cache_lens: np.ndarray, mask_kind: np.ndarray, mask_param: np.ndarray, scale: float
+                          ) -> np.ndarray:
+    """The node's computation: the reference contract over packed rows, reading the page pools only."""
+    rows = int(cache_lens.shape[0])
     out = block_attention_reference(
         _tensor(q), _tensor(k_new), _tensor(v_new), _tensor(k_cache), _tensor(v_cache),
-        _tensor(cu_seqlens, torch.long), _tensor(slots, torch.long), _tensor(cache_lens, torch.long),
+        _tensor(cu_seqlens, torch.long), _tensor(page_table, torch.long), _tensor(cache_lens, torch.long),
         _tensor(mask_kind, torch.long), _tensor(mask_param, torch.long), torch.zeros(rows, dtype=torch.long),
         float(scale))
     return out.numpy()
@@ -48,10 +49,10 @@ def _register() -> None:
              outputs=[tensor],
              attrs={"num_heads": PyCustomOpDef.dt_int64, "num_kv_heads": PyCustomOpDef.dt_int64,
                     "head_dim": PyCustomOpDef.dt_int64, "scale": PyCustomOpDef.dt_float})
-    def block_attention(q, k_new, v_new, k_cache, v_cache, cu_seqlens, slots, cache_lens, mask_kind, mask_param,
-                        **attrs):
-        return block_attention_numpy(q, k_new, v_new, k_cache, v_cache, cu_seqlens, slots, cache_lens, mask_kind,
-                                     mask_param, attrs["scale"])
+    def block_attention(q, k_new, v_new, k_cache, v_cache, cu_seqlens, page_table, cache_lens, mask_kind,
+                        mask_param, **attrs):
+        return block_attention_numpy(q, k_new, v_new, k_cache, v_cache, cu_seqlens, page_table, cache_lens,
+                                     mask_kind, mask_param, attrs["scale"])
 
 
 _register()

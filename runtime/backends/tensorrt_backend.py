@@ -17,12 +17,14 @@ kind, since one step mixes kinds:
     block    N, M in [1, max_batch * longest block]   (draft / verify / diffusion blocks, mixed with decodes)
     prefill  N, M in [1, max_step_tokens]             (prompts, quad rows, anything larger)
 
-The cache inputs are bound at their full size [max_batch + 1 slots (the last is the scratch slot), L =
-max_seq_len], so their shape never changes. The plan and a copy of the plugin library go into the engine.
+The page pools are inputs of [1 .. max_kv_pages] pages of a page size fixed at build (the largest pool the
+engine's requests can use: max_batch x ceil(max_seq_len / page_size) pages), and the page table is
+[B, ceil(max_seq_len / page_size)]. The plan and a copy of the plugin library go into the engine.
 
-Run: one KV cache on the GPU, allocated once, whose layer slices are bound directly as the k_cache.{i} /
-v_cache.{i} inputs (no copy). Each step is padded to its bucket exactly as the torch GPU path does
-(`cuda_graphs.Bucketing` / `StaticStep`: padding rows on the scratch slot, cache length 0, write 0) and run
+Run: one paged KV cache on the GPU, allocated once (sized by --kv-cache-memory or the free memory, at most
+max_kv_pages), whose layer slices are bound directly as the k_cache.{i} / v_cache.{i} inputs (no copy). Each
+step is padded to its bucket exactly as the torch GPU path does (`cuda_graphs.Bucketing` / `StaticStep`:
+padding rows with cache length 0, no pages, write 0) and run
 from that bucket's static buffers; buckets up to `max_graph_tokens` tokens are captured into a CUDA graph
 once per (profile, bucket) (`execute_async_v3` inside `torch.cuda.graph`) and replayed, larger ones run
 eagerly. The plan is stateless: the writing rows' K/V come back as new_k/new_v and are stored on the device
@@ -36,7 +38,7 @@ from __future__ import annotations
 import ctypes
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +62,8 @@ from ...builder.onnx_export import (
     NEW_K,
     NEW_V,
     OPSET,
+    PAGE_TABLE,
     POSITIONS,
-    SLOTS,
     TOKENS,
     TRT_DOMAIN,
     AttentionNode,
@@ -69,10 +71,12 @@ from ...builder.onnx_export import (
     k_cache_name,
     v_cache_name,
 )
-from ..model.kv_cache import KVCache
+from ..cache.pool import KVCache
+from ..cache.sizing import DEFAULT_PAGE_SIZE
+from ..errors import CapacityError
 from .cuda_graphs import Bucketing, BucketKey, StaticStep
 from .graph_steps import GraphStepEngine, choose_profile, optimization_profiles, profile_input_shapes
-from .limits import CapacityError, EngineLimits
+from .limits import EngineLimits
 from .step import StepBatch
 
 PLAN_FILE = "model.plan"
@@ -96,6 +100,15 @@ class TensorRTBuildSpec:
     max_seq_len: int
     block_lengths: tuple[int, ...]
     max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS
+    page_size: int = DEFAULT_PAGE_SIZE
+
+    @property
+    def table_pages(self) -> int:
+        return -(-self.max_seq_len // self.page_size)
+
+    @property
+    def max_kv_pages(self) -> int:
+        return self.max_batch_size * self.table_pages
 
 
 # -- plugin library ----------------------------------------------------------------------------------------
@@ -176,8 +189,8 @@ def build_tensorrt(staging: Path, checkpoint: Checkpoint, spec: TensorRTBuildSpe
     config = builder.create_builder_config()
     profiles = []
     for ranges in optimization_profiles(spec.max_batch_size, spec.max_step_tokens, spec.block_lengths):
-        shapes = {name: value for name, value in profile_input_shapes(checkpoint.config, ranges, spec.max_batch_size,
-                                                                      spec.max_seq_len).items()
+        shapes = {name: value for name, value in profile_input_shapes(checkpoint.config, ranges, spec.max_kv_pages,
+                                                                      spec.page_size, spec.table_pages).items()
                   if name in graph_inputs}  # `lora` exists only in graphs with an adapter
         profile = builder.create_optimization_profile()
         for name, (low, opt, high) in shapes.items():
@@ -202,7 +215,8 @@ def build_tensorrt(staging: Path, checkpoint: Checkpoint, spec: TensorRTBuildSpe
         files[plugin_name] = out.close()
     options = {"opset": OPSET, "attention_domain": TRT_DOMAIN,
                "plugin": {"name": PLUGIN_NAME, "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION},
-               "max_step_tokens": spec.max_step_tokens, "profiles": profiles}
+               "max_step_tokens": spec.max_step_tokens, "page_size": spec.page_size,
+               "max_kv_pages": spec.max_kv_pages, "profiles": profiles}
     return files, {"plan": PLAN_FILE, "plugin_library": plugin_name}, options, {"tensorrt": trt.__version__}
 
 
@@ -229,8 +243,9 @@ class TensorRTEngine(GraphStepEngine):
         options = manifest.backend_options
         self.profiles: list[dict[str, Any]] = list(options["profiles"])
         max_step = int(options.get("max_step_tokens", DEFAULT_MAX_STEP_TOKENS))
+        self.max_kv_pages = int(options["max_kv_pages"])
         limits = EngineLimits(limits.max_batch_size, limits.max_seq_len, min(limits.max_step_tokens, max_step),
-                              tuple(manifest.block_lengths))
+                              tuple(manifest.block_lengths), page_size=int(options["page_size"]))
         super().__init__(manifest.config(root / "manifest.json"), resolve_dtype(manifest.dtype), limits,
                          manifest.lora is not None and use_lora, tokenizer)
         self.device = torch.device("cuda")
@@ -247,19 +262,22 @@ class TensorRTEngine(GraphStepEngine):
         self.stream = torch.cuda.Stream()
         self.activations = torch.empty(self.engine.device_memory_size_v2, dtype=torch.uint8, device=self.device)
         self.contexts: dict[str, trt.IExecutionContext] = {}
-        c = self.config
-        self.scratch_slot = manifest.max_batch_size  # the plan's cache inputs have max_batch + 1 slots
-        self.cache = KVCache(c.num_hidden_layers, manifest.max_batch_size + 1, manifest.max_seq_len,
-                             c.num_key_value_heads, c.head_dim, self.dtype, self.device)
         self.bucketing = Bucketing(manifest.max_batch_size, limits.max_step_tokens, manifest.max_seq_len)
         self.max_graph_tokens = max_graph_tokens
         self.steps: dict[BucketKey, tuple[StaticStep, _Outputs]] = {}
 
-    def new_cache(self, num_slots: int) -> KVCache:
-        """The engine's one cache, emptied: the plan's inputs and the captured graphs point into it."""
-        self.limits.check_batch(num_slots)
-        self.cache.reset()
-        return self.cache
+    def size_cache(self, kv_cache_memory: int | str | None = None, page_size: int | None = None,
+                   prefix_caching: bool = True, identity: str = "") -> None:
+        """As every engine, but the page size is the plan's and the pool at most the plan's max_kv_pages."""
+        if page_size not in (None, self.limits.page_size):
+            raise CapacityError(f"this TensorRT engine was built for pages of {self.limits.page_size} positions "
+                                f"(asked for {page_size}); rebuild with --page-size {page_size}")
+        super().size_cache(kv_cache_memory, self.limits.page_size, prefix_caching, identity)
+        self.limits = replace(self.limits, kv_pages=min(self.limits.kv_pages, self.max_kv_pages))
+
+    def allocate_cache(self, num_pages: int | None = None, prefix_caching: bool | None = None) -> KVCache:
+        raise ValueError("a TensorRT engine serves only its own cache (`engine.cache`): its captured graphs "
+                         "point into it")
 
     def _context(self, profile: str) -> trt.IExecutionContext:
         if profile not in self.contexts:
@@ -271,7 +289,7 @@ class TensorRTEngine(GraphStepEngine):
 
     def _bind(self, context: trt.IExecutionContext, static: StaticStep, outputs: _Outputs) -> None:
         inputs = {TOKENS: static.tokens, POSITIONS: static.positions, CU_SEQLENS: static.cu_seqlens,
-                  SLOTS: static.slots, CACHE_LENS: static.cache_lens, MASK_KIND: static.mask_kind,
+                  PAGE_TABLE: static.page_table, CACHE_LENS: static.cache_lens, MASK_KIND: static.mask_kind,
                   MASK_PARAM: static.mask_param, LOGIT_INDEX: static.logit_index}
         if self.graph_has_lora:
             inputs[LORA] = static.lora
@@ -287,9 +305,7 @@ class TensorRTEngine(GraphStepEngine):
 
     def _execute(self, cache: KVCache, batch: StepBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if cache is not self.cache:
-            raise ValueError("TensorRT engine steps must use the cache returned by its new_cache()")
-        if any(row.slot == self.scratch_slot for row in batch.rows):
-            raise ValueError(f"slot {self.scratch_slot} is the engine's scratch slot, not a sequence's")
+            raise ValueError("TensorRT engine steps must use the engine's own cache (`engine.cache`)")
         key = self.bucketing.key(batch)
         if key is None:
             raise CapacityError(f"a step of {batch.num_tokens} tokens exceeds this TensorRT engine's "
@@ -300,7 +316,8 @@ class TensorRTEngine(GraphStepEngine):
         self.stream.wait_stream(torch.cuda.current_stream())  # the last step's cache writes come first
         with torch.cuda.stream(self.stream):
             if key not in self.steps:
-                self.steps[key] = (StaticStep(key, self.scratch_slot, self.device), _Outputs(self, key))
+                self.steps[key] = (StaticStep(key, self.limits.max_pages_per_sequence, self.device),
+                                   _Outputs(self, key))
             static, outputs = self.steps[key]
             static.fill(batch)
             if key.tokens > self.max_graph_tokens:  # eager; a context serves every bucket of its profile

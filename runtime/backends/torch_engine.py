@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..model.kv_cache import KVCache
+from ..cache.pool import KVCache
 from ..model.network import Transformer
+from .engine_cache import CacheOwner
 from .limits import EngineLimits
 from .step import StepBatch
 
 
-class TorchEngine:
+class TorchEngine(CacheOwner):
     """StepEngine over the PyTorch network (see runtime/backends/step.py)."""
 
     backend = "torch"
@@ -20,8 +22,7 @@ class TorchEngine:
     def __init__(self, model: Transformer, limits: EngineLimits, tokenizer_path: Path | None = None) -> None:
         self.model = model
         self.config = model.config
-        self.limits = EngineLimits(limits.max_batch_size, min(limits.max_seq_len, model.config.max_position_embeddings),
-                                   limits.max_step_tokens, limits.block_lengths)
+        self.limits = replace(limits, max_seq_len=min(limits.max_seq_len, model.config.max_position_embeddings))
         self.tokenizer_path = tokenizer_path
 
     @property
@@ -36,12 +37,13 @@ class TorchEngine:
     def dtype(self) -> torch.dtype:
         return self.model.dtype
 
-    def new_cache(self, num_slots: int) -> KVCache:
-        self.limits.check_batch(num_slots)
-        return self.model.new_cache(num_slots, self.limits.max_seq_len)
+    @property
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.model.w.values())
+
+    def _make_cache(self, num_pages: int, root: int, prefix_caching: bool) -> KVCache:
+        return self.model.new_cache(num_pages, self.limits.page_size, root, prefix_caching)
 
     def step(self, cache: KVCache, batch: StepBatch) -> torch.Tensor:
-        self.limits.check_step(batch, cache)
-        logits = self.model.forward_step(cache, batch)
-        batch.commit_lengths(cache)
-        return logits
+        self.limits.check_step(batch, cache.num_pages)
+        return self.model.forward_step(cache, batch)

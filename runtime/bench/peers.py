@@ -4,7 +4,7 @@
   ordinary way to run these weights causally.
 * `DynamicCacheEngine`: the step kinds with the cache handled the way the public reference code handles
   Hugging Face's DynamicCache - K/V grown by concatenation every causal pass, cropped by slicing on rollback,
-  batch size 1 - so our generation loops on it are a like-for-like baseline for the preallocated cache.
+  batch size 1 - so our generation loops on it are a like-for-like baseline for the paged cache.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from ...builder.checkpoint import load_checkpoint
-from ...plugins.reference import block_attention_reference, written_offsets
+from ...plugins.masks import written_offsets
+from ...plugins.reference import block_attention_reference
 from ..backends.step import StepBatch
 from ..backends.torch_engine import TorchEngine
 
@@ -60,56 +61,50 @@ class HFGenerate:
         return out[0, len(prompt):].tolist()
 
 
-class DynamicCache:
-    """Per-layer K/V [len, Hkv, D] grown by torch.cat; `lengths` mirrors KVCache's interface for one slot."""
-
-    def __init__(self, num_layers: int) -> None:
-        self.k: list[torch.Tensor | None] = [None] * num_layers
-        self.v: list[torch.Tensor | None] = [None] * num_layers
-        self.lengths = [0]
-        self.max_len = 1 << 30
-
-    def reset(self, slots=None) -> None:
-        self.__init__(len(self.k))
-
-    def rollback(self, slot: int, length: int) -> None:
-        self.k = [None if t is None else t[:length] for t in self.k]
-        self.v = [None if t is None else t[:length] for t in self.v]
-        self.lengths[0] = length
-
-
 class DynamicCacheEngine(TorchEngine):
-    """The torch engine's math with a concatenating cache; batch size 1 like the public reference code."""
+    """The torch engine's math with a concatenating cache, batch size 1 like the public reference code.
+
+    Its K/V live in per-layer tensors grown by torch.cat and cropped by slicing when the scheduler moves the
+    sequence's length back (a rejected speculation), as Hugging Face's DynamicCache does; the scheduler's page
+    tables are only bookkeeping here."""
 
     backend = "torch-dynamic-cache"
 
-    def new_cache(self, num_slots: int) -> DynamicCache:  # type: ignore[override]
-        if num_slots != 1:
-            raise ValueError("the reference-style baseline runs one sequence at a time")
-        return DynamicCache(self.config.num_hidden_layers)
+    def __init__(self, model, limits, tokenizer_path=None) -> None:
+        super().__init__(model, limits, tokenizer_path)
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+
+    def size_cache(self, kv_cache_memory=None, page_size=None, prefix_caching=True, identity="") -> None:
+        """As the torch engine, without the prefix cache: its own K/V cannot start from shared pages."""
+        super().size_cache(kv_cache_memory, page_size, False, identity)
 
     @torch.inference_mode()
-    def step(self, cache: DynamicCache, batch: StepBatch) -> torch.Tensor:  # type: ignore[override]
+    def step(self, cache, batch: StepBatch) -> torch.Tensor:  # type: ignore[override]
         model, c = self.model, self.config
+        if len(batch.rows) != 1:
+            raise ValueError("the reference-style baseline runs one sequence at a time")
         (row,) = batch.rows
-        past, length = cache.lengths[0], len(row.tokens)
+        past, length = batch.cache_lens[0], len(row.tokens)
+        if past == 0 or not self.k:
+            self.k = [torch.zeros(0, c.num_key_value_heads, c.head_dim, dtype=model.dtype)] * c.num_hidden_layers
+            self.v = list(self.k)
+        self.k = [t[:past] for t in self.k]  # DynamicCache.crop
+        self.v = [t[:past] for t in self.v]
         i32 = lambda *v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
         h = torch.nn.functional.embedding(batch.tokens[None], model.w["embed"])
         lora = bool(row.lora)
         for i in range(c.num_hidden_layers):
             q, k, v = model._qkv(i, h, batch.positions[None])
-            if cache.k[i] is None:
-                cache.k[i] = k.new_zeros(0, *k.shape[2:])
-                cache.v[i] = v.new_zeros(0, *v.shape[2:])
+            pad = self.k[i].new_zeros(1, *k.shape[2:])  # the whole cache as one page (never empty)
             attn = block_attention_reference(
-                q[0], k[0], v[0], cache.k[i][None], cache.v[i][None], i32(0, length), i32(0), i32(past),
-                i32(row.mask_kind), i32(row.mask_param), i32(0), model.scale)
+                q[0], k[0], v[0], torch.cat([self.k[i], pad])[None], torch.cat([self.v[i], pad])[None],
+                i32(0, length), i32(0)[None], i32(past), i32(row.mask_kind), i32(row.mask_param), i32(0),
+                model.scale)
             if row.write:
-                index = torch.tensor(written_offsets(row.mask_kind, row.mask_param, length))
-                cache.k[i] = torch.cat([cache.k[i], k[0][index]])
-                cache.v[i] = torch.cat([cache.v[i], v[0][index]])
+                index = torch.tensor(written_offsets(row.mask_kind, row.mask_param, length), dtype=torch.long)
+                self.k[i] = torch.cat([self.k[i], k[0][index]])
+                self.v[i] = torch.cat([self.v[i], v[0][index]])
             h = model._attn_out(i, h, attn[None], lora)
             h = model._mlp(i, h)
-        if row.write:
-            cache.lengths[0] = past + row.written
         return model._logits(h[0, batch.logit_index])

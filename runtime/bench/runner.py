@@ -4,7 +4,8 @@ Machines here are shared and noisy, so absolute numbers wander; ratios between m
 process, interleaved run by run, are what the reports compare. Each mode gets warm-up runs, then several
 measured runs; medians are reported. Step latencies come from timing every engine call (prefill, decode,
 draft, verify, quad, mixed: `step_kind`) through a thin proxy, so they cover exactly what a forward costs,
-scheduling overhead excluded.
+scheduling overhead excluded. Each run starts from an empty prefix cache, so repeated prompts are measured
+cold (benchmarks/prefix_cache.py measures reuse on purpose).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Any
 
 import torch
 
-from ...plugins.reference import BIDIRECTIONAL, PREFIX_BLOCK, QUAD
+from ...plugins.masks import BIDIRECTIONAL, PREFIX_BLOCK, QUAD
 from ..backends.step import ChunkRow, StepBatch, StepEngine
-from ..generate import GenerationConfig, generate
+from ..generate import generate
+from ..request import GenerationConfig
 
 
 def row_kind(row: ChunkRow, cache_len: int) -> str:
@@ -101,6 +103,7 @@ def run_once(engine: StepEngine, prompts: list[list[int]], config: GenerationCon
     their timings summed: elapsed, time to first token (median over groups), step times, outputs."""
     timed = engine if isinstance(engine, TimedEngine) else TimedEngine(engine)
     timed.times.clear()
+    timed.cache.pages.clear_cache()  # every run starts cold: no prompt is read from an earlier run's pages
     size = batch_size or len(prompts)
     elapsed, ttfts, results = 0.0, [], []
     for at in range(0, len(prompts), size):

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from ...builder.config import ModelConfig
+from ..cache.pool import KVCache
 from .attention import AttentionRows, attend
-from .kv_cache import KVCache
 from .rope import Rotary, apply_rotary
 
 if TYPE_CHECKING:
@@ -54,10 +54,10 @@ class Transformer:
         self.rotary.to(device)
         return self
 
-    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+    def new_cache(self, num_pages: int, page_size: int, root: int = 0, prefix_caching: bool = True) -> KVCache:
         c = self.config
-        return KVCache(c.num_hidden_layers, num_slots, max_len, c.num_key_value_heads, c.head_dim,
-                       self.dtype, self.device)
+        return KVCache(c.num_hidden_layers, num_pages, page_size, c.num_key_value_heads, c.head_dim,
+                       self.dtype, self.device, root, prefix_caching)
 
     # -- pieces shared by both entry points -------------------------------------------------------------
     def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -102,13 +102,13 @@ class Transformer:
     def forward_step(self, cache: KVCache, batch: StepBatch) -> torch.Tensor:
         """Logits [M, V] fp32 at batch.logit_index for one packed step of rows (any mix of mask kinds).
 
-        Row b's tokens sit at batch.positions and attend to its slot's cached prefix plus its own chunk under
-        its mask kind; writing rows store their causal K/V (plugins/reference.py). The caller advances the
-        host lengths (`StepBatch.commit_lengths`).
+        Row b's tokens sit at batch.positions and attend to its cached prefix (through its page table) plus its
+        own chunk under its mask kind; writing rows store their causal K/V (plugins/reference.py). The caller
+        (the scheduler) moves the sequences' lengths.
         """
         if batch.any_lora and not self.has_lora:
             raise ValueError("this model has no LoRA adapter")
-        rows = AttentionRows.from_batch(batch, self.device)
+        rows = AttentionRows.from_batch(batch, self.device, cache.page_size)
         positions = batch.positions.to(self.device)[None]
         lora: bool | torch.Tensor = False
         if batch.any_lora:

@@ -2,40 +2,25 @@
 
 Each step the scheduler asks every running sequence's mode for its next `RowPlan` (the chunk row, plus how
 its logits become tokens: a `Pick`), packs all rows into one forward, makes every pick on the device in one
-go (runtime/scheduler/decisions.py) and hands each mode its `Decided` values - small host arrays, fetched in
-one transfer. The prompt prefill is shared by every mode: causal, written, chunked under the step's token
-budget; only the last chunk asks for logits, and a mode may extend that last chunk (quad appends its masks).
+go (runtime/sampler.py) and hands each mode its `Decided` values - small host arrays, fetched in one
+transfer. A mode never touches the KV cache: it reads how many positions its sequence has cached
+(`seq.cached`) and, after a row that wrote, says how many of the written positions to keep (a speculative
+round keeps the accepted run and rolls the rest back); the scheduler, which owns the cache, does the rest.
+
+The prefill is shared by every mode: causal, written, chunked under the step's token budget. Only the last
+chunk of a request's first prefill asks for logits, and a mode may extend that chunk (quad appends its
+masks). A sequence resumed after preemption prefills its known tokens again (no logits: its mode state was
+kept) and carries on where it was.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
-from ...plugins.reference import CAUSAL
+from ...plugins.masks import CAUSAL
 from ..backends.step import ChunkRow
-from ..model.kv_cache import KVCache
+from ..sampler import ARGMAX, SAMPLE, Decided, Pick
 from .sequence import Sequence
-
-RoundCallback = Callable[[int, int], None]  # (block length, drafts accepted) after each verified round
-
-SAMPLE = "sample"    # AR sampling at the request's temperature / top-k / top-p (argmax when greedy)
-ARGMAX = "argmax"    # always greedy (drafts)
-DENOISE = "denoise"  # diffusion proposals (Gumbel-max at the temperature)
-
-
-@dataclass
-class Pick:
-    """How a row's logits become tokens. `kinds` gives one kind per logit (None: `kind` for all);
-    `confidence` also returns softmax(logits)[token]; `mix` = (w, [(slot0, slot1), ...]) replaces each slot1
-    logit (row-local logit indices) by w * slot0 + (1 - w) * slot1 before picking (quad's ar_mix_weight)."""
-
-    kind: str = SAMPLE
-    kinds: list[str] | None = None
-    confidence: bool = False
-    mix: tuple[float, list[tuple[int, int]]] | None = None
 
 
 @dataclass
@@ -44,13 +29,9 @@ class RowPlan:
     pick: Pick
     is_prefill: bool = False
 
-
-@dataclass
-class Decided:
-    """A row's picks on the host, one entry per requested logit."""
-
-    tokens: np.ndarray      # int64
-    confidence: np.ndarray  # float32 (zeros where not asked for)
+    @property
+    def num_logits(self) -> int:
+        return len(self.row.logit_offsets)
 
 
 class ModeState:
@@ -59,38 +40,45 @@ class ModeState:
     #: the pick used on the prompt's last logit (the first token or seed)
     prefill_pick = Pick(SAMPLE)
 
-    def plan(self, seq: Sequence, cache: KVCache, budget: int) -> RowPlan | None:
-        """The next row of `seq`, or None if it has nothing to run (done)."""
-        if seq.prefilled < len(seq.prompt):
+    def plan(self, seq: Sequence, budget: int) -> RowPlan | None:
+        """The next row of `seq` (a prefill chunk of at most `budget` tokens), or None if it is done."""
+        if seq.prefilling:
             return self.plan_prefill(seq, budget)
-        return self.plan_decode(seq, cache)
+        return self.plan_decode(seq)
 
     def plan_prefill(self, seq: Sequence, budget: int) -> RowPlan:
-        chunk = seq.prompt[seq.prefilled : seq.prefilled + max(budget, 1)]
-        last = seq.prefilled + len(chunk) == len(seq.prompt)
-        row = ChunkRow(seq.slot, chunk, CAUSAL, write=True, logit_offsets=[len(chunk) - 1] if last else [])
-        return self.extend_last_prefill(seq, row) if last else RowPlan(row, Pick(ARGMAX), is_prefill=True)
+        target = seq.prefill_target
+        chunk = target[seq.prefilled : seq.prefilled + max(budget, 1)]
+        if seq.prefilled + len(chunk) == len(target) and seq.first_prefill:
+            row = ChunkRow(chunk, CAUSAL, write=True, logit_offsets=[len(chunk) - 1])
+            return self.extend_last_prefill(seq, row)
+        return RowPlan(ChunkRow(chunk, CAUSAL, write=True), Pick(ARGMAX), is_prefill=True)
 
     def extend_last_prefill(self, seq: Sequence, row: ChunkRow) -> RowPlan:
         """The prompt's last chunk; its single logit gives the first token (modes may change this)."""
         return RowPlan(row, self.prefill_pick, is_prefill=True)
 
-    def consume(self, seq: Sequence, plan: RowPlan, decided: Decided, cache: KVCache) -> None:
+    def consume(self, seq: Sequence, plan: RowPlan, decided: Decided) -> int:
+        """Apply a row's result; returns how many of the positions the row wrote stay in the cache."""
         if plan.is_prefill:
             seq.prefilled += plan.row.written
-            if seq.prefilled >= len(seq.prompt):
-                seq.forwards += 1  # the whole prefill counts as one forward, however many chunks it took
-                self.consume_prefill(seq, plan, decided, cache)
-            return
+            if not seq.prefilling:
+                seq.forwards += 1  # a whole prefill counts as one forward, however many chunks it took
+                if seq.first_prefill:
+                    seq.first_prefill = False
+                    self.consume_prefill(seq, plan, decided)
+            return plan.row.written
         seq.forwards += 1
-        self.consume_decode(seq, plan, decided, cache)
+        kept = self.consume_decode(seq, plan, decided)
+        return plan.row.written if kept is None else kept
 
-    def consume_prefill(self, seq: Sequence, plan: RowPlan, decided: Decided, cache: KVCache) -> None:
+    def consume_prefill(self, seq: Sequence, plan: RowPlan, decided: Decided) -> None:
         """Default: the prompt's last logit is the first generated token (AR, spec)."""
         seq.emit([int(decided.tokens[0])])
 
-    def plan_decode(self, seq: Sequence, cache: KVCache) -> RowPlan | None:
+    def plan_decode(self, seq: Sequence) -> RowPlan | None:
         raise NotImplementedError
 
-    def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided, cache: KVCache) -> None:
+    def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided) -> int | None:
+        """Apply a decode-like row; returns the written positions to keep (None: all of them)."""
         raise NotImplementedError

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...plugins.reference import BIDIRECTIONAL, CAUSAL
+from ...plugins.masks import BIDIRECTIONAL, CAUSAL
 from ..backends.step import ChunkRow
-from ..model.kv_cache import KVCache
-from .base import DENOISE, Decided, ModeState, Pick, RowPlan
+from ..sampler import DENOISE, Decided, Pick
+from .base import ModeState, RowPlan
 from .sequence import Sequence
 
 
@@ -62,7 +62,6 @@ class Denoiser:
         self.steps = steps
         self.schedule = transfer_schedule(chunk[:span].count(mask_id), steps)
         self.done_steps = 0
-        self.commits: list[list[int]] = []  # positions committed per pass (tests read it)
 
     @property
     def finished(self) -> bool:
@@ -71,17 +70,18 @@ class Denoiser:
             return True
         return self.eos_id is not None and block_finished(head, self.mask_id, self.eos_id)
 
-    def row(self, slot: int) -> RowPlan:
-        chunk = ChunkRow(slot, list(self.chunk), BIDIRECTIONAL, logit_offsets=list(range(self.span)))
+    def row(self) -> RowPlan:
+        chunk = ChunkRow(list(self.chunk), BIDIRECTIONAL, logit_offsets=list(range(self.span)))
         return RowPlan(chunk, Pick(DENOISE, confidence=True))
 
-    def consume(self, decided: Decided) -> None:
+    def consume(self, decided: Decided) -> list[int]:
+        """One pass: commit slots; returns the positions committed."""
         head = self.chunk[: self.span]
         count = self.schedule[self.done_steps]
-        self.commits.append(commit_step(head, decided.tokens, decided.confidence, self.mask_id, self.threshold,
-                                        count))
+        committed = commit_step(head, decided.tokens, decided.confidence, self.mask_id, self.threshold, count)
         self.chunk[: self.span] = head
         self.done_steps += 1
+        return committed
 
 
 class DiffusionMode(ModeState):
@@ -95,17 +95,15 @@ class DiffusionMode(ModeState):
         self.seed: int | None = None
         self.denoiser: Denoiser | None = None
         self.blocks_done = 0
-        self.history: list[list[list[int]]] = []  # commits per pass, per block
 
-    def consume_prefill(self, seq: Sequence, plan: RowPlan, decided: Decided, cache: KVCache) -> None:
+    def consume_prefill(self, seq: Sequence, plan: RowPlan, decided: Decided) -> None:
         self.seed = int(decided.tokens[0])
 
     def _new_block(self) -> None:
         block = [self.seed] + [self.mask_id] * (self.length - 1)
         self.denoiser = Denoiser(block, self.length, self.mask_id, self.eos_id, self.threshold, self.length)
-        self.history.append(self.denoiser.commits)
 
-    def plan_decode(self, seq: Sequence, cache: KVCache) -> RowPlan | None:
+    def plan_decode(self, seq: Sequence) -> RowPlan | None:
         if self.denoiser is None:
             self._new_block()
             if self.denoiser.finished:  # block length 1: nothing to denoise
@@ -113,12 +111,13 @@ class DiffusionMode(ModeState):
                 if seq.done:
                     return None
         if not self.denoiser.finished:
-            return self.denoiser.row(seq.slot)
-        # the block is final and another block follows: one causal pass writes its exact K/V
-        row = ChunkRow(seq.slot, list(self.denoiser.chunk), CAUSAL, write=True, logit_offsets=[self.length - 1])
+            return self.denoiser.row()
+        # the block is final and another block follows: one causal pass writes the exact K/V of the block as
+        # emitted (a forced end-of-thinking token included), so the cache holds exactly the emitted tokens
+        row = ChunkRow(seq.tokens[-self.length :], CAUSAL, write=True, logit_offsets=[self.length - 1])
         return RowPlan(row, Pick(DENOISE))
 
-    def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided, cache: KVCache) -> None:
+    def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided) -> None:
         if plan.row.mask_kind == CAUSAL:  # the re-encode
             self.seed = int(decided.tokens[0])
             self.denoiser = None

@@ -12,8 +12,8 @@ masks see the whole suffix infills better than splitting it (see benchmarks/RESU
 
 from __future__ import annotations
 
-from ..model.kv_cache import KVCache
-from .base import ARGMAX, Decided, ModeState, Pick, RowPlan
+from ..sampler import ARGMAX, Decided, Pick
+from .base import ModeState, RowPlan
 from .diffusion import Denoiser
 from .sequence import Sequence
 
@@ -28,13 +28,13 @@ class InfillMode(ModeState):
         row.logit_offsets = []  # the prefix's logits are not needed: the hole is denoised from masks
         return RowPlan(row, Pick(ARGMAX), is_prefill=True)
 
-    def consume_prefill(self, seq: Sequence, plan: RowPlan, decided: Decided, cache: KVCache) -> None:
+    def consume_prefill(self, seq: Sequence, plan: RowPlan, decided: Decided) -> None:
         pass
 
-    def plan_decode(self, seq: Sequence, cache: KVCache) -> RowPlan | None:
-        return self.denoiser.row(seq.slot)
+    def plan_decode(self, seq: Sequence) -> RowPlan | None:
+        return self.denoiser.row()
 
-    def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided, cache: KVCache) -> None:
+    def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided) -> None:
         self.denoiser.consume(decided)
         if self.denoiser.finished:
             seq.emit(self.denoiser.chunk[: self.denoiser.span], truncate_on_force=False)

@@ -7,7 +7,7 @@ C+j .. C+j+L (a quad row): slot 0 of sub-block j is the causal logit after d_0..
 draft the tokens that would follow if exactly d_0..d_j were accepted. Slot 1's logit is replaced by slot 0's
 (it predicts the same position), so pred[j] = [AR token after d_j, next drafts...]. d_k (k >= 1) is
 accepted while pred[k-1, 0] == d_k; with a accepted the cache keeps the a accepted d's (the kernel wrote all
-L d's at C..C+L-1; the length moves back to C+a), the emitted tokens are d_1..d_{a-1} and the new
+L d's at C..C+L-1; the scheduler keeps C+a), the emitted tokens are d_1..d_{a-1} and the new
 d_0 = pred[a-1, 0], and the next draft is pred[a-1, 0:] (slot 0 then slots 2..L). Greedy tokens equal AR's;
 with temperature > 0 each slot 0 is sampled from the causal distribution with the sequence's generator and
 a draft is accepted while it equals the sample (exact AR sampling). `ar_mix_weight` blends slot 0 into slot 1
@@ -16,11 +16,12 @@ as the reference does; then d_0 is no longer AR-exact and tokens may differ from
 
 from __future__ import annotations
 
-from ...plugins.reference import PREFIX_BLOCK, QUAD
+from ...plugins.masks import PREFIX_BLOCK, QUAD
 from ..backends.step import ChunkRow
-from ..model.kv_cache import KVCache
-from .base import ARGMAX, SAMPLE, Decided, ModeState, Pick, RoundCallback, RowPlan
+from ..sampler import ARGMAX, SAMPLE, Decided, Pick
+from .base import ModeState, RowPlan
 from .sequence import Sequence
+from .spec import RoundCallback
 
 
 def quad_layout(cache_len: int, drafts: list[int], mask_id: int) -> tuple[list[int], list[int]]:
@@ -49,23 +50,22 @@ class QuadMode(ModeState):
         self.mask_id = mask_id
         self.mix = ar_mix_weight
         self.drafts: list[int] = []
-        self.rounds: list[int] = []  # accepted count per round (tests and stats read it)
 
     def extend_last_prefill(self, seq: Sequence, row: ChunkRow) -> RowPlan:
         n = len(row.tokens)
         tokens = row.tokens + [self.mask_id] * self.length
         offsets = [n - 1] + [n + i for i in range(1, self.length)]
-        tail = ChunkRow(seq.slot, tokens, PREFIX_BLOCK, mask_param=self.length, write=True, logit_offsets=offsets)
+        tail = ChunkRow(tokens, PREFIX_BLOCK, mask_param=self.length, write=True, logit_offsets=offsets)
         return RowPlan(tail, Pick(SAMPLE, kinds=[SAMPLE] + [ARGMAX] * (self.length - 1)), is_prefill=True)
 
-    def consume_prefill(self, seq: Sequence, plan: RowPlan, decided: Decided, cache: KVCache) -> None:
+    def consume_prefill(self, seq: Sequence, plan: RowPlan, decided: Decided) -> None:
         self.drafts = [int(t) for t in decided.tokens]
         seq.emit(self.drafts[:1])
         if seq.tokens and seq.tokens[-1] != self.drafts[0]:  # a forced end-of-thinking token: redraft after it
             self.drafts = [seq.tokens[-1]] + [self.mask_id] * (self.length - 1)
 
-    def plan_decode(self, seq: Sequence, cache: KVCache) -> RowPlan:
-        tokens, positions = quad_layout(cache.lengths[seq.slot], self.drafts, self.mask_id)
+    def plan_decode(self, seq: Sequence) -> RowPlan:
+        tokens, positions = quad_layout(seq.cached, self.drafts, self.mask_id)
         mixing = self.mix is not None
         offsets = quad_logit_offsets(self.length, mixing)
         per_block = len(offsets) // self.length
@@ -73,11 +73,10 @@ class QuadMode(ModeState):
         mix = None
         if mixing:
             mix = (self.mix, [(j * per_block, j * per_block + 1) for j in range(self.length)])
-        row = ChunkRow(seq.slot, tokens, QUAD, mask_param=self.length, write=True, logit_offsets=offsets,
-                       positions=positions)
+        row = ChunkRow(tokens, QUAD, mask_param=self.length, write=True, logit_offsets=offsets, positions=positions)
         return RowPlan(row, Pick(SAMPLE, kinds=kinds, mix=mix))
 
-    def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided, cache: KVCache) -> None:
+    def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided) -> int:
         length = self.length
         per_block = len(decided.tokens) // length
         pred = [[int(t) for t in decided.tokens[j * per_block : (j + 1) * per_block]] for j in range(length)]
@@ -85,17 +84,16 @@ class QuadMode(ModeState):
         accepted = 1
         while accepted < length and ar[accepted - 1] == self.drafts[accepted]:
             accepted += 1
-        self.rounds.append(accepted)
         if self.on_round is not None:
             self.on_round(length, accepted - 1)
-        base = cache.lengths[seq.slot] - length  # C: the cache before this round (all L d's were written)
         head = pred[accepted - 1]
         new_first = head[1] if self.mix is not None else head[0]
         offered = self.drafts[1:accepted] + [new_first]
         kept = seq.emit(offered)
+        # all L d's were written at C .. C+L-1; the cache keeps d_0 .. d_{a-1} (or what was kept when cut short)
         if kept == len(offered) and seq.tokens and seq.tokens[-1] == new_first:
-            cache.rollback(seq.slot, base + accepted)
             self.drafts = [new_first] + head[-(length - 1):] if length > 1 else [new_first]
-        else:  # cut short (EOS, length, a forced end-of-thinking token): restart drafting after what was kept
-            cache.rollback(seq.slot, base + kept)
-            self.drafts = [seq.tokens[-1]] + [self.mask_id] * (length - 1)
+            return accepted
+        # cut short (EOS, length, a forced end-of-thinking token): restart drafting after what was kept
+        self.drafts = [seq.tokens[-1]] + [self.mask_id] * (length - 1)
+        return kept

@@ -1,4 +1,4 @@
-"""One request's state while the scheduler runs it: its tokens, counters, slot and mode state machine.
+"""One request's state while the scheduler runs it: its tokens, counters, cache pages and mode state machine.
 
 `emit` is the only way tokens are committed: it cuts after EOS and at max_new_tokens, forces the
 end-of-thinking token once the thinking budget is spent, and reports new tokens to the request's callback.
@@ -15,11 +15,18 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from ..generate import GenerationConfig
+    from ..request import GenerationConfig
     from .base import ModeState
 
 TokenCallback = Callable[[int, list[int]], None]
 CancelCheck = Callable[[int], bool]
+
+
+def tokens_per_forward(generated: int, forwards: int) -> float:
+    """TPF: generated tokens / forwards after the prompt prefill (the prefill is one forward, however many
+    chunks it took). With no forward after the prefill, the generated count itself."""
+    after_prefill = forwards - 1
+    return generated / after_prefill if after_prefill > 0 else float(generated)
 
 
 @dataclass
@@ -32,21 +39,29 @@ class SequenceResult:
     prompt_length: int = 0
     steps_waited: int = 0      # scheduler steps between submission and admission
     first_token_step: int = -1  # scheduler steps between submission and the first committed token
+    cached_tokens: int = 0     # prompt tokens found in the prefix cache at admission (not recomputed)
+    preemptions: int = 0       # times the request gave its pages back and was recomputed
+    block_length: int = 0      # the block length it ran with (`auto` resolved)
 
     @property
     def tokens_per_forward(self) -> float:
-        """Generated tokens / forwards after the prompt prefill."""
-        after_prefill = self.forwards - 1
-        return len(self.tokens) / after_prefill if after_prefill > 0 else float(len(self.tokens))
+        return tokens_per_forward(len(self.tokens), self.forwards)
 
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "forwards": self.forwards,
-                "tokens_per_forward": round(self.tokens_per_forward, 4), "finish_reason": self.finish_reason}
+                "tokens_per_forward": round(self.tokens_per_forward, 4), "finish_reason": self.finish_reason,
+                "block_length": self.block_length, "cached_tokens": self.cached_tokens}
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a sequence is a key of the step's plans
 class Sequence:
-    """A request in the scheduler. `index` is the caller's id for callbacks; `slot` its cache slot once admitted."""
+    """A request in the scheduler. `index` is the caller's id for callbacks.
+
+    The scheduler owns the cache fields: `pages` (the sequence's page table), `cached` (how many positions of
+    prompt + tokens are in the cache; always a prefix of them) and `hashes` (the chain hashes of its leading
+    full pages that are shared or published). `prefill_target` is what must be cached before the mode's own
+    rows run: the prompt, or after a preemption the tokens that were cached.
+    """
 
     index: int
     prompt: list[int]
@@ -56,15 +71,40 @@ class Sequence:
     mode: ModeState
     on_tokens: TokenCallback | None = None
     is_cancelled: CancelCheck | None = None
-    slot: int = -1
     tokens: list[int] = field(default_factory=list)
     forwards: int = 0
-    prefilled: int = 0  # prompt tokens already in the cache
+    pages: list[int] = field(default_factory=list)
+    cached: int = 0
+    hashes: list[int] = field(default_factory=list)
+    prefill_target: list[int] = field(default_factory=list)
+    prefilled: int = 0  # tokens of prefill_target in the cache
+    first_prefill: bool = True  # the prompt's prefill has not given its logits yet
     finish_reason: str | None = None
     error: str | None = None
+    arrival: int = 0
     submitted_step: int = 0
     admitted_step: int = -1
     first_token_step: int = -1
+    cached_tokens: int = -1  # prompt tokens found in the prefix cache at first admission (-1: not admitted)
+    preemptions: int = 0
+    block_length: int = 0  # the block length the mode runs with ("auto" resolved)
+
+    def __post_init__(self) -> None:
+        if not self.prefill_target:
+            self.prefill_target = list(self.prompt)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prefill_target)
+
+    @property
+    def priority(self) -> int:
+        return self.config.priority
+
+    @property
+    def known(self) -> list[int]:
+        """Prompt and generated tokens: what the cache holds a prefix of."""
+        return self.prompt + self.tokens
 
     @property
     def done(self) -> bool:
@@ -114,4 +154,4 @@ class Sequence:
         waited = max(self.admitted_step - self.submitted_step, 0)
         first = self.first_token_step - self.submitted_step if self.first_token_step >= 0 else -1
         return SequenceResult(self.tokens, self.forwards, self.finish_reason or "length", len(self.prompt),
-                              waited, first)
+                              waited, first, max(self.cached_tokens, 0), self.preemptions, self.block_length)

@@ -3,18 +3,23 @@
 Greedy output is AR's exactly: every emitted token is the causal model's choice given the tokens before it,
 because a draft token is only kept while it equals that choice. With temperature > 0 the verify pass samples
 each position from the causal distribution (top-k / top-p filtered alike) and a draft is kept while it
-equals the sample, which is again exactly AR sampling. Rolling back is moving the slot's length.
+equals the sample, which is again exactly AR sampling. Rolling back is keeping fewer of the verify row's
+written positions (the scheduler moves the sequence's length and frees the pages past it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
-from ...plugins.reference import BIDIRECTIONAL, CAUSAL
+from ...plugins.masks import BIDIRECTIONAL, CAUSAL
 from ..backends.step import ChunkRow
-from ..model.kv_cache import KVCache
-from .base import ARGMAX, Decided, ModeState, Pick, RoundCallback, RowPlan
+from ..sampler import ARGMAX, Decided, Pick
+from .base import ModeState, RowPlan
 from .sequence import Sequence
+
+RoundCallback = Callable[[int, int], None]  # (block length, drafts accepted) after each verified round
 
 
 def fill_draft(block: list[int], x0: np.ndarray, confidence: np.ndarray, mask_id: int,
@@ -56,25 +61,24 @@ class SpecMode(ModeState):
     def _drafting(self) -> bool:
         return self.block is not None and self.mask_id in self.block[1:] and self.passes < self.length
 
-    def plan_decode(self, seq: Sequence, cache: KVCache) -> RowPlan:
+    def plan_decode(self, seq: Sequence) -> RowPlan:
         if self.block is None:
             self.block = [seq.tokens[-1]] + [self.mask_id] * (self.length - 1)
             self.passes = 0
         offsets = list(range(self.length))
         if self._drafting():
-            row = ChunkRow(seq.slot, list(self.block), BIDIRECTIONAL, lora=self.lora, logit_offsets=offsets)
+            row = ChunkRow(list(self.block), BIDIRECTIONAL, lora=self.lora, logit_offsets=offsets)
             return RowPlan(row, Pick(ARGMAX, confidence=bool(self.threshold)))
-        return RowPlan(ChunkRow(seq.slot, list(self.block), CAUSAL, write=True, logit_offsets=offsets), Pick())
+        return RowPlan(ChunkRow(list(self.block), CAUSAL, write=True, logit_offsets=offsets), Pick())
 
-    def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided, cache: KVCache) -> None:
+    def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided) -> int | None:
         if plan.row.mask_kind == BIDIRECTIONAL:
             fill_draft(self.block, decided.tokens, decided.confidence, self.mask_id, self.threshold)
             self.passes += 1
-            return
-        old_len = cache.lengths[seq.slot] - self.length
+            return None
         accepted = accepted_length(self.block, decided.tokens)
         if self.on_round is not None:
             self.on_round(self.length, accepted)
         kept = seq.emit([int(t) for t in decided.tokens[: accepted + 1]])
-        cache.rollback(seq.slot, old_len + kept)
         self.block = None
+        return kept  # the verified block's first `kept` positions stay: t and the accepted drafts

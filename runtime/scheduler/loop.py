@@ -8,20 +8,33 @@ nothing of any protocol and is tested with plain Python sinks.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..backends.step import StepEngine
-from ..generate import GenerationConfig, RequestError
+from ..errors import RequestError
 from ..modes.sequence import Sequence, SequenceResult
+from ..request import Request
 from .scheduler import Scheduler, StepRecord
 
 LOG = logging.getLogger("trimode.loop")
+_LIVE_LOOPS: weakref.WeakSet[EngineLoop] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_loops() -> None:
+    """Stop every running loop before the interpreter finalizes: a worker thread still inside torch when
+    Python tears daemon threads down dies in C++ ("terminate called without an active exception", exit 134).
+    Runs for programs that never call close() (the README's first LLM snippet)."""
+    for loop in list(_LIVE_LOOPS):
+        loop.stop(timeout=30.0)
 
 
 class ResponseSink(Protocol):
@@ -42,8 +55,7 @@ class ResponseSink(Protocol):
 
 @dataclass
 class Job:
-    prompt: list[int]
-    config: GenerationConfig
+    request: Request
     sink: ResponseSink
     arrived: float = field(default_factory=time.monotonic)
 
@@ -55,7 +67,7 @@ class EngineLoop:
                  on_step: Callable[[StepRecord], None] | None = None) -> None:
         self.engine = engine
         self.scheduler = Scheduler(engine, max_batch_size, max_step_tokens, on_step)
-        self.max_batch_size = self.scheduler.num_slots
+        self.max_batch_size = self.scheduler.max_rows
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -64,6 +76,7 @@ class EngineLoop:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="trimode-engine-loop", daemon=True)
             self._thread.start()
+            _LIVE_LOOPS.add(self)
 
     def submit(self, job: Job) -> None:
         if self._stopping.is_set():
@@ -72,7 +85,7 @@ class EngineLoop:
         self._inbox.put(job)
 
     def queue_length(self) -> int:
-        """Requests waiting for a slot (plus those not yet taken from the inbox)."""
+        """Requests waiting for admission (plus those not yet taken from the inbox)."""
         return len(self.scheduler.waiting) + self._inbox.qsize()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -81,6 +94,7 @@ class EngineLoop:
         self._inbox.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
+        _LIVE_LOOPS.discard(self)
         while True:
             try:
                 job = self._inbox.get_nowait()
@@ -112,7 +126,7 @@ class EngineLoop:
                 _safe(sink.finish, seq.result())
 
         try:
-            self.scheduler.submit(job.prompt, job.config, on_tokens=lambda _i, ids: _safe(sink.tokens, ids),
+            self.scheduler.submit(job.request, on_tokens=lambda _i, ids: _safe(sink.tokens, ids),
                                   is_cancelled=lambda _i: self._stopping.is_set() or _cancelled(sink),
                                   on_finish=finished)
         except RequestError as exc:

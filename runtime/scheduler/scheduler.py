@@ -1,77 +1,145 @@
-"""Iteration-level scheduling: every running request, whatever its mode, advances in ONE forward per step.
+"""Iteration-level scheduling over a paged KV cache: every running request, whatever its mode, advances in ONE
+forward per step, and the scheduler alone decides who holds which pages.
 
-The scheduler owns the engine's KV cache for its whole life (allocated once, `num_slots` sequences of
-`max_seq_len` positions; a slot is reused by setting its length to 0, never re-allocated or zero-filled).
-A submitted request waits in a FIFO queue until a slot is free; a request that could never fit is refused at
-submission. Each `step()`:
+The scheduler owns the cache for its engine (`engine.cache`: a pool of pages plus the allocator of
+runtime/cache/pages.py, shared by every scheduler of the engine). It hands pages out, moves every sequence's
+length (modes only say how many written positions to keep), gives pages back on rollback and at the end,
+publishes full committed pages to the prefix cache, and reuses them for later requests with the same prefix.
 
-1. drops cancelled requests (running or waiting) and admits waiting ones into free slots;
-2. asks every running sequence's mode for its next row - decode-like rows first, then prompt prefills, which
-   are cut into chunks so the step stays within `max_step_tokens` (a long prompt never stalls the others);
-3. packs all rows into one `StepBatch`, runs ONE engine forward, makes every pick on the device with one
-   transfer to the host (decisions.py), and lets each mode consume its row's result;
-4. finishes the requests that are done (EOS, length, cancel) and frees their slots at once.
+Each `step()`:
+
+1. drops cancelled requests and finishes those that are done, giving their pages back;
+2. plans one row per running request, in order of (priority, admission): decode-like rows and the prefill
+   chunks of admitted prompts alike count against the step's token budget (`max_step_tokens`) and its row
+   budget (`max_batch_size`); a row that does not fit what is left waits for the next step; a writing row
+   takes the pages its new positions need, and when the pool is out of pages the scheduler preempts - the
+   lowest-priority, most recently admitted running request gives all its pages back and waits again, its
+   emitted tokens, mode state and random generator kept, to be recomputed on readmission (mostly a prefix
+   cache hit);
+3. admits waiting requests (priority, then arrival) while rows, tokens and pages allow: each first takes the
+   longest prefix of its prompt found in the prefix cache and prefills only the rest; a waiting request of
+   higher priority may preempt a running one of lower priority;
+4. packs all rows into one `StepBatch`, runs ONE engine forward, makes every pick on the device with one
+   transfer to the host (runtime/sampler.py), and lets each mode consume its row's result; then sets each
+   sequence's new length, frees pages past it and publishes pages that became full.
+
+A request that fits the pool alone is never failed for lack of pages; one that could not fit even alone, or
+whose widest row exceeds the step budget, is refused at submission (a RequestError).
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
+import time
 import weakref
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..backends.step import StepBatch, StepEngine
+from ...plugins.masks import CAUSAL
+from ..backends.step import ChunkRow, StepBatch, StepEngine
+from ..cache.pages import OutOfPages, chain_hash, page_hashes
+from ..cache.pool import KVCache
+from ..errors import CapacityError, RequestError
 from ..modes.base import RowPlan
+from ..modes.factory import make_mode
 from ..modes.sequence import CancelCheck, Sequence, TokenCallback
-from .decisions import decide
+from ..request import AUTO, Request, extra_positions, widest_row
+from ..sampler import decide, make_generator
 
 FinishCallback = Callable[[Sequence], None]
-MIN_PREFILL_CHUNK = 16  # a waiting prompt always advances by at least this many tokens per step
 
 
 @dataclass
 class StepRecord:
-    """What one step did (for stats, logs and tests)."""
+    """What one step did (for stats, logs, metrics and tests)."""
 
     number: int
     rows: int
     tokens: int
     modes: dict[str, int]
+    running: int = 0
+    waiting: int = 0
+    pages_in_use: int = 0
+    num_pages: int = 0
+    preemptions: int = 0  # total so far
+
+
+@dataclass
+class SchedulerStats:
+    """Monotonic counters (the cache's own are in `cache.pages.stats`)."""
+
+    steps: int = 0
+    preemptions: int = 0
+    peak_running: int = 0
 
 
 class Scheduler:
     """See the module docstring. Not thread-safe: one thread steps it (runtime/scheduler/loop.py)."""
 
-    def __init__(self, engine: StepEngine, num_slots: int | None = None, max_step_tokens: int | None = None,
-                 on_step: Callable[[StepRecord], None] | None = None) -> None:
+    def __init__(self, engine: StepEngine, max_batch_size: int | None = None, max_step_tokens: int | None = None,
+                 on_step: Callable[[StepRecord], None] | None = None, cache: KVCache | None = None) -> None:
         self.engine = engine
         limits = engine.limits
-        self.num_slots = min(num_slots or limits.max_batch_size, limits.max_batch_size)
-        self.max_step_tokens = max_step_tokens or limits.max_step_tokens
-        self.cache = engine.new_cache(self.num_slots)
-        self.free_slots = list(range(self.num_slots - 1, -1, -1))
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.max_rows = min(max_batch_size or limits.max_batch_size, limits.max_batch_size)
+        self.max_step_tokens = min(max_step_tokens or limits.max_step_tokens, limits.max_step_tokens)
+        self.cache = engine.cache if cache is None else cache
+        self.pages = self.cache.pages
+        self.page_size = self.cache.page_size
+        self.waiting: list[Sequence] = []  # ordered by (priority, arrival)
+        self.running: list[Sequence] = []  # in admission order
         self.on_step = on_step
-        self.steps = 0
-        self._ids = itertools.count()
+        self.stats = SchedulerStats()
+        self._arrivals = itertools.count()
+        self._admissions = itertools.count()
+        self._admitted_at: dict[int, int] = {}
         self._on_finish: dict[int, FinishCallback] = {}
+        self._budget = 0  # tokens left in the step being planned
+
+    @property
+    def steps(self) -> int:
+        return self.stats.steps
 
     # -- requests ---------------------------------------------------------------------------------------
-    def submit(self, prompt: list[int], config, on_tokens: TokenCallback | None = None,
+    def submit(self, request: Request, on_tokens: TokenCallback | None = None,
                is_cancelled: CancelCheck | None = None, on_finish: FinishCallback | None = None,
                index: int | None = None) -> Sequence:
-        """Queue a request (validated now: a RequestError if it can never be served)."""
-        from ..generate import make_sequence, validate_request  # generate.py builds on this module
+        """Queue a validated request; a RequestError if this scheduler can never serve it (pages, step size)."""
+        config = request.config
+        block = self._block_length(config)
+        need = len(request.prompt) + config.max_new_tokens + extra_positions(config, block)
+        if self.pages.pages_for(need) > self.pages.num_pages:
+            raise RequestError(f"the request needs {need} positions of KV cache ({self.pages.pages_for(need)} pages "
+                               f"of {self.page_size}), more than the whole cache holds ({self.pages.num_pages} "
+                               "pages; raise --kv-cache-memory)")
+        if widest_row(config, block) > self.max_step_tokens:
+            raise RequestError(f"a {config.mode} row at block length {block} carries {widest_row(config, block)} "
+                               f"tokens, more than one step may hold ({self.max_step_tokens}; raise "
+                               "--max-step-tokens or use a shorter block)")
+        on_round = None
+        if config.mode in ("spec", "quad"):
+            from .auto_block import stats_for
 
-        validate_request(self.engine, [prompt], config)
-        seq = make_sequence(self.engine, prompt, config, next(self._ids) if index is None else index)
-        seq.on_tokens, seq.is_cancelled, seq.submitted_step = on_tokens, is_cancelled, self.steps
+            on_round = stats_for(self.engine).recorder(config.mode, config.temperature > 0)
+        mode = make_mode(self.engine.config, config, block, self.engine.has_lora, on_round)
+        arrival = next(self._arrivals)
+        seq = Sequence(arrival if index is None else index, list(request.prompt), config,
+                       self.engine.config.eos_token_id, make_generator(config.seed, self.engine.device), mode,
+                       on_tokens, is_cancelled, arrival=arrival, submitted_step=self.steps, block_length=block)
         if on_finish is not None:
             self._on_finish[id(seq)] = on_finish
-        self.waiting.append(seq)
+        self._enqueue(seq)
         return seq
+
+    def _block_length(self, config) -> int:
+        if config.block_length == AUTO:
+            from .auto_block import choose_block_length
+
+            return choose_block_length(self.engine, config.mode, self.cache, config.temperature > 0)
+        return int(config.block_length)
+
+    def _enqueue(self, seq: Sequence) -> None:
+        bisect.insort(self.waiting, seq, key=lambda s: (s.priority, s.arrival))
 
     @property
     def has_work(self) -> bool:
@@ -91,24 +159,30 @@ class Scheduler:
             if not seq.done and seq.cancel_requested():
                 seq.finish_reason = "cancelled"
         self._retire()
-        self._admit()
-        plans, members = self._plan()
+        plans = self._schedule()
         self._retire()
         if not plans:
             return False
-        batch = StepBatch.from_rows([p.row for p in plans], self.cache)
+        members = list(plans)
+        rows = [plans[s].row for s in members]
+        batch = StepBatch.from_rows(rows, [s.pages for s in members], [s.cached for s in members], self.page_size)
         logits = self.engine.step(self.cache, batch)
-        for seq, plan, decided in zip(members, plans, decide(logits, plans, members), strict=True):
+        decided = decide(logits, [plans[s] for s in members], members)
+        for seq, picks in zip(members, decided, strict=True):
             had_tokens = len(seq.tokens)
-            seq.mode.consume(seq, plan, decided, self.cache)
+            kept = seq.mode.consume(seq, plans[seq], picks)
+            self._settle(seq, seq.cached + kept)
             if had_tokens == 0 and seq.tokens:
                 seq.first_token_step = self.steps + 1
-        self.steps += 1
+        self.stats.steps += 1
+        self.stats.peak_running = max(self.stats.peak_running, len(self.running))
         if self.on_step is not None:
             modes: dict[str, int] = {}
             for seq in members:
                 modes[seq.config.mode] = modes.get(seq.config.mode, 0) + 1
-            self.on_step(StepRecord(self.steps, len(plans), batch.num_tokens, modes))
+            self.on_step(StepRecord(self.steps, len(members), batch.num_tokens, modes, len(self.running),
+                                    len(self.waiting), self.pages.in_use, self.pages.num_pages,
+                                    self.stats.preemptions))
         self._retire()
         return True
 
@@ -118,58 +192,196 @@ class Scheduler:
             if not self.step() and not self.has_work:
                 return
 
-    def _admit(self) -> None:
-        while self.free_slots and self.waiting:
-            seq = self.waiting.popleft()
-            seq.slot = self.free_slots.pop()
-            seq.admitted_step = self.steps
-            self.cache.reset([seq.slot])
-            self.running.append(seq)
-
-    def _plan(self) -> tuple[list[RowPlan], list[Sequence]]:
-        decoding = [s for s in self.running if s.prefilled >= len(s.prompt)]
-        prefilling = [s for s in self.running if s.prefilled < len(s.prompt)]
-        plans, members, used = [], [], 0
-        for seq in decoding:
-            plan = seq.mode.plan(seq, self.cache, 0)
+    # -- planning ---------------------------------------------------------------------------------------
+    def _schedule(self) -> dict[Sequence, RowPlan]:
+        """This step's rows: running requests first (priority, admission), then admissions (see the module
+        docstring). Dicts keep insertion order: the batch's row order."""
+        plans: dict[Sequence, RowPlan] = {}
+        self._budget = self.max_step_tokens
+        for seq in sorted(self.running, key=self._rank):
+            if seq not in self.running:  # preempted while planning an earlier row
+                continue
+            if len(plans) >= self.max_rows or self._budget <= 0:
+                break
+            plan = seq.mode.plan(seq, self._budget)
             if plan is None:
                 seq.finish_reason = seq.finish_reason or "length"
                 continue
-            plans.append(plan)
-            members.append(seq)
-            used += len(plan.row.tokens)
-        for seq in prefilling:
-            budget = max(self.max_step_tokens - used, MIN_PREFILL_CHUNK)
-            plan = seq.mode.plan(seq, self.cache, budget)
-            plans.append(plan)
-            members.append(seq)
-            used += len(plan.row.tokens)
-        return plans, members
+            if len(plan.row.tokens) > self._budget:
+                continue  # waits for a step with room
+            if not self._reserve(seq, plan, plans):
+                continue  # it was preempted itself
+            plans[seq] = plan
+            self._budget -= len(plan.row.tokens)
+        while self.waiting and len(self.running) < self.max_rows and len(plans) < self.max_rows and self._budget > 0:
+            seq = self.waiting[0]
+            self._attach_prefix(seq)
+            plan = seq.mode.plan(seq, self._budget)
+            if plan is None or len(plan.row.tokens) > self._budget or not self._admit_pages(seq, plan, plans):
+                self._detach(seq)
+                break
+            self.waiting.pop(0)
+            self.running.append(seq)
+            self._admitted_at[id(seq)] = next(self._admissions)
+            if seq.admitted_step < 0:
+                seq.admitted_step = self.steps
+            plans[seq] = plan
+            self._budget -= len(plan.row.tokens)
+        return plans
+
+    def _rank(self, seq: Sequence) -> tuple[int, int]:
+        return seq.priority, self._admitted_at.get(id(seq), 0)
+
+    def _pages_needed(self, seq: Sequence, plan: RowPlan) -> int:
+        return max(0, self.pages.pages_for(seq.cached + plan.row.written) - len(seq.pages))
+
+    def _reserve(self, seq: Sequence, plan: RowPlan, plans: dict[Sequence, RowPlan]) -> bool:
+        """Pages for a running request's row, preempting others (or itself) when the pool is short."""
+        need = self._pages_needed(seq, plan)
+        while need > self.pages.available:
+            victim = max(self.running, key=self._rank)  # lowest priority, most recently admitted
+            self._preempt(victim, plans)
+            if victim is seq:
+                return False
+        seq.pages += self.pages.take(need)
+        return True
+
+    def _admit_pages(self, seq: Sequence, plan: RowPlan, plans: dict[Sequence, RowPlan]) -> bool:
+        """Pages for an admission's first row; a running request of lower priority may be preempted for it."""
+        need = self._pages_needed(seq, plan)
+        while need > self.pages.available:
+            lower = [s for s in self.running if s.priority > seq.priority]
+            if not lower:
+                return False
+            self._preempt(max(lower, key=self._rank), plans)
+        try:
+            seq.pages += self.pages.take(need)
+        except OutOfPages:  # cannot happen after the loop above; kept as a guard
+            return False
+        return True
+
+    # -- pages ------------------------------------------------------------------------------------------
+    def _attach_prefix(self, seq: Sequence) -> None:
+        """Take the longest cached prefix of what `seq` must prefill (its first prefill keeps at least its
+        last token to compute: that one gives the first logits)."""
+        if seq.pages:
+            return
+        target = seq.prefill_target
+        limit = len(target) - 1 if seq.first_prefill else len(target)
+        found: list[int] = []
+        hashes: list[int] = []
+        if self.pages.prefix_caching and limit >= self.page_size:
+            hashes = page_hashes(target, self.page_size, self.pages.root, limit // self.page_size)
+            found = self.pages.match(hashes)
+        self.pages.stats.queried_tokens += max(limit, 0)
+        self.pages.stats.hit_tokens += len(found) * self.page_size
+        seq.pages, seq.hashes = found, hashes[: len(found)]
+        seq.cached = seq.prefilled = len(found) * self.page_size
+        if seq.cached_tokens < 0 and seq.first_prefill:
+            seq.cached_tokens = seq.cached
+
+    def _detach(self, seq: Sequence) -> None:
+        """A waiting request that was not admitted after all gives back what `_attach_prefix` took."""
+        self._release(seq)
+        seq.cached = seq.prefilled = 0
+        if seq.first_prefill and seq.admitted_step < 0:
+            seq.cached_tokens = -1
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.pages:
+            self.pages.release(seq.pages)
+        seq.pages, seq.hashes = [], []
+
+    def _settle(self, seq: Sequence, length: int) -> None:
+        """After a step: the sequence's new cache length; pages past it are freed, full ones published."""
+        seq.cached = length
+        keep = self.pages.pages_for(length)
+        if len(seq.pages) > keep:
+            self.pages.release(seq.pages[keep:])
+            del seq.pages[keep:]
+        full = length // self.page_size
+        if full > len(seq.hashes) and self.pages.prefix_caching:
+            known = seq.known  # the cache holds a prefix of prompt + tokens
+            parent = seq.hashes[-1] if seq.hashes else self.pages.root
+            for page in range(len(seq.hashes), full):
+                parent = chain_hash(parent, known[page * self.page_size : (page + 1) * self.page_size])
+                self.pages.publish(seq.pages[page], parent)
+                seq.hashes.append(parent)
+
+    def _preempt(self, seq: Sequence, plans: dict[Sequence, RowPlan]) -> None:
+        """Give all of a running request's pages back; it waits again and is recomputed on readmission."""
+        dropped = plans.pop(seq, None)
+        if dropped is not None:
+            self._budget += len(dropped.row.tokens)
+        if not seq.prefilling and not seq.first_prefill:
+            seq.prefill_target = seq.known[: seq.cached]
+        self._release(seq)
+        seq.cached = seq.prefilled = 0
+        seq.preemptions += 1
+        self.stats.preemptions += 1
+        self.running.remove(seq)
+        self._admitted_at.pop(id(seq), None)
+        self._enqueue(seq)
 
     def _retire(self) -> None:
-        finished = [s for s in self.running if s.done]
-        finished += [s for s in self.waiting if s.done]
+        finished = [s for s in self.running if s.done] + [s for s in self.waiting if s.done]
         if not finished:
             return
         self.running = [s for s in self.running if not s.done]
-        self.waiting = deque(s for s in self.waiting if not s.done)
+        self.waiting = [s for s in self.waiting if not s.done]
         for seq in finished:
-            if seq.slot >= 0:
-                self.free_slots.append(seq.slot)
+            self._release(seq)
+            self._admitted_at.pop(id(seq), None)
             callback = self._on_finish.pop(id(seq), None)
             if callback is not None:
                 callback(seq)
 
 
+def run_scratch(engine: StepEngine, cache: KVCache, rows: list[ChunkRow], prefix: int) -> float:
+    """Run `rows` (one per scratch sequence) after a causal prefix of `prefix` tokens each, on pages taken from
+    the allocator for the purpose and given back at once, so no live request's cache is touched (auto
+    block-length calibration). Returns the seconds the rows' forward took; a CapacityError if the pool cannot
+    spare the pages now."""
+    pages = cache.pages
+    size = cache.page_size
+    tables: list[list[int]] = []
+    try:
+        for row in rows:
+            tables.append(pages.take(pages.pages_for(prefix + max(row.written, 1))))
+    except OutOfPages:
+        for table in tables:
+            pages.release(table)
+        raise CapacityError("no KV pages free for a scratch forward") from None
+    try:
+        if prefix:
+            warm = [ChunkRow([1] * prefix, CAUSAL, write=True) for _ in rows]
+            engine.step(cache, StepBatch.from_rows(warm, tables, [0] * len(rows), size))
+        batch = StepBatch.from_rows(rows, tables, [prefix] * len(rows), size)
+        synchronize(engine)
+        start = time.perf_counter()
+        engine.step(cache, batch)
+        synchronize(engine)
+        return time.perf_counter() - start
+    finally:
+        for table in tables:
+            pages.release(table)
+
+
+def synchronize(engine: StepEngine) -> None:
+    if engine.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(engine.device)
+
+
 _SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def shared_scheduler(engine: StepEngine, num_slots: int) -> Scheduler:
-    """The engine's idle scheduler with at least `num_slots` slots, made once and reused by later calls, so
-    repeated `generate()` calls on one engine never allocate a KV cache again."""
+def shared_scheduler(engine: StepEngine) -> Scheduler:
+    """The engine's idle scheduler, made once and reused by later `generate()` calls."""
     current = _SHARED.get(engine)
-    if current is None or current.num_slots < num_slots or current.has_work:
-        current = Scheduler(engine, num_slots=num_slots)
+    if current is None or current.has_work:
+        current = Scheduler(engine)
         try:
             _SHARED[engine] = current
         except TypeError:  # an engine that cannot be weakly referenced: no sharing

@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..generate import GenerationConfig, RequestError, validate_request
+from ..errors import RequestError
+from ..modes.sequence import tokens_per_forward
+from ..request import GenerationConfig, Request, RequestDefaults, make_config, new_request, with_seed_offset
 from ..scheduler.loop import EngineLoop, Job
-from .openai_chat_template import ChatTemplate, ChatTemplateError, chat_prompt_ids, end_think_token_id
-from .openai_metrics import ServerMetrics
-from .openai_text import TextAssembler
+from .chat_template import ChatTemplate, ChatTemplateError, chat_prompt_ids, end_think_token_id
+from .openai.metrics import ServerMetrics
+from .text import TextAssembler, load_tokenizer
 
 LOG = logging.getLogger("trimode.openai")
 
@@ -42,11 +44,12 @@ class Completion:
     finish_reason: str  # "stop" | "length" | "cancelled"
     engine_finish_reason: str  # "eos" | "length" | "cancelled"
     stop_string: str | None = None
+    cached_tokens: int = 0   # prompt tokens read from the prefix cache
+    block_length: int = 0    # the block length the request ran with ("auto" resolved)
 
     @property
     def tokens_per_forward(self) -> float:
-        after_prefill = self.forwards - 1
-        return len(self.token_ids) / after_prefill if after_prefill > 0 else float(len(self.token_ids))
+        return tokens_per_forward(len(self.token_ids), self.forwards)
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,7 @@ class TextSink:
                     reason = {"eos": "stop", "length": "length"}.get(result.finish_reason, result.finish_reason)
                 completion = Completion(self.assembler.final_text, token_ids, self.prompt_tokens,
                                         int(result.forwards), reason, result.finish_reason,
-                                        self.assembler.stopped_by)
+                                        self.assembler.stopped_by, result.cached_tokens, result.block_length)
                 if self.metrics is not None:
                     self.metrics.done(self.mode, self.first_token_at is not None, reason, completion.forwards,
                                       len(token_ids), time.monotonic() - self.submitted)
@@ -167,34 +170,37 @@ class TextSink:
 
 @dataclass
 class Prepared:
-    """One choice, ready to submit."""
+    """One choice, validated and ready to submit."""
 
-    prompt: list[int]
-    config: GenerationConfig
+    request: Request
     stop: tuple[str, ...]
+
+    @property
+    def prompt(self) -> list[int]:
+        return list(self.request.prompt)
+
+    @property
+    def config(self) -> GenerationConfig:
+        return self.request.config
 
 
 class Frontend:
     """An engine's tokenizer, chat template and scheduler loop; see the module docstring."""
 
     def __init__(self, engine: Any, *, default_mode: str = "spec", default_max_tokens: int = 64,
-                 use_lora: bool = True, metrics: ServerMetrics | None = None, max_step_tokens: int | None = None
-                 ) -> None:
+                 use_lora: bool = True, metrics: ServerMetrics | None = None, max_step_tokens: int | None = None,
+                 max_batch_size: int | None = None) -> None:
         self.engine = engine
-        self.default_mode = default_mode
-        self.default_max_tokens = default_max_tokens
-        self.use_lora = use_lora
+        self.defaults = RequestDefaults(default_mode, default_max_tokens, use_lora)
         self.metrics = metrics
-        self.tokenizer = None
-        self.template: ChatTemplate | None = None
         tokenizer_path = getattr(engine, "tokenizer_path", None)
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        self.template: ChatTemplate | None = None
         if tokenizer_path is not None:
-            from tokenizers import Tokenizer
-
-            self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
             self.template = ChatTemplate.from_dir(Path(tokenizer_path).parent)
         self.end_think_id = end_think_token_id(self.tokenizer)
-        self.loop = EngineLoop(engine, max_step_tokens=max_step_tokens or None)
+        self.loop = EngineLoop(engine, max_batch_size=max_batch_size or None, max_step_tokens=max_step_tokens or None,
+                               on_step=metrics.step if metrics is not None else None)
         self._started = False
         self._lock = threading.Lock()
         self._live: set[TextSink] = set()  # submitted, not finished (for cancel_all at shutdown)
@@ -247,13 +253,10 @@ class Frontend:
 
     # -- requests ---------------------------------------------------------------------------------------------
 
-    def config(self, settings: Settings, prompt: list[int], choice: int = 0) -> GenerationConfig:
-        """The engine's config for one choice, validated by the engine's rules (RequestError if refused)."""
-        mode = settings.mode or ("infill" if settings.suffix is not None else self.default_mode)
-        suffix: tuple[int, ...] = ()
+    def config(self, settings: Settings, choice: int = 0) -> GenerationConfig:
+        """The engine's config for one choice (the one mapping of runtime/request.py; text fields encoded)."""
+        suffix = None
         if settings.suffix is not None:
-            if mode != "infill":
-                raise RequestError(f"a suffix needs mode 'infill', got mode '{mode}'")
             suffix = tuple(self.encode(settings.suffix, add_special_tokens=False))
         end_think = None
         if settings.max_thinking_tokens is not None:
@@ -261,32 +264,25 @@ class Frontend:
                 raise RequestError("max_thinking_tokens needs a tokenizer with a </think> token, and this model's "
                                    "tokenizer has none")
             end_think = self.end_think_id
-        config = GenerationConfig(
-            mode=mode,
-            max_new_tokens=settings.max_tokens if settings.max_tokens is not None else self.default_max_tokens,
-            block_length=settings.block_length if settings.block_length is not None
-            else self.engine.config.block_size,
-            threshold=settings.threshold, temperature=settings.temperature, top_p=settings.top_p,
-            top_k=settings.top_k, seed=settings.seed + choice,
-            use_lora=self.use_lora if settings.use_lora is None else settings.use_lora,
-            max_thinking_tokens=settings.max_thinking_tokens, end_think_token_id=end_think, suffix=suffix,
-            **settings.extra)
+        if suffix is not None and settings.mode not in (None, "infill"):
+            raise RequestError(f"a suffix needs mode 'infill', got mode '{settings.mode}'")
         try:
-            validate_request(self.engine, [prompt], config)
-        except RequestError:
-            raise
-        except (TypeError, ValueError) as exc:
+            config = make_config(self.engine.config, self.defaults, mode=settings.mode,
+                                 max_new_tokens=settings.max_tokens, block_length=settings.block_length,
+                                 threshold=settings.threshold, temperature=settings.temperature,
+                                 top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed,
+                                 use_lora=settings.use_lora, max_thinking_tokens=settings.max_thinking_tokens,
+                                 end_think_token_id=end_think, suffix=suffix, **settings.extra)
+        except TypeError as exc:
             raise RequestError(f"invalid settings: {exc}") from None
-        return config
+        return with_seed_offset(config, choice)
 
     def prepare(self, prompts: Sequence[list[int]], settings: Settings, n: int = 1) -> list[Prepared]:
         """Every choice of a request (prompt-major, then n), all validated before anything is submitted."""
-        prepared = []
-        for prompt in prompts:
-            for choice in range(n):
-                prepared.append(Prepared(list(prompt), self.config(settings, list(prompt), choice),
-                                         settings.stop))
-        return prepared
+        what = "prompt" if len(prompts) == 1 else "prompt {}"
+        return [Prepared(new_request(self.engine, prompt, self.config(settings, choice), what.format(number)),
+                         settings.stop)
+                for number, prompt in enumerate(prompts) for choice in range(n)]
 
     def submit(self, item: Prepared, on_event: EventCallback) -> TextSink:
         self.start()
@@ -302,5 +298,5 @@ class Frontend:
             self._live.add(sink)
         if self.metrics is not None:
             self.metrics.submitted(item.config.mode, len(item.prompt))
-        self.loop.submit(Job(item.prompt, item.config, sink))
+        self.loop.submit(Job(item.request, sink))
         return sink

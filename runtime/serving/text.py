@@ -15,11 +15,23 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 LOG = logging.getLogger("trimode.openai")
 
 REPLACEMENT = "\ufffd"
 WINDOW = 6  # tokens decoded again in front of the new ones, so that decoders see their context
+
+
+def load_tokenizer(path: str | Path | None) -> Any:
+    """An engine's tokenizer.json as a `tokenizers.Tokenizer` (None when it has none): the one place that
+    loads it, for the CLI, the Python API and both servers."""
+    if path is None:
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
 
 
 class TextAssembler:

@@ -2,8 +2,9 @@
 
 Requests by endpoint and HTTP status, prompt and generated tokens, time to first token, inter-token latency
 (the gap between two commits divided by the tokens the later one brought), forwards and tokens per forward
-per mode, finish reasons, and the queue: requests waiting for a slot on the scheduler, requests waiting for
-their first token, and requests generating.
+per mode, finish reasons, and the queue: requests waiting for admission on the scheduler, requests waiting
+for their first token, and requests generating. The KV cache: the share of its pages in use, prefix-cache
+queried and hit tokens, and preemptions (read from the scheduler and its page allocator at every scrape).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import threading
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPF_BUCKETS = (0.5, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0, 32.0)
@@ -47,7 +49,7 @@ class ServerMetrics:
                                             registry=r)
         self.waiting = Gauge("trimode_requests_waiting", "Requests submitted and waiting for their first token",
                              registry=r)
-        self.queue = Gauge("trimode_queue_length", "Requests waiting for a slot on the scheduler", registry=r)
+        self.queue = Gauge("trimode_queue_length", "Requests waiting for admission on the scheduler", registry=r)
         self.running = Gauge("trimode_requests_running", "Requests generating (first token seen, not finished)",
                              registry=r)
         self._lock = threading.Lock()
@@ -55,6 +57,13 @@ class ServerMetrics:
     def bind_queue(self, queue_length) -> None:
         """Read the scheduler's queue length at every scrape."""
         self.queue.set_function(lambda: float(queue_length()))
+
+    def bind_cache(self, scheduler) -> None:
+        """Read the KV cache's numbers (pages, prefix cache, preemptions) from the scheduler at every scrape."""
+        self.registry.register(_CacheCollector(scheduler))
+
+    def step(self, record) -> None:
+        """Called after every scheduler step (the numbers themselves are read at scrape time)."""
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -91,3 +100,28 @@ class ServerMetrics:
             after_prefill = forwards - 1
             if generated and after_prefill > 0:
                 self.tokens_per_forward.labels(mode).observe(generated / after_prefill)
+
+
+class _CacheCollector:
+    """KV-cache metrics straight from the scheduler and its page allocator (nothing copied between scrapes)."""
+
+    def __init__(self, scheduler) -> None:
+        self.scheduler = scheduler
+
+    def collect(self):
+        pages = self.scheduler.pages
+        usage = GaugeMetricFamily("trimode_kv_cache_usage_ratio", "Share of the KV cache's pages held by requests")
+        usage.add_metric([], pages.in_use / pages.num_pages)
+        total = GaugeMetricFamily("trimode_kv_cache_pages", "Pages of the KV cache (page size in its own metric)")
+        total.add_metric([], pages.num_pages)
+        size = GaugeMetricFamily("trimode_kv_cache_page_size", "Positions per KV page")
+        size.add_metric([], pages.page_size)
+        cached = GaugeMetricFamily("trimode_prefix_cache_pages", "Published pages no request holds (reusable)")
+        cached.add_metric([], pages.cached)
+        queried = CounterMetricFamily("trimode_prefix_cache_queries", "Prompt tokens looked up in the prefix cache")
+        queried.add_metric([], pages.stats.queried_tokens)
+        hits = CounterMetricFamily("trimode_prefix_cache_hits", "Prompt tokens found in the prefix cache")
+        hits.add_metric([], pages.stats.hit_tokens)
+        preempted = CounterMetricFamily("trimode_preemptions", "Requests that gave their pages back to be recomputed")
+        preempted.add_metric([], self.scheduler.stats.preemptions)
+        yield from (usage, total, size, cached, queried, hits, preempted)

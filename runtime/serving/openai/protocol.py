@@ -4,7 +4,8 @@ Every field the server does not know is refused (OpenAI's own API refuses unknow
 it knows is type-checked without coercion (`"5"` is not a number, `true` is not an integer), and fields the
 engine cannot honour (log probabilities, penalties, tools) are refused by name rather than silently ignored.
 Extension fields: `mode` (ar, diffusion, spec, quad, infill), `block_length` (int or "auto"), `threshold`,
-`top_k`, `enable_thinking` and `max_thinking_tokens` (chat), documented in examples/openai/README.md.
+`top_k`, `priority` (lower runs first when the engine is full, as vLLM's), `enable_thinking` and
+`max_thinking_tokens` (chat), documented in examples/openai/README.md.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ class _Sampling(_Strict):
     block_length: StrictInt | StrictStr | None = None
     threshold: Number | None = None
     max_thinking_tokens: StrictInt | None = None
+    priority: StrictInt | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -156,6 +158,7 @@ class Sampling:
     block_length: int | str | None
     threshold: float | None
     max_thinking_tokens: int | None
+    priority: int | None = None
 
 
 def _unsupported(name: str, value: object, neutral: tuple = (None,)) -> None:
@@ -201,7 +204,7 @@ def check_sampling(request: _Sampling, max_tokens: int | None) -> Sampling:
                        param="max_thinking_tokens")
     mode = request.mode.strip().lower() if request.mode is not None else None
     return Sampling(max_tokens, temperature, top_p, top_k, seed, tuple(stops), request.n, mode,
-                    request.block_length, threshold, request.max_thinking_tokens)
+                    request.block_length, threshold, request.max_thinking_tokens, request.priority)
 
 
 def check_completion(request: CompletionRequest) -> Sampling:

@@ -28,10 +28,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..generate import RequestError
-from .openai_frontend import Completion, Frontend, Prepared, Settings, TextSink
-from .openai_metrics import ServerMetrics
-from .openai_protocol import (
+from ...errors import RequestError
+from ..frontend import Completion, Frontend, Prepared, Settings, TextSink
+from .metrics import ServerMetrics
+from .protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -50,12 +50,15 @@ def _settings(sampling: Sampling, suffix: str | None = None) -> Settings:
     return Settings(max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                     top_k=sampling.top_k, seed=sampling.seed, stop=sampling.stop, mode=sampling.mode,
                     block_length=sampling.block_length, threshold=sampling.threshold,
-                    max_thinking_tokens=sampling.max_thinking_tokens, suffix=suffix)
+                    max_thinking_tokens=sampling.max_thinking_tokens, suffix=suffix,
+                    extra={} if sampling.priority is None else {"priority": sampling.priority})
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI's usage object; `prompt_tokens_details.cached_tokens`: prompt tokens read from the prefix cache."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def _sse(payload: dict | str) -> bytes:
@@ -96,6 +99,7 @@ class OpenAIServer:
         frontend.metrics = self.metrics
         if hasattr(frontend.loop, "queue_length"):
             self.metrics.bind_queue(frontend.loop.queue_length)
+            self.metrics.bind_cache(frontend.loop.scheduler)
         self.shutdown_timeout_s = shutdown_timeout_s
         self.created = int(time.time())
         self.app = self._build()
@@ -220,7 +224,7 @@ class OpenAIServer:
         if stream:
             include_usage = bool(stream_options is not None and stream_options.include_usage)
             self.metrics.http(endpoint, 200)
-            return StreamingResponse(self._stream(choices, ident, created, chat, include_usage, prompt_tokens),
+            return StreamingResponse(self._stream(choices, ident, created, chat, include_usage, prompt_tokens, n),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         results: dict[int, Completion] = {}
@@ -247,6 +251,7 @@ class OpenAIServer:
             self.metrics.http(endpoint, status)
             return JSONResponse(APIError(errors[0], status, kind="server_error").body(), status_code=status)
         completion_tokens = sum(len(r.token_ids) for r in results.values())
+        cached_tokens = sum(results[i].cached_tokens for i in range(0, len(prepared), n))  # each prompt once
         out = []
         for index in range(len(prepared)):
             result = results[index]
@@ -258,13 +263,15 @@ class OpenAIServer:
                 out.append({"index": index, "text": text, "logprobs": None, "finish_reason": result.finish_reason})
         self.metrics.http(endpoint, 200)
         body = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": self.model_name, "choices": out, "usage": _usage(prompt_tokens, completion_tokens),
+                "model": self.model_name, "choices": out,
+                "usage": _usage(prompt_tokens, completion_tokens, cached_tokens),
                 "trimode": [{"forwards": r.forwards, "tokens_per_forward": round(r.tokens_per_forward, 4),
-                             "mode": prepared[i].config.mode} for i, r in sorted(results.items())]}
+                             "mode": prepared[i].config.mode, "block_length": r.block_length}
+                            for i, r in sorted(results.items())]}
         return JSONResponse(body)
 
     async def _stream(self, choices: Choices, ident: str, created: int, chat: bool, include_usage: bool,
-                      prompt_tokens: int) -> AsyncIterator[bytes]:
+                      prompt_tokens: int, n: int) -> AsyncIterator[bytes]:
         kind = "chat.completion.chunk" if chat else "text_completion"
         total = len(choices.sinks)
         finished = 0
@@ -285,6 +292,7 @@ class OpenAIServer:
             return body
 
         completion_tokens = 0
+        cached: dict[int, int] = {}
         try:
             if chat:
                 for index in range(total):
@@ -296,13 +304,15 @@ class OpenAIServer:
                 elif event == "done":
                     finished += 1
                     completion_tokens += len(value.token_ids)
+                    cached[index] = value.cached_tokens
                     yield _sse(chunk(index, None if chat else "", value.finish_reason))
                 else:
                     finished += 1
                     yield _sse(APIError(value, 500, kind="server_error").body())
             if include_usage:
                 yield _sse({"id": ident, "object": kind, "created": created, "model": self.model_name,
-                            "choices": [], "usage": _usage(prompt_tokens, completion_tokens)})
+                            "choices": [], "usage": _usage(prompt_tokens, completion_tokens,
+                                                           sum(cached.get(i, 0) for i in range(0, total, n)))})
             yield _sse("[DONE]")
         finally:  # the client went away (or we are done): nothing more is wanted from these jobs
             choices.cancel()

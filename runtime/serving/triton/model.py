@@ -22,14 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from ..backends.engine_loader import open_engine
-from ..generate import RequestError
-from ..modes.sequence import SequenceResult
-from ..scheduler.loop import EngineLoop, Job
-from ..scheduler.scheduler import StepRecord
-from .openai_text import TextAssembler
-from .triton_repo import ServingSettings
-from .triton_request import INPUT_NAMES, parse_request
+from ...backends.engine_loader import open_engine
+from ...errors import RequestError
+from ...modes.sequence import SequenceResult
+from ...scheduler.loop import EngineLoop, Job
+from ...scheduler.scheduler import StepRecord
+from ..text import TextAssembler, load_tokenizer
+from .repo import ServingSettings
+from .request import INPUT_NAMES, parse_request
 
 CANCEL_POLL_S = 0.005
 
@@ -57,7 +57,17 @@ class TritonSink:
             tensors.append(self.pb.Tensor("forwards", np.asarray([result.forwards], dtype=np.int32)))
             tensors.append(self.pb.Tensor("finish_reason",
                                           np.array([result.finish_reason.encode()], dtype=np.object_)))
+            tensors.append(self.pb.Tensor("cached_tokens", np.asarray([result.cached_tokens], dtype=np.int32)))
         return tensors
+
+    def _final(self, tensors: list[Any], result: SequenceResult) -> Any:
+        """The final response; where the backend supports response parameters, they carry the usage too."""
+        parameters = {"cached_tokens": int(result.cached_tokens), "forwards": int(result.forwards),
+                      "block_length": int(result.block_length)}
+        try:
+            return self.pb.InferenceResponse(output_tensors=tensors, parameters=parameters)
+        except TypeError:  # a Python backend older than response parameters
+            return self.pb.InferenceResponse(output_tensors=tensors)
 
     def _send(self, response: Any | None, final: bool) -> None:
         flags = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL if final else 0
@@ -94,7 +104,7 @@ class TritonSink:
             tensors = self._tensors([], tail, result)
         else:
             tensors = self._tensors(result.tokens, full, result)
-        self._send(self.pb.InferenceResponse(output_tensors=tensors), final=True)
+        self._send(self._final(tensors, result), final=True)
 
     def fail(self, message: str) -> None:
         self._send(self.pb.InferenceResponse(error=_error(self.pb, message)), final=True)
@@ -138,19 +148,20 @@ class TritonPythonModel:
         limits = {key: value for key, value in (("max_batch_size", self.settings.max_batch_size),
                                                 ("max_seq_len", self.settings.max_seq_len)) if value > 0}
         self.engine = open_engine(self.settings.engine_path, dtype=self.settings.dtype,
-                                  use_lora=self.settings.use_lora, device=self.settings.device, **limits)
-        self.tokenizer = None
-        if self.engine.tokenizer_path is not None:
-            from tokenizers import Tokenizer
-
-            self.tokenizer = Tokenizer.from_file(str(self.engine.tokenizer_path))
+                                  use_lora=self.settings.use_lora, device=self.settings.device,
+                                  kv_cache_memory=self.settings.kv_cache_memory or None,
+                                  page_size=self.settings.page_size or None,
+                                  prefix_caching=self.settings.prefix_caching, **limits)
+        self.tokenizer = load_tokenizer(self.engine.tokenizer_path)
         self._last_mix: tuple = ()
-        self.loop = EngineLoop(self.engine, max_step_tokens=self.settings.max_step_tokens or None,
-                               on_step=self._on_step)
+        self.loop = EngineLoop(self.engine, max_batch_size=self.settings.max_batch_size or None,
+                               max_step_tokens=self.settings.max_step_tokens or None, on_step=self._on_step)
         self.loop.start()
+        limits = self.engine.limits
         self.log(f"serving {Path(self.settings.engine_path).name} (decoupled={self.decoupled}, "
-                 f"max batch {self.loop.max_batch_size}, max sequence {self.engine.limits.max_seq_len}, "
-                 f"tokenizer {'yes' if self.tokenizer else 'no'})")
+                 f"max batch {self.loop.max_batch_size}, max sequence {limits.max_seq_len}, KV cache "
+                 f"{limits.kv_pages} pages of {limits.page_size} positions, prefix cache "
+                 f"{'on' if self.settings.prefix_caching else 'off'}, tokenizer {'yes' if self.tokenizer else 'no'})")
 
     def log(self, message: str) -> None:
         """Into Triton's log when the stub offers a logger, else stderr (which Triton also captures)."""
@@ -161,12 +172,16 @@ class TritonPythonModel:
             print(f"[{self.name}] {message}", file=sys.stderr, flush=True)
 
     def _on_step(self, record: StepRecord) -> None:
-        """Log whenever the mix of a step changes (how many requests, of which modes, share one forward)."""
+        """Log whenever the mix of a step changes (how many requests, of which modes, share one forward), with
+        the KV cache's state: pages in use, prefix-cache hits so far, preemptions so far."""
         mix = tuple(sorted(record.modes.items()))
         if mix != self._last_mix:
             self._last_mix = mix
             modes = ", ".join(f"{count} {mode}" for mode, count in mix)
-            self.log(f"step {record.number}: {record.rows} requests in one forward ({modes}; {record.tokens} tokens)")
+            stats = self.loop.scheduler.pages.stats
+            self.log(f"step {record.number}: {record.rows} requests in one forward ({modes}; {record.tokens} tokens); "
+                     f"KV pages {record.pages_in_use}/{record.num_pages} in use, prefix cache "
+                     f"{stats.hit_tokens}/{stats.queried_tokens} tokens hit, {record.preemptions} preemptions")
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids
@@ -189,7 +204,7 @@ class TritonPythonModel:
                             flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             sink = TritonSink(self.pb, sender, self.tokenizer, parsed.stream, self.log)
-            self.loop.submit(Job(parsed.prompt, parsed.config, sink))
+            self.loop.submit(Job(parsed.request, sink))
         return None
 
     def finalize(self) -> None:

@@ -5,7 +5,7 @@ The repository holds one Python-backend model per transaction policy: the decoup
 endpoints; an optional non-decoupled twin (`trimode_sync`) answers plain `infer` calls (HTTP or gRPC), which
 Triton refuses for decoupled models. Both serve all three generation modes, chosen per request.
 
-`1/model.py` is a three-line shim: the serving logic is `trimode.runtime.serving.triton_model`, imported from the
+`1/model.py` is a three-line shim: the serving logic is `trimode.runtime.serving.triton.model`, imported from the
 installed package, so it is tested and versioned with the engine code instead of being frozen into a copy.
 Every setting the model needs (the engine path, dtype, batching window...) travels as a `parameters` entry
 of `config.pbtxt`, so the repository can be edited by hand like any other Triton repository.
@@ -17,7 +17,7 @@ import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from ...builder.errors import CheckpointError
+from ....builder.errors import CheckpointError
 
 DEFAULT_MODEL_NAME = "trimode"
 SYNC_SUFFIX = "_sync"
@@ -37,22 +37,24 @@ INPUTS: tuple[tuple[str, str, str], ...] = (
     ("top_k", "TYPE_INT32", "[ 1 ]"),
     ("suffix_text", "TYPE_STRING", "[ 1 ]"),
     ("suffix_ids", "TYPE_INT32", "[ -1 ]"),
+    ("priority", "TYPE_INT32", "[ 1 ]"),
 )
 OUTPUTS: tuple[tuple[str, str, str], ...] = (
     ("text_output", "TYPE_STRING", "[ -1 ]"),
     ("output_ids", "TYPE_INT32", "[ -1 ]"),
     ("forwards", "TYPE_INT32", "[ 1 ]"),
     ("finish_reason", "TYPE_STRING", "[ 1 ]"),
+    ("cached_tokens", "TYPE_INT32", "[ 1 ]"),
 )
 
 SHIM = '''"""Triton Python-backend entry point written by `trimode triton-repo` (trimode {version}).
 
-The serving logic lives in the installed package (trimode.runtime.serving.triton_model), so it is tested and
+The serving logic lives in the installed package (trimode.runtime.serving.triton.model), so it is tested and
 versioned with the engine; this file only hands Triton's calls to it.
 """
 
 try:
-    from trimode.runtime.serving.triton_model import TritonPythonModel  # noqa: F401
+    from trimode.runtime.serving.triton.model import TritonPythonModel  # noqa: F401
 except ImportError as exc:  # the stub runs a Python that lacks trimode: say which one
     import sys
 
@@ -65,11 +67,12 @@ except ImportError as exc:  # the stub runs a Python that lacks trimode: say whi
 class ServingSettings:
     """What the Triton model needs to open the engine and schedule requests; stored in config.pbtxt.
 
-    `max_batch_size` / `max_seq_len` / `max_step_tokens` of 0 mean "the engine's own limits".
+    `max_batch_size` / `max_seq_len` / `max_step_tokens` of 0 mean "the engine's own limits";
+    `kv_cache_memory` "" and `page_size` 0 the defaults (runtime/cache/sizing.py).
     """
 
     engine_path: str
-    dtype: str = "fp32"
+    dtype: str = "auto"
     device: str = "cpu"
     use_lora: bool = True
     max_batch_size: int = 0
@@ -78,6 +81,9 @@ class ServingSettings:
     default_mode: str = "spec"
     default_max_tokens: int = 64
     torch_threads: int = 0
+    kv_cache_memory: str = ""
+    page_size: int = 0
+    prefix_caching: bool = True
     trimode_version: str = ""
 
     def to_parameters(self) -> dict[str, str]:
@@ -132,7 +138,8 @@ def model_config_text(name: str, settings: ServingSettings, decoupled: bool, ins
                             for k, v in settings.to_parameters().items())
     policy = "true" if decoupled else "false"
     return (
-        f"# Written by `trimode triton-repo`: one model serving AR, diffusion and self-speculation per request.\n"
+        f"# Written by `trimode triton-repo`: one model serving every mode (ar, diffusion, spec, quad, infill), "
+        f"chosen per request.\n"
         f"# decoupled: {policy} ({'streams committed tokens' if decoupled else 'one response per request'}).\n"
         f"name: {_quote(name)}\n"
         f'backend: "python"\n'
@@ -162,7 +169,7 @@ def write_triton_repo(engine_dir: str | Path, repo_dir: str | Path, *, model_nam
     absolute so the repository works from any working directory. An existing model directory of the same
     name is an error unless `force` (other models in the repository are left alone).
     """
-    from ... import __version__
+    from .... import __version__
 
     engine_dir = Path(engine_dir).resolve()
     _engine_kind(engine_dir)

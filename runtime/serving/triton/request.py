@@ -13,19 +13,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backends.step import StepEngine
-from ..generate import AUTO, GenerationConfig, RequestError, validate_request
+from ...backends.step import StepEngine
+from ...errors import RequestError
+from ...request import AUTO, Request, RequestDefaults, make_config, new_request
 
 INPUT_NAMES = ("text_input", "input_ids", "max_tokens", "mode", "block_length", "threshold", "temperature", "seed",
-               "stream", "top_p", "top_k", "suffix_text", "suffix_ids")
+               "stream", "top_p", "top_k", "suffix_text", "suffix_ids", "priority")
 
 
 @dataclass(frozen=True)
 class ParsedRequest:
-    """One request, ready for the batcher."""
+    """One request, validated and ready for the scheduler loop."""
 
-    prompt: list[int]
-    config: GenerationConfig
+    request: Request
     stream: bool
 
 
@@ -101,22 +101,16 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], engine: StepEngine, *
     stream = bool(_scalar(inputs, "stream", "bool") or False)
     top_p = _scalar(inputs, "top_p", "float")
     top_k = _scalar(inputs, "top_k", "int")
+    priority = _scalar(inputs, "priority", "int")
     if max_tokens is not None and max_tokens <= 0:  # type: ignore[operator]
         raise RequestError(f"max_tokens must be positive, got {max_tokens}")
     if stream and not allow_stream:
         raise RequestError("stream=true needs the decoupled model (this one answers with a single response)")
-    config = GenerationConfig(
-        mode=str(mode).strip().lower() if mode is not None else default_mode,
-        max_new_tokens=int(max_tokens) if max_tokens is not None else default_max_tokens,  # type: ignore[arg-type]
-        block_length=(AUTO if block_length == 0 else int(block_length)) if block_length is not None  # type: ignore[arg-type]
-        else engine.config.block_size,
-        threshold=threshold,  # type: ignore[arg-type]
-        temperature=float(temperature) if temperature is not None else 0.0,  # type: ignore[arg-type]
-        seed=int(seed) if seed is not None else 0,  # type: ignore[arg-type]
-        top_p=float(top_p) if top_p is not None else 1.0,  # type: ignore[arg-type]
-        top_k=int(top_k) if top_k is not None else 0,  # type: ignore[arg-type]
-        suffix=tuple(suffix),
-        use_lora=use_lora,
-    )
-    validate_request(engine, [prompt], config)
-    return ParsedRequest(prompt, config, stream)
+    config = make_config(
+        engine.config, RequestDefaults(default_mode, default_max_tokens, use_lora),
+        mode=str(mode).strip().lower() if mode is not None else None,
+        max_new_tokens=max_tokens,
+        block_length=AUTO if block_length == 0 else block_length,
+        threshold=threshold, temperature=temperature, seed=seed, top_p=top_p, top_k=top_k,
+        suffix=tuple(suffix) or None, priority=priority)
+    return ParsedRequest(new_request(engine, prompt, config), stream)

@@ -1,0 +1,234 @@
+"""A generation request: its settings (`GenerationConfig`), the one mapping front ends use to make them, and
+the one validation every request passes at submission.
+
+Every front end - the CLI, the Python API, the OpenAI server, Triton - turns what its caller sent into a
+`GenerationConfig` with `make_config` (parameters not given take the same defaults everywhere, the block
+length included), then into a `Request` with `new_request`, which validates it against the engine once. The
+scheduler only accepts `Request`s, so nothing is validated twice and every front end refuses the same requests
+with the same words. This module imports nothing heavy (no torch), so the CLI's help stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Protocol
+
+from .errors import CapacityError, RequestError
+
+MODES = ("ar", "diffusion", "spec", "quad", "infill")
+AUTO = "auto"  # block_length for spec and quad: chosen per engine from measured costs and acceptance
+MAX_TEMPERATURE = 100.0
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How to generate one request. Every field may differ between the requests of one scheduler step.
+
+    threshold: None means the even-split schedule (diffusion, infill) / one-pass drafts (spec).
+    top_p / top_k: nucleus and top-k filtering of the sampling distribution (1.0 / 0: off); greedy ignores them.
+    max_thinking_tokens / end_think_token_id: the thinking budget; once that many tokens are generated without
+    the end-of-thinking token, it is forced as the next token.
+    suffix: infill mode's clean tokens after the hole (the hole is max_new_tokens long).
+    ar_mix_weight: quad only; None keeps slot 1 equal to slot 0 (AR-exact), w blends w*slot0 + (1-w)*slot1.
+    priority: lower runs first when the engine is full (vLLM's convention); 0 by default.
+    """
+
+    mode: str = "ar"
+    max_new_tokens: int = 64
+    block_length: int | str = 32
+    threshold: float | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    use_lora: bool = True
+    max_thinking_tokens: int | None = None
+    end_think_token_id: int | None = None
+    suffix: tuple[int, ...] = ()
+    ar_mix_weight: float | None = None
+    priority: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+CONFIG_FIELDS = tuple(f.name for f in fields(GenerationConfig))
+
+
+@dataclass(frozen=True)
+class RequestDefaults:
+    """What a request that does not say gets (a server's --default-mode / --default-max-tokens / --lora)."""
+
+    mode: str = "spec"
+    max_new_tokens: int = 64
+    use_lora: bool = True
+
+
+class ModelShape(Protocol):
+    vocab_size: int
+    block_size: int
+
+
+def default_block_length(model: ModelShape) -> int:
+    """The block length of a request that gives none: the model's own `block_size` (the one rule)."""
+    return int(model.block_size)
+
+
+def make_config(model: ModelShape, defaults: RequestDefaults = RequestDefaults(), **given: Any) -> GenerationConfig:
+    """The one mapping from a front end's parameters (None = not given) to a GenerationConfig.
+
+    `given` uses GenerationConfig's field names. A request with a suffix and no mode is an infill request.
+    """
+    unknown = sorted(set(given) - set(CONFIG_FIELDS))
+    if unknown:
+        raise RequestError(f"unknown generation setting(s): {', '.join(unknown)}")
+    values = {name: value for name, value in given.items() if value is not None}
+    if "suffix" in values:
+        values["suffix"] = tuple(values["suffix"])
+    values.setdefault("mode", "infill" if values.get("suffix") else defaults.mode)
+    values.setdefault("max_new_tokens", defaults.max_new_tokens)
+    values.setdefault("use_lora", defaults.use_lora)
+    values.setdefault("block_length", default_block_length(model))
+    return GenerationConfig(**values)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated request: one prompt and its settings. Made only by `new_request`."""
+
+    prompt: tuple[int, ...]
+    config: GenerationConfig
+
+
+def extra_positions(config: GenerationConfig, block_length: int) -> int:
+    """Positions beyond prompt + max_new_tokens a request may touch: a verify pass writes (and a quad chunk
+    places) a whole block before rolling back; infill's suffix follows the hole."""
+    if config.mode == "spec":
+        return block_length
+    if config.mode == "quad":
+        return 2 * block_length
+    if config.mode == "infill":
+        return len(config.suffix)
+    return 0
+
+
+def widest_row(config: GenerationConfig, block_length: int) -> int:
+    """Tokens in the widest non-prefill row this request's mode runs (prefills are chunked to fit any step)."""
+    if config.mode == "quad":
+        return block_length * (block_length + 1)
+    if config.mode == "infill":
+        return config.max_new_tokens + len(config.suffix)
+    if config.mode in ("spec", "diffusion"):
+        return block_length
+    return 1
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+class EngineShape(Protocol):
+    """What validation needs of an engine: its model config and its limits."""
+
+    config: Any
+    limits: Any
+
+
+def check_config(engine: EngineShape, config: GenerationConfig) -> None:
+    """Raise RequestError naming the first setting the engine cannot serve (prompt-independent checks)."""
+    if config.mode not in MODES:
+        raise RequestError(f"unknown mode '{config.mode}' (choose {', '.join(MODES)})")
+    if not _is_int(config.max_new_tokens) or config.max_new_tokens <= 0:
+        raise RequestError(f"max_new_tokens must be a positive integer, got {config.max_new_tokens!r}")
+    if config.block_length == AUTO:
+        if config.mode not in ("spec", "quad"):
+            raise RequestError(f"block_length 'auto' is for spec and quad modes, not {config.mode}")
+    elif not _is_int(config.block_length):
+        raise RequestError(f"block_length must be an integer or 'auto', got {config.block_length!r}")
+    else:
+        least = 2 if config.mode in ("spec", "quad") else 1
+        if config.block_length < least:
+            raise RequestError(f"block_length must be at least {least}, got {config.block_length}")
+        if config.mode != "infill":
+            try:
+                engine.limits.check_block_length(config.block_length)
+            except CapacityError as exc:
+                raise RequestError(str(exc)) from None
+    if config.mode == "diffusion" and config.max_new_tokens % config.block_length:
+        raise RequestError(f"in diffusion mode max_new_tokens ({config.max_new_tokens}) must be a multiple of "
+                           f"block_length ({config.block_length})")
+    if config.threshold is not None and not (_is_number(config.threshold) and 0.0 <= config.threshold <= 1.0):
+        raise RequestError(f"threshold must be within [0, 1], got {config.threshold}")
+    if not _is_number(config.temperature) or not 0 <= config.temperature <= MAX_TEMPERATURE:
+        raise RequestError(f"temperature must be within [0, {MAX_TEMPERATURE:g}], got {config.temperature}")
+    if not _is_number(config.top_p) or not 0.0 < config.top_p <= 1.0:
+        raise RequestError(f"top_p must be within (0, 1], got {config.top_p}")
+    if not _is_int(config.top_k) or config.top_k < 0:
+        raise RequestError(f"top_k must be an integer >= 0 (0: off), got {config.top_k}")
+    if not _is_int(config.seed):
+        raise RequestError(f"seed must be an integer, got {config.seed!r}")
+    if config.max_thinking_tokens is not None and (not _is_int(config.max_thinking_tokens)
+                                                   or config.max_thinking_tokens < 0):
+        raise RequestError(f"max_thinking_tokens must be >= 0, got {config.max_thinking_tokens}")
+    if config.ar_mix_weight is not None and (config.mode != "quad" or not _is_number(config.ar_mix_weight)
+                                             or not 0.0 <= config.ar_mix_weight <= 1.0):
+        raise RequestError("ar_mix_weight is a quad-mode weight within [0, 1]")
+    if not _is_int(config.priority):
+        raise RequestError(f"priority must be an integer, got {config.priority!r}")
+    vocab = engine.config.vocab_size
+    if config.mode == "infill" and not config.suffix:
+        raise RequestError("infill mode needs a suffix (the text after the hole)")
+    if config.mode != "infill" and config.suffix:
+        raise RequestError(f"a suffix is only used in infill mode, not {config.mode}")
+    for name, ids in (("suffix", config.suffix), ("end_think_token_id", [config.end_think_token_id or 0])):
+        bad = [t for t in ids if not _is_int(t) or not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"{name} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+
+
+def longest_block(engine: EngineShape, config: GenerationConfig) -> int:
+    """The block length capacity checks allow for: the request's own, or for "auto" the longest it may pick."""
+    if config.block_length == AUTO:
+        from .scheduler.auto_block import largest_candidate
+
+        return largest_candidate(engine.limits)
+    return int(config.block_length)
+
+
+def new_request(engine: EngineShape, prompt: list[int] | tuple[int, ...], config: GenerationConfig,
+                what: str = "prompt") -> Request:
+    """Validate one prompt with its settings against the engine; a RequestError names the first problem.
+
+    Positions are checked against the engine's longest sequence: the prompt, `max_new_tokens` and the extra
+    positions of the mode (a spec verify writes a whole block before rolling back, a quad chunk places two
+    blocks, infill's suffix follows the hole). The widest row of the mode must fit one step.
+    """
+    check_config(engine, config)
+    if not prompt:
+        raise RequestError(f"{what} is empty")
+    vocab = engine.config.vocab_size
+    bad = [t for t in prompt if not _is_int(t) or not 0 <= t < vocab]
+    if bad:
+        raise RequestError(f"{what} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+    block = longest_block(engine, config)
+    extra = extra_positions(config, block)
+    need = len(prompt) + config.max_new_tokens + extra
+    counted = f"{len(prompt)} prompt + {config.max_new_tokens} new tokens"
+    if extra:
+        counted += f" + {extra} for the mode's last {'block' if config.mode != 'infill' else 'suffix'}"
+    try:
+        engine.limits.check_positions(need, f"{what} ({counted})")
+        engine.limits.check_row_tokens(widest_row(config, block), f"a {config.mode} row at block length {block}")
+    except CapacityError as exc:
+        raise RequestError(str(exc)) from None
+    return Request(tuple(int(t) for t in prompt), config)
+
+
+def with_seed_offset(config: GenerationConfig, offset: int) -> GenerationConfig:
+    """The config of choice `offset` of an n > 1 request (each choice samples with its own seed)."""
+    return replace(config, seed=config.seed + offset) if offset else config

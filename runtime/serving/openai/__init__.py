@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: FastAPI app (server.py), request bodies (protocol.py), metrics."""
