@@ -38,6 +38,39 @@ def test_generate_text_prompt_streams(tiny_checkpoint):
     proc = trimode("generate", "--model", str(tiny_checkpoint), "--prompt", "abc", "--max-new-tokens", "8")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("abc") and "forwards" in proc.stderr
+    # the summary names the block length and says what the forward count and tokens per forward mean
+    assert "spec at block length 8:" in proc.stderr and "tok/fwd after the prefill" in proc.stderr
+
+
+def test_auto_block_length_is_reported(tiny_checkpoint, tmp_path):
+    env = {**__import__("os").environ, "TRIMODE_CACHE_DIR": str(tmp_path)}
+    args = [sys.executable, "-m", "trimode", "generate", "--model", str(tiny_checkpoint), "--mode", "quad",
+            "--prompt-ids", "1,5,6", "--max-new-tokens", "8", "--block-length", "auto"]
+    proc = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    chosen = json.loads(proc.stdout)["outputs"][0]["block_length"]
+    assert chosen in (1, 2, 3, 4, 6, 8, 12, 16)
+    kept = json.loads((tmp_path / "auto_block.json").read_text())  # kept for the next process
+    (engine,) = kept["engines"].values()
+    assert engine["acceptance"]["quad:greedy"]["reached"] and any("quad:" in k for c in engine["costs"].values()
+                                                                for k in c)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120, env=env)
+    second = int(proc.stderr.split("quad at block length ")[1].split(" (auto):")[0])
+    # random weights reject most drafts: what the first process learned makes the second choose no longer
+    assert second <= chosen
+
+
+def test_help_does_not_load_torch():
+    """`trimode --help` and `trimode generate --help` import torch only when a command runs (the help took
+    1.4 s with torch)."""
+    code = ("import sys\nfrom trimode.cli import cli\n"
+            "for args in (['--help'], ['generate', '--help'], ['serve', '--help'], ['bench', '--help']):\n"
+            "    try:\n        cli.main(args, standalone_mode=False)\n    except SystemExit:\n        pass\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "no torch"
+    assert "--kv-cache-memory" in proc.stdout and "--block-length" in proc.stdout
 
 
 @pytest.mark.parametrize("args,message", [
@@ -46,6 +79,9 @@ def test_generate_text_prompt_streams(tiny_checkpoint):
     (["--prompt-ids", "1,999"], "outside the vocabulary"),
     (["--prompt-ids", "1,x"], "is not a comma-separated list"),
     (["--max-new-tokens", "5000"], "beyond the engine's maximum sequence length"),
+    (["--mode", "spec", "--block-length", "8", "--max-new-tokens", "4090"],
+     "(2 prompt + 4090 new tokens + 8 for the mode's last block) needs 4100 positions"),
+    (["--kv-cache-memory", "lots"], "is not a memory size"),
     (["--mode", "infill"], "infill mode needs a suffix"),
     (["--mode", "ar", "--suffix-ids", "3,4"], "only used in infill mode"),
     (["--block-length", "many"], "is not an integer or 'auto'"),

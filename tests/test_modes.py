@@ -387,3 +387,17 @@ def test_cancelled_sequences_leave_the_batch(engine):
 def test_bad_requests(engine, kw, prompts, message):
     with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("]", r"\]")):
         new_request(engine, prompts[0], GenerationConfig(**kw))
+
+
+def test_a_confidence_equal_to_the_threshold_is_committed():
+    """Diffusion's and infill's threshold is "at or above": a slot exactly at it commits with the best one."""
+    import numpy as np
+
+    from trimode.runtime.modes.diffusion import commit_step
+
+    mask = 100
+    block = [5, mask, mask, mask, mask]
+    x0 = np.array([0, 21, 22, 23, 24])
+    confidence = np.array([0.0, 0.5, 0.25, 0.9, 0.49999], dtype=np.float32)
+    chosen = commit_step(block, x0, confidence, mask, threshold=0.5, count=0)
+    assert chosen == [1, 3] and block == [5, 21, mask, 23, mask]

@@ -142,3 +142,39 @@ def test_sampling_is_reproducible_and_batch_independent(engine):
     alone = [generate(engine, [p], config)[0].tokens for p in PROMPTS[:3]]
     assert [r.tokens for r in batch] == alone
     assert MASK not in (0, EOS)
+
+
+def test_quad_layout_places_each_sub_block_one_position_later():
+    """Sub-block j = [d_j, MASK x L] at positions C+j .. C+j+L: the masks of sub-block j sit where the tokens
+    after d_j would (AR-exact outputs cannot see a shifted position, so the layout is checked here)."""
+    tokens, positions = quad_layout(10, [7, 8, 9], 100)
+    assert tokens == [7, 100, 100, 100, 8, 100, 100, 100, 9, 100, 100, 100]
+    assert positions == [10, 11, 12, 13, 11, 12, 13, 14, 12, 13, 14, 15]
+    from trimode.runtime.modes.quad import quad_logit_offsets
+
+    assert quad_logit_offsets(3, False) == [0, 2, 3, 4, 6, 7, 8, 10, 11]
+    assert quad_logit_offsets(3, True) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+
+
+def test_ar_mix_weight_blends_slot_zero_into_slot_one():
+    """w * slot0 + (1 - w) * slot1 exactly; w = 1 makes quad's picks those of no blending at all."""
+    from trimode.runtime.sampler import Pick, _mixed
+
+    class Plan:
+        def __init__(self, mix):
+            self.pick = Pick(mix=mix)
+
+    logits = torch.tensor([[1.0, 5.0], [3.0, -1.0], [0.5, 0.5]])
+    mixed = _mixed(logits, [Plan((0.25, [(0, 1)]))], [(0, 3)])
+    assert torch.equal(mixed[1], 0.25 * logits[0] + 0.75 * logits[1])
+    assert torch.equal(mixed[[0, 2]], logits[[0, 2]]) and torch.equal(logits[1], torch.tensor([3.0, -1.0]))
+
+
+def test_ar_mix_weight_one_equals_no_mix(engine):
+    plain = generate(engine, PROMPTS[:3], GenerationConfig(mode="quad", max_new_tokens=16, block_length=3))
+    mixed = generate(engine, PROMPTS[:3], GenerationConfig(mode="quad", max_new_tokens=16, block_length=3,
+                                                           ar_mix_weight=1.0))
+    assert [r.tokens for r in mixed] == [r.tokens for r in plain]
+    half = generate(engine, PROMPTS[:3], GenerationConfig(mode="quad", max_new_tokens=16, block_length=3,
+                                                          ar_mix_weight=0.0))
+    assert [r.tokens for r in half] != [r.tokens for r in plain]  # the weight does act (w = 0: slot 1 alone)

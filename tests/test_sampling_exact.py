@@ -142,6 +142,16 @@ def test_spec_sampling_equals_ar_sampling(checkpoint, engine, temperature, block
     assert stat < critical, (stat, critical)
 
 
+@pytest.mark.parametrize("temperature,block_length", [(1.0, 2), (0.6, 3)])
+def test_quad_sampling_equals_ar_sampling(checkpoint, engine, temperature, block_length):
+    """Quad samples each sub-block's slot 0 from the causal distribution and keeps a draft while it equals the
+    sample: the same distribution as AR (a quad that sampled greedily fails this by far)."""
+    counts = sample(engine, "quad", temperature, block_length=block_length, top_k=TOP_K)
+    stat, critical = chi_square(counts, exact_distribution(checkpoint, temperature, TOP_K))
+    print(f"chi-square {stat:.1f}, critical {critical:.1f}")
+    assert stat < critical, (stat, critical)
+
+
 def test_spec_sampling_full_vocabulary(checkpoint, engine):
     counts = sample(engine, "spec", 1.0, block_length=2)
     stat, critical = chi_square(counts, exact_distribution(checkpoint, 1.0))

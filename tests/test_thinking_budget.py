@@ -70,3 +70,31 @@ def test_top_k_one_is_greedy_in_every_sampling_mode():
 def test_bad_settings_are_refused(bad, message):
     with pytest.raises(RequestError, match=message):
         new_request(MarkovEngine(), [1, 2], GenerationConfig(**{"max_new_tokens": 8, **bad}))
+
+
+def test_top_k_one_is_greedy_in_diffusion_too():
+    engine = MarkovEngine()
+    greedy = generate(engine, [[3, 4]], GenerationConfig(mode="diffusion", max_new_tokens=8, block_length=4))
+    sampled = generate(engine, [[3, 4]], GenerationConfig(mode="diffusion", max_new_tokens=8, block_length=4,
+                                                          temperature=1.5, top_k=1, seed=9))
+    assert sampled[0].tokens == greedy[0].tokens
+
+
+@pytest.mark.parametrize("mode", ["ar", "spec", "quad"])
+@pytest.mark.parametrize("budget", [0, 2, 5])
+def test_the_cache_holds_exactly_the_emitted_tokens_after_a_forced_end_of_thinking(mode, budget):
+    """The Markov engine ignores the cache, so a wrong rollback would not change a token: assert the length
+    after every step instead. In these modes the cache holds the prompt and every emitted token but the last
+    (the next row starts with it), whatever was forced."""
+    from trimode.runtime.scheduler.scheduler import Scheduler
+
+    engine = MarkovEngine(wrong_after=[4, 1, 4, 0, 4])
+    config = GenerationConfig(mode=mode, max_new_tokens=16, block_length=4, max_thinking_tokens=budget,
+                              end_think_token_id=END_THINK)
+    scheduler = Scheduler(engine)
+    seq = scheduler.submit(new_request(engine, [3, 4], config))
+    while not seq.done:
+        scheduler.step()
+        if not seq.done:
+            assert seq.cached == 2 + len(seq.tokens) - 1, (seq.cached, len(seq.tokens))
+    assert seq.tokens[budget] == END_THINK
