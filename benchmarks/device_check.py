@@ -52,6 +52,7 @@ from trimode.runtime.backends.cuda_graphs import GraphEngine
 from trimode.runtime.backends.limits import EngineLimits
 from trimode.runtime.backends.step import ChunkRow, StepBatch
 from trimode.runtime.backends.torch_engine import TorchEngine
+from trimode.runtime.bench.direct import DirectSequences
 from trimode.runtime.generate import generate
 from trimode.runtime.model.network import Transformer
 from trimode.runtime.request import GenerationConfig
@@ -200,33 +201,7 @@ def mode_name(mode: str, extra: dict) -> str:
     return mode + "".join(f" {k}={v}" for k, v in extra.items())
 
 
-class Sequences:
-    """A few sequences on an engine's own cache, stepped directly (what the scheduler does for requests)."""
-
-    def __init__(self, engine, count: int) -> None:
-        self.engine, self.cache = engine, engine.cache
-        self.tables: list[list[int]] = [[] for _ in range(count)]
-        self.lengths = [0] * count
-
-    def step(self, seqs: list[int], rows: list[ChunkRow]) -> torch.Tensor:
-        pages = self.cache.pages
-        for seq, row in zip(seqs, rows, strict=True):
-            need = pages.pages_for(self.lengths[seq] + row.written) - len(self.tables[seq])
-            if need > 0:
-                self.tables[seq] += pages.take(need)
-        batch = StepBatch.from_rows(rows, [self.tables[s] for s in seqs], [self.lengths[s] for s in seqs],
-                                    self.cache.page_size)
-        logits = self.engine.step(self.cache, batch)
-        for seq, row in zip(seqs, rows, strict=True):
-            self.lengths[seq] += row.written
-        return logits
-
-    def release(self) -> None:
-        for table in self.tables:
-            self.cache.pages.release(table)
-
-
-def mixed_rows(seqs: Sequences) -> list[ChunkRow]:
+def mixed_rows(seqs: DirectSequences) -> list[ChunkRow]:
     past = seqs.lengths[2]
     return [ChunkRow([40], write=True, logit_offsets=[0]),
             ChunkRow([3] + [MASK] * 7, mask_kind=BIDIRECTIONAL, lora=True, logit_offsets=list(range(8))),
@@ -249,7 +224,7 @@ def engine_checks(report: Report, tmp: Path) -> None:
     # one mixed step, logits
     logits = {}
     for name, engine in (("cpu", cpu), ("gpu", gpu), ("graphs", graphs)):
-        seqs = Sequences(engine, 4)
+        seqs = DirectSequences(engine, 4, cache=engine.cache)
         seqs.step(list(range(4)), [ChunkRow(PROMPTS[s % 3] + [s], write=True, logit_offsets=[0]) for s in range(4)])
         logits[name] = seqs.step(list(range(4)), mixed_rows(seqs)).cpu()
         seqs.release()

@@ -152,6 +152,7 @@ def main() -> None:
     parser.add_argument("--modes", default="ar,spec,quad,diffusion", help="modes of the requests, in turn")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--max-step-tokens", type=int, default=0, help="the server's step budget (0: default)")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from trimode.demo import demo_model_path
@@ -166,6 +167,8 @@ def main() -> None:
     command = [sys.executable, "-m", "trimode", "serve", model, "--http-port", str(http), "--grpc-port", str(grpc),
                "--metrics-port", str(metrics), "--threads", str(args.threads), "--dtype", "fp32",
                "--max-batch-size", str(max(counts)), "--device", "cpu"]
+    if args.max_step_tokens:
+        command += ["--max-step-tokens", str(args.max_step_tokens)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
     try:
         wait_ready(f"127.0.0.1:{http}", server)
@@ -178,7 +181,12 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             server.kill()
     solo, solo_ttft = runs[0]["outputs"], runs[0]["ttfts"]
+    mode_of = {job["id"]: job["mode"] for job in jobs}
     for run in runs:
+        run["ttft_ms_by_mode"] = {
+            mode: {"p50": round(1e3 * percentile([t for k, t in run["ttfts"].items() if mode_of[k] == mode], 50), 2),
+                   "p99": round(1e3 * percentile([t for k, t in run["ttfts"].items() if mode_of[k] == mode], 99), 2)}
+            for mode in sorted(set(mode_of.values()))}
         run["all_equal_solo"] = all(run["outputs"].get(k) == v for k, v in solo.items()) and \
             len(run["outputs"]) == len(solo)
         ratios = [run["ttfts"][k] / solo_ttft[k] for k in run["ttfts"] if k in solo_ttft]
@@ -188,6 +196,7 @@ def main() -> None:
     base = runs[0]
     report = {"benchmark": "load_triton", "date": date.today().isoformat(), "machine": platform.machine(),
               "cpus": os.cpu_count(), "model": model, "server_threads": args.threads, "requests": len(jobs),
+              "max_step_tokens": args.max_step_tokens or "default",
               "modes": args.modes,
               "command": " ".join(["python", "benchmarks/load_triton.py"] + sys.argv[1:]), "runs": runs,
               "ratios_vs_one_at_a_time": {

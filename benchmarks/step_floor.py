@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from trimode.plugins.masks import BIDIRECTIONAL, CAUSAL, QUAD  # noqa: E402
 from trimode.runtime.backends.checkpoint_engine import engine_from_checkpoint  # noqa: E402
-from trimode.runtime.backends.step import ChunkRow, StepBatch  # noqa: E402
+from trimode.runtime.backends.step import ChunkRow  # noqa: E402
+from trimode.runtime.bench.direct import DirectSequences  # noqa: E402
 from trimode.runtime.generate import generate  # noqa: E402
 from trimode.runtime.modes.quad import quad_layout, quad_logit_offsets  # noqa: E402
 from trimode.runtime.request import GenerationConfig  # noqa: E402
@@ -67,35 +68,32 @@ def weight_bytes(engine) -> int:
 
 def step_rows(kind: str, batch: int, context: int, mask: int) -> list[ChunkRow]:
     rows = []
-    for slot in range(batch):
+    for _ in range(batch):
         if kind == "decode":
-            rows.append(ChunkRow(slot, [5], CAUSAL, write=True, logit_offsets=[0]))
+            rows.append(ChunkRow([5], CAUSAL, write=True, logit_offsets=[0]))
         elif kind == "draft16":
-            rows.append(ChunkRow(slot, [5] + [mask] * 15, BIDIRECTIONAL, logit_offsets=list(range(16))))
+            rows.append(ChunkRow([5] + [mask] * 15, BIDIRECTIONAL, logit_offsets=list(range(16))))
         elif kind == "verify16":
-            rows.append(ChunkRow(slot, [5] * 16, CAUSAL, write=True, logit_offsets=list(range(16))))
+            rows.append(ChunkRow([5] * 16, CAUSAL, write=True, logit_offsets=list(range(16))))
         elif kind == "quad4":
             tokens, positions = quad_layout(context, [5, 6, 7, 8], mask)
-            rows.append(ChunkRow(slot, tokens, QUAD, mask_param=4, write=True, positions=positions,
+            rows.append(ChunkRow(tokens, QUAD, mask_param=4, write=True, positions=positions,
                                  logit_offsets=quad_logit_offsets(4, False)))
         elif kind == "prefill128":
-            rows.append(ChunkRow(slot, [5] * 128, CAUSAL, write=True, logit_offsets=[127]))
+            rows.append(ChunkRow([5] * 128, CAUSAL, write=True, logit_offsets=[127]))
     return rows
 
 
 def time_step(engine, kind: str, batch: int, context: int, repeats: int) -> float:
-    cache = engine.new_cache(batch)
-    prompt = [ChunkRow(s, [3] * context, CAUSAL, write=True) for s in range(batch)]
-    engine.step(cache, StepBatch.from_rows(prompt, cache))
+    seqs = DirectSequences(engine, batch)
+    seqs.step(list(range(batch)), [ChunkRow([3] * context, CAUSAL, write=True) for _ in range(batch)])
     times = []
     for _ in range(repeats + 2):
         rows = step_rows(kind, batch, context, engine.config.mask_token_id)
-        batch_in = StepBatch.from_rows(rows, cache)
+        batch_in = seqs.batch(list(range(batch)), rows)
         start = time.perf_counter()
-        engine.step(cache, batch_in)
+        engine.step(seqs.cache, batch_in)
         times.append(time.perf_counter() - start)
-        for s in range(batch):
-            cache.rollback(s, context)
     return statistics.median(times[2:])
 
 

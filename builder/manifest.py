@@ -7,7 +7,7 @@ paths (so the same inputs always give the same bytes), and it is versioned: the 
 
 Layout (docs/engine-format.md describes every field):
 
-    {"format": "trimode-engine", "format_version": 2, "backend": "torch" | "onnx" | "tensorrt",
+    {"format": "trimode-engine", "format_version": 3, "backend": "torch" | "onnx" | "tensorrt",
      "model": {"config": {<config.json of the checkpoint>}, "lora": {"rank", "alpha", "scale"} | null},
      "build": {"dtype": "fp32" | "bf16" | "fp16", "backend_options": {...}},
      "serves": {"max_batch_size", "max_seq_len", "block_lengths": [...], "mask_kinds": [...], "lora_draft"},
@@ -29,7 +29,7 @@ from .errors import CheckpointError
 
 FORMAT = "trimode-engine"
 # 2: one packed step over rows of any mask kind (the ONNX graph's inputs are a StepBatch's tensors)
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST_FILE = "manifest.json"
 BACKENDS = ("torch", "onnx", "tensorrt")
 ENGINE_DTYPES = ("fp32", "bf16", "fp16")

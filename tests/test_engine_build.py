@@ -153,7 +153,7 @@ def test_manifest_lists_every_file_with_its_hash(torch_engine_dir):
     for name, entry in manifest.files.items():
         assert hash_file(torch_engine_dir / name) == entry
     data = json.loads((torch_engine_dir / MANIFEST_FILE).read_text())
-    assert data["format_version"] == 2 and data["backend"] == "torch"
+    assert data["format_version"] == 3 and data["backend"] == "torch"
     assert data["serves"] == {"max_batch_size": 4, "max_seq_len": 128, "block_lengths": [4, 8],
                               "mask_kinds": ["causal", "bidirectional", "quad", "prefix_block"], "lora_draft": True}
     assert data["tools"]["trimode"] and data["tools"]["torch"]

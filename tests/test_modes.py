@@ -401,3 +401,19 @@ def test_a_confidence_equal_to_the_threshold_is_committed():
     confidence = np.array([0.0, 0.5, 0.25, 0.9, 0.49999], dtype=np.float32)
     chosen = commit_step(block, x0, confidence, mask, threshold=0.5, count=0)
     assert chosen == [1, 3] and block == [5, 21, mask, 23, mask]
+
+
+def test_diffusion_streams_each_settled_run_and_the_seed_at_once(engine):
+    """A committed slot never changes, so the leading committed run of a block is final when committed: the
+    seed is emitted with the prefill (the first token a block earlier than the whole block), and the pieces
+    concatenate to exactly the output."""
+    config = GenerationConfig(mode="diffusion", max_new_tokens=16, block_length=8)
+    pieces: list[list[int]] = []
+    (result,) = generate(engine, [[1, 5, 6, 7]], config, on_tokens=lambda _i, ids: pieces.append(list(ids)))
+    assert sum(pieces, []) == result.tokens
+    assert result.first_token_step == 1 and len(pieces[0]) >= 1  # the prefill's step already emitted
+    assert len(pieces) > 2  # more than one piece per block
+    infill = GenerationConfig(mode="infill", max_new_tokens=6, suffix=(7, 8))
+    pieces.clear()
+    (filled,) = generate(engine, [[1, 5, 6, 7]], infill, on_tokens=lambda _i, ids: pieces.append(list(ids)))
+    assert sum(pieces, []) == filled.tokens and len(pieces) > 1

@@ -419,6 +419,33 @@ def test_metrics_exposes_the_serving_numbers(server: Server) -> None:
     assert re.search(r'trimode_tokens_per_forward_count\{mode="spec"\} [1-9]', text)
 
 
+@pytest.mark.integration
+def test_a_shared_prefix_is_read_from_the_cache_and_reported(server: Server, engine, tokenizer) -> None:
+    """usage.prompt_tokens_details.cached_tokens, read by the official client: the second request shares the
+    first's long prefix, reads its full pages, and still gets exactly its solo output; the KV metrics move."""
+    client = server.client()
+    prefix = "def function_number_one(argument):\n    return argument * 2\n" * 6
+    first = client.completions.create(model=server.model, prompt=prefix + "# a", max_tokens=8,
+                                      extra_body={"mode": "ar"})
+    assert first.usage.prompt_tokens_details.cached_tokens == 0  # nobody sent this prefix before
+    second = client.completions.create(model=server.model, prompt=prefix + "# b", max_tokens=8,
+                                       extra_body={"mode": "spec", "block_length": BLOCK})
+    prompt_ids = tokenizer.encode(prefix + "# b").ids
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached >= 16 * ((len(tokenizer.encode(prefix).ids) - 16) // 16) and cached < len(prompt_ids)
+    text, _, _ = solo(engine, tokenizer, prefix + "# b", mode="spec", max_new_tokens=8, block_length=BLOCK)
+    assert second.choices[0].text == text
+    streamed = list(client.completions.create(model=server.model, prompt=prefix + "# c", max_tokens=4, stream=True,
+                                              stream_options={"include_usage": True}, extra_body={"mode": "ar"}))
+    assert streamed[-1].usage.prompt_tokens_details.cached_tokens >= cached
+    metrics = httpx.get(server.base + "/metrics", timeout=10).text
+    for name in ("trimode_kv_cache_usage_ratio", "trimode_kv_cache_pages", "trimode_prefix_cache_pages",
+                 "trimode_preemptions_total"):
+        assert name in metrics, name
+    assert server.metric("trimode_prefix_cache_hits_total") >= 2 * cached
+    assert server.metric("trimode_prefix_cache_queries_total") > server.metric("trimode_prefix_cache_hits_total")
+
+
 # -- faults: disconnects and SIGTERM, on a server with one slot ------------------------------------------------------
 
 @pytest.fixture(scope="module")

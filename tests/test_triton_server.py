@@ -45,7 +45,7 @@ SYNC = "trimode_sync"
 BLOCK = 8
 DTYPES = {"text_input": np.object_, "input_ids": np.int32, "max_tokens": np.int32, "mode": np.object_,
           "block_length": np.int32, "threshold": np.float32, "temperature": np.float32, "seed": np.int64,
-          "stream": np.bool_}
+          "stream": np.bool_, "priority": np.int32}
 TRITON_TYPES = {np.object_: "BYTES", np.int32: "INT32", np.int64: "INT64", np.float32: "FP32", np.bool_: "BOOL",
                 np.float64: "FP64"}
 
@@ -116,6 +116,8 @@ class Reply:
     forwards: int | None
     finish_reason: str | None
     final: bool
+    cached_tokens: int | None = None
+    parameters: dict | None = None
 
 
 def _reply(result) -> Reply:
@@ -123,14 +125,19 @@ def _reply(result) -> Reply:
     text = result.as_numpy("text_output")
     forwards = result.as_numpy("forwards")
     reason = result.as_numpy("finish_reason")
+    cached = result.as_numpy("cached_tokens")
     response = result.get_response()
     final = False
-    if hasattr(response, "parameters") and "triton_final_response" in response.parameters:
-        final = response.parameters["triton_final_response"].bool_param
+    parameters = {}
+    if hasattr(response, "parameters"):
+        if "triton_final_response" in response.parameters:
+            final = response.parameters["triton_final_response"].bool_param
+        parameters = {k: v.int64_param for k, v in response.parameters.items() if k != "triton_final_response"}
     return Reply([int(t) for t in ids] if ids is not None else [],
                  text[0].decode() if text is not None and text.size else None,
                  int(forwards[0]) if forwards is not None else None,
-                 reason[0].decode() if reason is not None else None, final)
+                 reason[0].decode() if reason is not None else None, final,
+                 int(cached[0]) if cached is not None else None, parameters)
 
 
 def grpc_stream(url: str, timeout: float = 60, **values) -> list[Reply]:
@@ -226,6 +233,20 @@ def test_each_mode_equals_trimode_generate(served, mode):
         assert reply.final
     assert _ids(generated["output_ids"]) == want["tokens"] and generated["forwards"] == want["forwards"]
     assert generated["text_output"] == want["text"]
+
+
+def test_a_cached_prefix_is_reported_and_the_output_unchanged(served):
+    """`cached_tokens` (an output and a response parameter): a second request sharing a 40-token prefix reads
+    its two full pages, and gets what it gets alone; a priority is accepted."""
+    prefix = list(range(20, 60))
+    (first,) = grpc_stream(served.server.grpc_url, input_ids=prefix + [3], max_tokens=8, mode="ar")
+    replies = grpc_stream(served.server.grpc_url, input_ids=prefix + [4, 5], max_tokens=8, mode="spec",
+                          block_length=BLOCK, priority=-1, stream=True)
+    final = replies[-1]
+    assert first.cached_tokens == 0 and final.cached_tokens == 32
+    assert final.parameters.get("cached_tokens") == 32 and final.parameters.get("block_length") == BLOCK
+    assert sum((r.ids for r in replies), []) == expected(served, prefix + [4, 5], mode="spec",
+                                                         max_new_tokens=8).tokens
 
 
 def test_text_input_is_tokenized_like_the_cli(served):

@@ -5,6 +5,10 @@ commit the most confident masked slots - by threshold, or an even split of the m
 with the remainder front-loaded. Then one causal pass over the finished block writes its exact K/V and its
 last logit seeds the next block (skipped after the last block: nothing follows it). The same denoising
 loop serves infill (runtime/modes/infill.py), whose chunk also carries clean suffix tokens.
+
+A committed slot never changes, so the leading run of committed slots is final as soon as it is committed:
+it is emitted then (the seed at once, when its block starts), not when the whole block is done. The tokens
+are the same; the first of them arrives one block earlier.
 """
 
 from __future__ import annotations
@@ -53,15 +57,17 @@ class Denoiser:
     """The denoising loop over one chunk's masked slots (`span` = the chunk offsets that may be masked)."""
 
     def __init__(self, chunk: list[int], span: int, mask_id: int, eos_id: int | None, threshold: float | None,
-                 steps: int) -> None:
+                 steps: int, fixed: int = 0) -> None:
         self.chunk = chunk
         self.span = span
         self.mask_id = mask_id
         self.eos_id = eos_id
         self.threshold = threshold
         self.steps = steps
-        self.schedule = transfer_schedule(chunk[:span].count(mask_id), steps)
+        self.fixed = fixed  # leading slots that are known, never masked (a diffusion block's seed)
+        self.schedule = transfer_schedule(chunk[fixed:span].count(mask_id), steps)
         self.done_steps = 0
+        self.taken = 0  # slots handed out by `take_settled`
 
     @property
     def finished(self) -> bool:
@@ -73,6 +79,18 @@ class Denoiser:
     def row(self) -> RowPlan:
         chunk = ChunkRow(list(self.chunk), BIDIRECTIONAL, logit_offsets=list(range(self.span)))
         return RowPlan(chunk, Pick(DENOISE, confidence=True))
+
+    def take_settled(self) -> list[int]:
+        """The slots that became final since the last call: the leading run of committed slots (all of them
+        once the loop is finished; a slot still holding the mask id then stays as it is)."""
+        end = self.fixed
+        while end < self.span and self.chunk[end] != self.mask_id:
+            end += 1
+        if self.finished:
+            end = self.span
+        out = self.chunk[self.taken : end]
+        self.taken = max(self.taken, end)
+        return out
 
     def consume(self, decided: Decided) -> list[int]:
         """One pass: commit slots; returns the positions committed."""
@@ -92,24 +110,28 @@ class DiffusionMode(ModeState):
         self.mask_id = mask_id
         self.eos_id = eos_id
         self.threshold = threshold
-        self.seed: int | None = None
         self.denoiser: Denoiser | None = None
         self.blocks_done = 0
 
     def consume_prefill(self, seq: Sequence, plan: RowPlan, decided: Decided) -> None:
-        self.seed = int(decided.tokens[0])
+        self._start_block(seq, int(decided.tokens[0]))
 
-    def _new_block(self) -> None:
-        block = [self.seed] + [self.mask_id] * (self.length - 1)
-        self.denoiser = Denoiser(block, self.length, self.mask_id, self.eos_id, self.threshold, self.length)
+    def _start_block(self, seq: Sequence, seed: int) -> None:
+        """A block `[seed, MASK x (L-1)]`: the seed is final, so it is emitted now."""
+        block = [seed] + [self.mask_id] * (self.length - 1)
+        self.denoiser = Denoiser(block, self.length, self.mask_id, self.eos_id, self.threshold, self.length, fixed=1)
+        self._emit_settled(seq)
+
+    def _emit_settled(self, seq: Sequence) -> None:
+        seq.emit(self.denoiser.take_settled(), truncate_on_force=False)
+        if self.denoiser.finished and not seq.done:
+            self.blocks_done += 1
+            if self.blocks_done * self.length >= seq.max_new_tokens:
+                seq.finish_reason = "length"
 
     def plan_decode(self, seq: Sequence) -> RowPlan | None:
-        if self.denoiser is None:
-            self._new_block()
-            if self.denoiser.finished:  # block length 1: nothing to denoise
-                self._finish_block(seq)
-                if seq.done:
-                    return None
+        if seq.done:
+            return None
         if not self.denoiser.finished:
             return self.denoiser.row()
         # the block is final and another block follows: one causal pass writes the exact K/V of the block as
@@ -118,18 +140,8 @@ class DiffusionMode(ModeState):
         return RowPlan(row, Pick(DENOISE))
 
     def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided) -> None:
-        if plan.row.mask_kind == CAUSAL:  # the re-encode
-            self.seed = int(decided.tokens[0])
-            self.denoiser = None
+        if plan.row.mask_kind == CAUSAL:  # the re-encode: its last logit seeds the next block
+            self._start_block(seq, int(decided.tokens[0]))
             return
         self.denoiser.consume(decided)
-        if self.denoiser.finished:
-            self._finish_block(seq)
-
-    def _finish_block(self, seq: Sequence) -> None:
-        seq.emit(self.denoiser.chunk, truncate_on_force=False)
-        self.blocks_done += 1
-        if seq.done:
-            return
-        if self.blocks_done * self.length >= seq.max_new_tokens:
-            seq.finish_reason = "length"
+        self._emit_settled(seq)

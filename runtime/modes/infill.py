@@ -5,7 +5,8 @@ other, so the masked slots condition on the clean suffix that follows them - wha
 Nothing of the chunk is ever written (the cache only holds the prefix). Slots are committed by confidence
 as diffusion does (runtime/modes/diffusion.py `Denoiser`): with a threshold, the best slot plus every slot
 at or above it; without one, one slot per pass (the hole's n masks over n passes). Every pass is bounded:
-at most n passes. The output is the n middle tokens (cut after an EOS, like every mode).
+at most n passes. The output is the n middle tokens (cut after an EOS, like every mode); the hole's leading
+run of committed slots is emitted as soon as it is committed.
 The chunk is one block however long n + suffix is: measured on the demo model, a single chunk in which the
 masks see the whole suffix infills better than splitting it (see benchmarks/RESULTS.md).
 """
@@ -32,11 +33,10 @@ class InfillMode(ModeState):
         pass
 
     def plan_decode(self, seq: Sequence) -> RowPlan | None:
-        return self.denoiser.row()
+        return None if seq.done else self.denoiser.row()
 
     def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided) -> None:
         self.denoiser.consume(decided)
-        if self.denoiser.finished:
-            seq.emit(self.denoiser.chunk[: self.denoiser.span], truncate_on_force=False)
-            if not seq.done:
-                seq.finish_reason = "length"
+        seq.emit(self.denoiser.take_settled(), truncate_on_force=False)  # the hole's leading committed run
+        if self.denoiser.finished and not seq.done:
+            seq.finish_reason = "length"

@@ -198,7 +198,7 @@ class Scheduler:
         docstring). Dicts keep insertion order: the batch's row order."""
         plans: dict[Sequence, RowPlan] = {}
         self._budget = self.max_step_tokens
-        for seq in sorted(self.running, key=self._rank):
+        for seq in sorted(self.running, key=self._order):
             if seq not in self.running:  # preempted while planning an earlier row
                 continue
             if len(plans) >= self.max_rows or self._budget <= 0:
@@ -230,7 +230,13 @@ class Scheduler:
         return plans
 
     def _rank(self, seq: Sequence) -> tuple[int, int]:
+        """Who loses pages first (the maximum): lowest priority, then most recently admitted."""
         return seq.priority, self._admitted_at.get(id(seq), 0)
+
+    def _order(self, seq: Sequence) -> tuple[int, bool, int]:
+        """Who gets the step's budget first: higher priority, then requests still waiting for their first
+        token (time to first token), then the earliest admitted."""
+        return seq.priority, bool(seq.tokens), self._admitted_at.get(id(seq), 0)
 
     def _pages_needed(self, seq: Sequence, plan: RowPlan) -> int:
         return max(0, self.pages.pages_for(seq.cached + plan.row.written) - len(seq.pages))
