@@ -17,9 +17,9 @@
    (with consecutive and with scattered pages), verify block 32, AR vs self-speculation tokens/s, against
    the bandwidth floor.
 
-Sections run in that order; one that fails is reported and the next still runs; a section is skipped (and
-said so) when the time budget is spent. Prints one line per check and writes JSON to $OUT/device_check.json
-(or --out). Exit status 0 only if every check passed.
+Sections run in the order kernel, engine, timing, cli; one that fails is reported and the next still runs; a
+section is skipped (and said so) when the time budget (--budget) is spent. Prints one line per check and
+writes JSON to $OUT/device_check.json (or --out). Exit status 0 only if every check passed.
 
 `--dry-run` runs the same code on the CPU without a GPU (kernel cases against the CPU op, the CPU engine against
 the static-buffer engine run eagerly, the CLI with --device cpu on a small checkpoint, no timings): it is how
@@ -307,7 +307,7 @@ def copy_bandwidth(device: str) -> float:
     return 2 * (1 << 30) / statistics.median(times)
 
 
-def cli_checks(report: Report, tmp: Path) -> None:
+def cli_checks(report: Report, tmp: Path, budget: float = BUDGET_S) -> None:
     device = report.device
     ckpt = tmp / "cli-ckpt"
     shape = ["--preset", "3b", "--num-hidden-layers", "2"]
@@ -330,7 +330,7 @@ def cli_checks(report: Report, tmp: Path) -> None:
             results[mode]["cuda_bf16"] = bf16
             report.check("cli", f"generate --device cuda --mode {mode} (bf16) runs", "error" not in bf16,
                          error=bf16.get("error", ""))
-        if report.elapsed() > BUDGET_S:
+        if report.elapsed() > budget:
             report.check("cli", "time budget reached; remaining cli modes skipped", True)
             break
     engine = tmp / "cli-engine"
@@ -453,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("kernel", "engine", "cli", "timing"), action="append",
                         help="run only these sections (repeatable)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="folder for the JSON")
+    parser.add_argument("--budget", type=float, default=BUDGET_S,
+                        help="seconds after which no further section starts (default %(default)s)")
     args = parser.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         print("device check: no CUDA device (use --dry-run to exercise the script on the CPU)")
@@ -463,15 +465,15 @@ def main(argv: list[str] | None = None) -> int:
     wanted = args.only or ["kernel", "engine", "cli", "timing"]
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        sections = [("kernel", lambda: kernel_checks(report)), ("engine", lambda: engine_checks(report, tmp)),
-                    ("cli", lambda: cli_checks(report, tmp))]
+        sections = [("kernel", lambda: kernel_checks(report)), ("engine", lambda: engine_checks(report, tmp))]
         if not args.dry_run and not args.skip_8b:
             sections.append(("timing", lambda: timing_8b(report)))
+        sections.append(("cli", lambda: cli_checks(report, tmp, args.budget)))
         for name, run in sections:
             if name not in wanted:
                 continue
-            if report.elapsed() > BUDGET_S:
-                report.sections[name] = {"skipped": f"time budget ({BUDGET_S:.0f} s) spent"}
+            if report.elapsed() > args.budget:
+                report.sections[name] = {"skipped": f"time budget ({args.budget:.0f} s) spent"}
                 print(f"[skip] {name}: time budget spent", flush=True)
                 continue
             start = time.perf_counter()

@@ -27,9 +27,9 @@ AXES = {"prompt_length": [8, 32, 128], "max_new_tokens": [32, 64, 128], "block_l
 def prompts_from(engine, texts: list[str] | None, count: int, length: int, seed: int) -> list[list[int]]:
     """Held-out code prompts cut/padded to `length` tokens when a tokenizer exists, else random ids."""
     if texts and engine.tokenizer_path:
-        from tokenizers import Tokenizer
+        from trimode.runtime.serving.text import load_tokenizer
 
-        tokenizer = Tokenizer.from_file(str(engine.tokenizer_path))
+        tokenizer = load_tokenizer(engine.tokenizer_path)
         joined = tokenizer.encode("\n".join(texts)).ids
         room = max(1, len(joined) - length)
         return [joined[(i * 997) % room:][:length] for i in range(count)]

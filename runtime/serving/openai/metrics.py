@@ -14,6 +14,8 @@ import threading
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from ...modes.sequence import tokens_per_forward
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPF_BUCKETS = (0.5, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0, 32.0)
 
@@ -97,9 +99,8 @@ class ServerMetrics:
         self.e2e.labels(mode).observe(seconds)
         if forwards > 0:
             self.forwards.labels(mode).inc(forwards)
-            after_prefill = forwards - 1
-            if generated and after_prefill > 0:
-                self.tokens_per_forward.labels(mode).observe(generated / after_prefill)
+            if generated and forwards > 1:
+                self.tokens_per_forward.labels(mode).observe(tokens_per_forward(generated, forwards))
 
 
 class _CacheCollector:

@@ -61,12 +61,14 @@ class TritonSink:
         return tensors
 
     def _final(self, tensors: list[Any], result: SequenceResult) -> Any:
-        """The final response; where the backend supports response parameters, they carry the usage too."""
+        """The final response. Where the Python backend supports response parameters (Triton 24.11 and later)
+        they carry cached_tokens, forwards and block_length too; older ones (the one nvidia-pytriton bundles,
+        Triton 2.51) have only the output tensors, which always carry them."""
         parameters = {"cached_tokens": int(result.cached_tokens), "forwards": int(result.forwards),
                       "block_length": int(result.block_length)}
         try:
             return self.pb.InferenceResponse(output_tensors=tensors, parameters=parameters)
-        except TypeError:  # a Python backend older than response parameters
+        except TypeError:
             return self.pb.InferenceResponse(output_tensors=tensors)
 
     def _send(self, response: Any | None, final: bool) -> None:
