@@ -153,6 +153,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--max-step-tokens", type=int, default=0, help="the server's step budget (0: default)")
+    parser.add_argument("--schedule-policy", default="prefill-first", help="the server's --schedule-policy")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from trimode.demo import demo_model_path
@@ -169,6 +170,7 @@ def main() -> None:
                "--max-batch-size", str(max(counts)), "--device", "cpu"]
     if args.max_step_tokens:
         command += ["--max-step-tokens", str(args.max_step_tokens)]
+    command += ["--schedule-policy", args.schedule_policy]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=os.environ.copy())
     try:
         wait_ready(f"127.0.0.1:{http}", server)
@@ -196,7 +198,7 @@ def main() -> None:
     base = runs[0]
     report = {"benchmark": "load_triton", "date": date.today().isoformat(), "machine": platform.machine(),
               "cpus": os.cpu_count(), "model": model, "server_threads": args.threads, "requests": len(jobs),
-              "max_step_tokens": args.max_step_tokens or "default",
+              "max_step_tokens": args.max_step_tokens or "default", "schedule_policy": args.schedule_policy,
               "modes": args.modes,
               "command": " ".join(["python", "benchmarks/load_triton.py"] + sys.argv[1:]), "runs": runs,
               "ratios_vs_one_at_a_time": {

@@ -233,3 +233,29 @@ def test_at_most_one_host_transfer_per_step(engine, monkeypatch, batch, config):
             per_step.append(reads.count + transfers["count"] - before)
     monkeypatch.undo()
     assert per_step and max(per_step) <= 1, per_step
+
+
+def test_prefill_first_changes_timing_only(engine):
+    """The prefill-first policy: a step with prompts to prefill carries them alone (a short step), the next is an
+    ordinary one, so decode-like rows wait at most every other step; every output is unchanged."""
+    from trimode.runtime.scheduler.scheduler import PREFILL_FIRST
+
+    scheduler = Scheduler(engine, max_batch_size=4, policy=PREFILL_FIRST)
+    arrivals = {0: MIX[0], 2: MIX[1], 3: MIX[3], 5: MIX[5], 6: MIX[2]}
+    sequences, prefill_only = [], []
+    while arrivals or scheduler.has_work:
+        if scheduler.steps in arrivals:
+            prompt, config = arrivals.pop(scheduler.steps)
+            sequences.append((submit(scheduler, prompt, config), prompt, config))
+        decoding = [s for s, _, _ in sequences if not s.done and not s.first_prefill]
+        forwards = [s.forwards for s in decoding]
+        if scheduler.step():
+            prefill_only.append(scheduler._prefill_only)
+            if scheduler._prefill_only:  # only first prefills ran: the decoding requests did not move
+                assert [s.forwards for s in decoding] == forwards
+    assert any(prefill_only) and not all(prefill_only)
+    assert not any(a and b for a, b in zip(prefill_only, prefill_only[1:], strict=False))  # never twice running
+    for seq, prompt, config in sequences:
+        assert seq.tokens == solo(engine, prompt, config).tokens, config
+    with pytest.raises(ValueError, match="scheduling policy"):
+        Scheduler(engine, policy="fastest")

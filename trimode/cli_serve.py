@@ -42,6 +42,12 @@ def repo_options(function: Any) -> Any:
                      help="torch device of the engine (auto: cuda when available)."),
         click.option("--lora/--no-lora", default=True, show_default=True,
                      help="Use the draft adapter in self-speculation, if the engine has one."),
+        click.option("--schedule-policy", type=click.Choice(["prefill-first", "decode-first"]),
+                     default="prefill-first", show_default=True,
+                     help="prefill-first: a step with prompts to prefill carries those prefills alone (short "
+                          "steps, so a short time to first token; decode rows run at least every other step); "
+                          "decode-first: running requests' rows fill each step before new prompts. Outputs are "
+                          "the same; see benchmarks/RESULTS.md."),
         click.option("--default-mode", type=click.Choice(MODES), default="spec", show_default=True,
                      help="Mode of requests that do not say."),
         click.option("--default-max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
@@ -65,7 +71,7 @@ def _write(engine_dir: Path, repo: Path, force: bool, **kw: Any) -> list[Path]:
                 "max_step_tokens": kw["max_step_tokens"], "default_mode": kw["default_mode"],
                 "default_max_tokens": kw["default_max_tokens"], "torch_threads": kw["torch_threads"],
                 "kv_cache_memory": kw["kv_cache_memory"] or "", "page_size": kw["page_size"] or 0,
-                "prefix_caching": kw["prefix_cache"]}
+                "prefix_caching": kw["prefix_cache"], "schedule_policy": kw["schedule_policy"]}
     try:
         return write_triton_repo(engine_dir, repo, model_name=kw["model_name"], sync_model=kw["sync_model"],
                                  instance_count=kw["instance_count"], force=force, **settings)
@@ -186,7 +192,8 @@ def _serve_openai(engine_dir: Path, host: str, http_port: int, served_model_name
                          max_batch_size=kw["max_batch_size"] or None, max_seq_len=kw["max_seq_len"] or None,
                          **engine_cache_kwargs(kw["kv_cache_memory"], kw["page_size"], kw["prefix_cache"]))
     frontend = Frontend(engine, default_mode=kw["default_mode"], default_max_tokens=kw["default_max_tokens"],
-                        use_lora=kw["lora"], metrics=ServerMetrics(), max_step_tokens=kw["max_step_tokens"])
+                        use_lora=kw["lora"], metrics=ServerMetrics(), max_step_tokens=kw["max_step_tokens"],
+                        max_batch_size=kw["max_batch_size"] or None, policy=kw["schedule_policy"])
     name = served_model_name or Path(engine_dir).resolve().name
     server = OpenAIServer(frontend, name, shutdown_timeout_s=shutdown_timeout)
     port = sock.getsockname()[1]

@@ -22,7 +22,7 @@ from ..backends.step import StepEngine
 from ..errors import RequestError
 from ..modes.sequence import Sequence, SequenceResult
 from ..request import Request
-from .scheduler import Scheduler, StepRecord
+from .scheduler import DECODE_FIRST, Scheduler, StepRecord
 
 LOG = logging.getLogger("trimode.loop")
 _LIVE_LOOPS: weakref.WeakSet[EngineLoop] = weakref.WeakSet()
@@ -64,9 +64,9 @@ class EngineLoop:
     """Runs an iteration-level `Scheduler` on a worker thread; see the module docstring."""
 
     def __init__(self, engine: StepEngine, max_batch_size: int | None = None, max_step_tokens: int | None = None,
-                 on_step: Callable[[StepRecord], None] | None = None) -> None:
+                 on_step: Callable[[StepRecord], None] | None = None, policy: str = DECODE_FIRST) -> None:
         self.engine = engine
-        self.scheduler = Scheduler(engine, max_batch_size, max_step_tokens, on_step)
+        self.scheduler = Scheduler(engine, max_batch_size, max_step_tokens, on_step, policy=policy)
         self.max_batch_size = self.scheduler.max_rows
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None

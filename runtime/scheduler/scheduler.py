@@ -48,6 +48,8 @@ from ..request import AUTO, Request, extra_positions, widest_row
 from ..sampler import decide, make_generator
 
 FinishCallback = Callable[[Sequence], None]
+DECODE_FIRST, PREFILL_FIRST = "decode-first", "prefill-first"
+POLICIES = (DECODE_FIRST, PREFILL_FIRST)
 
 
 @dataclass
@@ -78,7 +80,12 @@ class Scheduler:
     """See the module docstring. Not thread-safe: one thread steps it (runtime/scheduler/loop.py)."""
 
     def __init__(self, engine: StepEngine, max_batch_size: int | None = None, max_step_tokens: int | None = None,
-                 on_step: Callable[[StepRecord], None] | None = None, cache: KVCache | None = None) -> None:
+                 on_step: Callable[[StepRecord], None] | None = None, cache: KVCache | None = None,
+                 policy: str = DECODE_FIRST) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown scheduling policy {policy!r} (choose {', '.join(POLICIES)})")
+        self.policy = policy
+        self._prefill_only = False  # the last step carried first prefills alone (prefill-first)
         self.engine = engine
         limits = engine.limits
         self.max_rows = min(max_batch_size or limits.max_batch_size, limits.max_batch_size)
@@ -195,10 +202,25 @@ class Scheduler:
     # -- planning ---------------------------------------------------------------------------------------
     def _schedule(self) -> dict[Sequence, RowPlan]:
         """This step's rows: running requests first (priority, admission), then admissions (see the module
-        docstring). Dicts keep insertion order: the batch's row order."""
+        docstring). Dicts keep insertion order: the batch's row order.
+
+        With the prefill-first policy, a step in which prompts wait to be admitted or are still in their first
+        prefill carries those prefills alone - a short step, so their first token comes soon - and the next
+        step is an ordinary one again (decode-like rows never wait more than every other step)."""
+        if self.policy == PREFILL_FIRST and not self._prefill_only:
+            plans = self._plan(first_prefills_only=True)
+            if plans:
+                self._prefill_only = True
+                return plans
+        self._prefill_only = False
+        return self._plan(first_prefills_only=False)
+
+    def _plan(self, first_prefills_only: bool) -> dict[Sequence, RowPlan]:
         plans: dict[Sequence, RowPlan] = {}
         self._budget = self.max_step_tokens
         for seq in sorted(self.running, key=self._order):
+            if first_prefills_only and not (seq.first_prefill and seq.prefilling):
+                continue
             if seq not in self.running:  # preempted while planning an earlier row
                 continue
             if len(plans) >= self.max_rows or self._budget <= 0:

@@ -189,7 +189,7 @@ class Frontend:
 
     def __init__(self, engine: Any, *, default_mode: str = "spec", default_max_tokens: int = 64,
                  use_lora: bool = True, metrics: ServerMetrics | None = None, max_step_tokens: int | None = None,
-                 max_batch_size: int | None = None) -> None:
+                 max_batch_size: int | None = None, policy: str = "decode-first") -> None:
         self.engine = engine
         self.defaults = RequestDefaults(default_mode, default_max_tokens, use_lora)
         self.metrics = metrics
@@ -200,7 +200,7 @@ class Frontend:
             self.template = ChatTemplate.from_dir(Path(tokenizer_path).parent)
         self.end_think_id = end_think_token_id(self.tokenizer)
         self.loop = EngineLoop(engine, max_batch_size=max_batch_size or None, max_step_tokens=max_step_tokens or None,
-                               on_step=metrics.step if metrics is not None else None)
+                               on_step=metrics.step if metrics is not None else None, policy=policy)
         self._started = False
         self._lock = threading.Lock()
         self._live: set[TextSink] = set()  # submitted, not finished (for cancel_all at shutdown)

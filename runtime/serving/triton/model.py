@@ -157,7 +157,8 @@ class TritonPythonModel:
         self.tokenizer = load_tokenizer(self.engine.tokenizer_path)
         self._last_mix: tuple = ()
         self.loop = EngineLoop(self.engine, max_batch_size=self.settings.max_batch_size or None,
-                               max_step_tokens=self.settings.max_step_tokens or None, on_step=self._on_step)
+                               max_step_tokens=self.settings.max_step_tokens or None, on_step=self._on_step,
+                               policy=self.settings.schedule_policy)
         self.loop.start()
         limits = self.engine.limits
         self.log(f"serving {Path(self.settings.engine_path).name} (decoupled={self.decoupled}, "

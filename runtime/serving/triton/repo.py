@@ -84,6 +84,7 @@ class ServingSettings:
     kv_cache_memory: str = ""
     page_size: int = 0
     prefix_caching: bool = True
+    schedule_policy: str = "prefill-first"
     trimode_version: str = ""
 
     def to_parameters(self) -> dict[str, str]:
