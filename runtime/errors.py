@@ -16,3 +16,11 @@ class CapacityError(ValueError):
 
 class DeviceError(ValueError):
     """The asked-for device cannot be used here (no GPU, or no CUDA plugin library)."""
+
+
+class OverloadedError(RuntimeError):
+    """The server's queue is full (`--max-queued-jobs`): retry later. HTTP 429, Triton UNAVAILABLE."""
+
+
+class ShuttingDownError(OverloadedError):
+    """The server is draining for shutdown and takes no new work. HTTP 503, Triton UNAVAILABLE."""

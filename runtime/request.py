@@ -19,6 +19,8 @@ from .errors import CapacityError, RequestError
 MODES = ("ar", "diffusion", "spec", "quad", "infill")
 AUTO = "auto"  # block_length for spec and quad: chosen per engine from measured costs and acceptance
 MAX_TEMPERATURE = 100.0
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy: its distribution is one-hot to float precision
+SEED_RANGE = (-(2**63), 2**64)  # what a torch.Generator accepts
 
 
 @dataclass(frozen=True)
@@ -170,8 +172,8 @@ def check_config(engine: EngineShape, config: GenerationConfig) -> None:
         raise RequestError(f"top_p must be within (0, 1], got {config.top_p}")
     if not _is_int(config.top_k) or config.top_k < 0:
         raise RequestError(f"top_k must be an integer >= 0 (0: off), got {config.top_k}")
-    if not _is_int(config.seed):
-        raise RequestError(f"seed must be an integer, got {config.seed!r}")
+    if not _is_int(config.seed) or not SEED_RANGE[0] <= config.seed < SEED_RANGE[1]:
+        raise RequestError(f"seed must be an integer within [-2^63, 2^64), got {config.seed!r}")
     if config.max_thinking_tokens is not None and (not _is_int(config.max_thinking_tokens)
                                                    or config.max_thinking_tokens < 0):
         raise RequestError(f"max_thinking_tokens must be >= 0, got {config.max_thinking_tokens}")
@@ -189,6 +191,22 @@ def check_config(engine: EngineShape, config: GenerationConfig) -> None:
         bad = [t for t in ids if not _is_int(t) or not 0 <= t < vocab]
         if bad:
             raise RequestError(f"{name} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+
+
+def check_token_ids(ids: list[int] | tuple[int, ...], vocab: int, what: str = "prompt") -> None:
+    """RequestError unless every id is an integer in [0, vocab) (checked before anything decodes them)."""
+    bad = [t for t in ids if not _is_int(t) or not 0 <= t < vocab]
+    if bad:
+        shown = bad[0] if not _is_int(bad[0]) or abs(bad[0]) < 10**30 else f"{str(bad[0])[:12]}..."
+        raise RequestError(f"{what} has token id {shown} outside the vocabulary [0, {vocab})")
+
+
+def normalized(config: GenerationConfig) -> GenerationConfig:
+    """The config as the engine runs it: a temperature below GREEDY_BELOW is greedy (0). Dividing logits by a
+    temperature like 1e-40 overflows to infinity, and the draw it feeds would be argmax anyway."""
+    if 0 < config.temperature < GREEDY_BELOW:
+        return replace(config, temperature=0.0)
+    return config
 
 
 def longest_block(engine: EngineShape, config: GenerationConfig) -> int:
@@ -209,12 +227,10 @@ def new_request(engine: EngineShape, prompt: list[int] | tuple[int, ...], config
     blocks, infill's suffix follows the hole). The widest row of the mode must fit one step.
     """
     check_config(engine, config)
+    config = normalized(config)
     if not prompt:
         raise RequestError(f"{what} is empty")
-    vocab = engine.config.vocab_size
-    bad = [t for t in prompt if not _is_int(t) or not 0 <= t < vocab]
-    if bad:
-        raise RequestError(f"{what} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+    check_token_ids(prompt, engine.config.vocab_size, what)
     block = longest_block(engine, config)
     extra = extra_positions(config, block)
     need = len(prompt) + config.max_new_tokens + extra

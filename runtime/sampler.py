@@ -12,6 +12,12 @@ Gumbel-max with the noise computed in float64 (`exp(logits) / (-log u) ** T`), a
 softmax probability of the chosen token. Every random draw comes from a per-sequence `torch.Generator` on
 the engine's device, seeded by the request's seed and consumed only by that sequence, so a sequence's output
 depends only on its own seed and path, never on what else shares the step.
+
+A fault belongs to its row alone: logits that are not finite, a sampling distribution that is not (a
+temperature too small for the logits, for instance) or an error raised while picking a row marks that row's
+`Decided.error` - computed on the device without a synchronisation, and a row whose distribution is bad
+samples from a uniform one instead, so no device assertion fires - and every other row of the step is
+decided exactly as it would have been alone. The scheduler fails the faulty request and nothing else.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class Decided:
 
     tokens: np.ndarray      # int64
     confidence: np.ndarray  # float32 (zeros where not asked for)
+    error: str | None = None  # why this row's picks are unusable (its request fails, alone)
 
 
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -67,13 +74,20 @@ def filter_probs(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 def sample_tokens(logits: torch.Tensor, temperature: float, generator: torch.Generator | None,
-                  top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """One token per row of logits [R, V]: argmax, or a multinomial draw at `temperature` (filtered)."""
+                  top_k: int = 0, top_p: float = 1.0, bad: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row of logits [R, V]: argmax, or a multinomial draw at `temperature` (filtered).
+
+    With `bad` (a bool tensor [R]), rows whose distribution is not finite are flagged in it (in place, on the
+    device) and drawn from a uniform distribution instead of raising (or asserting on a GPU)."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_k > 0 or top_p < 1.0:
         probs = filter_probs(probs, top_k, top_p)
+    if bad is not None:
+        broken = ~torch.isfinite(probs.sum(-1))
+        bad |= broken
+        probs = torch.where(broken[:, None], torch.ones_like(probs), probs)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
@@ -113,7 +127,9 @@ class Sampling(Protocol):
 
 
 def decide(logits: torch.Tensor, plans: Sequence[Picking], sequences: Sequence[Sampling]) -> list[Decided]:
-    """Per plan, its tokens and confidences for the logits it asked for (in the step's logit order)."""
+    """Per plan, its tokens and confidences for the logits it asked for (in the step's logit order); a row
+    whose logits or distribution are not finite, or whose picking raised, gets `error` (see the module
+    docstring) and the other rows are unaffected."""
     spans, start = [], 0
     for plan in plans:
         spans.append((start, start + plan.num_logits))
@@ -122,28 +138,50 @@ def decide(logits: torch.Tensor, plans: Sequence[Picking], sequences: Sequence[S
         return [Decided(np.zeros(0, np.int64), np.zeros(0, np.float32)) for _ in plans]
     logits = _mixed(logits, plans, spans)
     tokens = logits.argmax(-1)
+    bad = ~torch.isfinite(logits.sum(-1, dtype=torch.float32))  # NaN or inf anywhere in a logit's row
     confidence = torch.zeros(start, dtype=torch.float32, device=logits.device)
-    for plan, seq, (a, b) in zip(plans, sequences, spans, strict=True):
+    raised: dict[int, str] = {}
+    for row, (plan, seq, (a, b)) in enumerate(zip(plans, sequences, spans, strict=True)):
         if a == b:
             continue
-        config = seq.config
-        kinds = plan.pick.kinds or [plan.pick.kind] * (b - a)
-        if config.temperature > 0:
-            for kind in (SAMPLE, DENOISE):
-                index = [a + i for i, k in enumerate(kinds) if k == kind]
-                if not index:
-                    continue
-                rows = logits[a:b] if len(index) == b - a else logits[torch.tensor(index, device=logits.device)]
-                pick = sample_tokens if kind == SAMPLE else denoise_tokens
-                chosen = pick(rows, config.temperature, seq.generator, config.top_k, config.top_p)
-                if len(index) == b - a:
-                    tokens[a:b] = chosen
-                else:
-                    tokens[torch.tensor(index, device=logits.device)] = chosen
-        if plan.pick.confidence:
-            confidence[a:b] = confidence_of(logits[a:b], tokens[a:b])
-    host = np.array(torch.stack([tokens.double(), confidence.double()]).tolist())  # the step's one transfer
-    return [Decided(host[0, a:b].astype(np.int64), host[1, a:b].astype(np.float32)) for a, b in spans]
+        try:
+            _pick_row(logits, tokens, confidence, bad, plan, seq, a, b)
+        except Exception as exc:  # this row alone; the others are decided as usual
+            raised[row] = f"{type(exc).__name__}: {exc}"
+    packed = torch.stack([tokens.double(), confidence.double(), bad.double()])
+    host = np.array(packed.tolist())  # the step's one transfer
+    decided = []
+    for row, (a, b) in enumerate(spans):
+        error = raised.get(row)
+        if error is None and host[2, a:b].any():
+            error = "the model's output for this request is not finite (NaN or infinite logits or probabilities)"
+        decided.append(Decided(host[0, a:b].astype(np.int64), host[1, a:b].astype(np.float32), error))
+    return decided
+
+
+def _pick_row(logits: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor, bad: torch.Tensor,
+              plan: Picking, seq: Sampling, a: int, b: int) -> None:
+    """One row's picks into tokens[a:b] / confidence[a:b] (argmax is already there); faults into bad[a:b]."""
+    config = seq.config
+    kinds = plan.pick.kinds or [plan.pick.kind] * (b - a)
+    if config.temperature > 0:
+        for kind in (SAMPLE, DENOISE):
+            index = [a + i for i, k in enumerate(kinds) if k == kind]
+            if not index:
+                continue
+            whole = len(index) == b - a
+            where = slice(a, b) if whole else torch.tensor(index, device=logits.device)
+            flags = torch.zeros(len(index), dtype=torch.bool, device=logits.device)
+            if kind == SAMPLE:
+                chosen = sample_tokens(logits[where], config.temperature, seq.generator, config.top_k,
+                                       config.top_p, flags)
+            else:
+                chosen = denoise_tokens(logits[where], config.temperature, seq.generator, config.top_k,
+                                        config.top_p)
+            tokens[where] = chosen
+            bad[where] |= flags
+    if plan.pick.confidence:
+        confidence[a:b] = confidence_of(logits[a:b], tokens[a:b])
 
 
 def _mixed(logits: torch.Tensor, plans: Sequence[Picking], spans: list[tuple[int, int]]) -> torch.Tensor:

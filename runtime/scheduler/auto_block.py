@@ -184,16 +184,20 @@ def save_all() -> None:
 atexit.register(save_all)
 
 
-def candidates(limits) -> list[int]:
-    """The block lengths `auto` may pick on an engine (a TensorRT engine serves only its built ones; L = 1,
-    plain AR, always)."""
+def candidates(limits, mode: str = "spec", max_row_tokens: int | None = None) -> list[int]:
+    """The block lengths `auto` may pick on an engine (a TensorRT engine serves only its built ones, a server
+    only those whose rows fit its --max-row-tokens; L = 1, plain AR, always)."""
     built = limits.block_lengths
-    return [c for c in CANDIDATES if c == 1 or not built or c in built]
+    def fits(length: int) -> bool:
+        width = length * (length + 1) if mode == "quad" else length
+        return max_row_tokens is None or width <= max_row_tokens
+
+    return [c for c in CANDIDATES if c == 1 or ((not built or c in built) and fits(c))]
 
 
-def largest_candidate(limits) -> int:
+def largest_candidate(limits, mode: str = "spec", max_row_tokens: int | None = None) -> int:
     """The longest block `auto` may pick (what capacity checks must allow for)."""
-    return max(candidates(limits))
+    return max(candidates(limits, mode, max_row_tokens))
 
 
 def _timed(engine, cache: KVCache, rows: list[ChunkRow]) -> float:
@@ -230,13 +234,13 @@ def round_cost(engine, cache: KVCache, mode: str, length: int) -> float:
     return stats.costs[key]
 
 
-def choose_block_length(engine, mode: str, cache: KVCache, sampled: bool) -> int:
+def choose_block_length(engine, mode: str, cache: KVCache, sampled: bool, max_row_tokens: int | None = None) -> int:
     """The candidate L with the highest expected tokens per second (see the module docstring)."""
     stats = stats_for(engine)
     acceptance = stats.accept(mode, sampled)
     prior = PRIOR_SAMPLED if sampled else PRIOR_GREEDY
     best, best_rate = None, -1.0
-    for length in candidates(engine.limits):
+    for length in candidates(engine.limits, mode, max_row_tokens):
         try:
             cost = round_cost(engine, cache, mode, length)
         except CapacityError:  # no scratch pages free right now: only what was measured before counts

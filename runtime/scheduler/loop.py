@@ -4,6 +4,12 @@ Triton's model, the OpenAI server and the Python API's streaming all hand reques
 A job joins the running batch at the next step, whatever its mode and settings; its committed tokens,
 its final result, an error and cancellation travel through its `ResponseSink`, so this module knows
 nothing of any protocol and is tested with plain Python sinks.
+
+The queue is bounded when `max_queued_jobs` is set: a submission whose jobs would make more than that many
+wait for admission is refused whole (`OverloadedError`, which servers answer with 429 / UNAVAILABLE), so a
+flood of work cannot make every later request wait without end. `drain()` is the graceful half of a shutdown:
+new jobs are refused, running ones may finish for a while, then what is left is cancelled (each job still gets
+its final response).
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ..backends.step import StepEngine
-from ..errors import RequestError
+from ..errors import OverloadedError, RequestError, ShuttingDownError
 from ..modes.sequence import Sequence, SequenceResult
 from ..request import Request
 from .scheduler import DECODE_FIRST, Scheduler, StepRecord
@@ -64,13 +70,19 @@ class EngineLoop:
     """Runs an iteration-level `Scheduler` on a worker thread; see the module docstring."""
 
     def __init__(self, engine: StepEngine, max_batch_size: int | None = None, max_step_tokens: int | None = None,
-                 on_step: Callable[[StepRecord], None] | None = None, policy: str = DECODE_FIRST) -> None:
+                 on_step: Callable[[StepRecord], None] | None = None, policy: str = DECODE_FIRST,
+                 max_row_tokens: int | None = None, max_queued_jobs: int | None = None) -> None:
         self.engine = engine
-        self.scheduler = Scheduler(engine, max_batch_size, max_step_tokens, on_step, policy=policy)
+        self.scheduler = Scheduler(engine, max_batch_size, max_step_tokens, on_step, policy=policy,
+                                   max_row_tokens=max_row_tokens)
         self.max_batch_size = self.scheduler.max_rows
+        self.max_queued_jobs = max_queued_jobs
         self._inbox: queue.Queue[Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._draining = threading.Event()   # new jobs are refused
+        self._cancelling = threading.Event()  # every job still running is cancelled at the next step
+        self._submit_lock = threading.Lock()
 
     def start(self) -> None:
         if self._thread is None:
@@ -79,10 +91,45 @@ class EngineLoop:
             _LIVE_LOOPS.add(self)
 
     def submit(self, job: Job) -> None:
-        if self._stopping.is_set():
-            _safe(job.sink.fail, "the model is shutting down")
-            return
-        self._inbox.put(job)
+        """Queue one job; when the queue is full its sink hears why (see `submit_all` to refuse instead)."""
+        try:
+            self.submit_all([job])
+        except (OverloadedError, RequestError) as exc:
+            _safe(job.sink.fail, str(exc))
+
+    def submit_all(self, jobs: list[Job]) -> None:
+        """Queue a request's jobs together, or none of them: RequestError when one can never be served here
+        (`Scheduler.check`), OverloadedError when they would make more than `max_queued_jobs` wait,
+        ShuttingDownError once the loop drains or stops."""
+        if self._stopping.is_set() or self._draining.is_set():
+            raise ShuttingDownError("the model is shutting down")
+        for job in jobs:
+            self.scheduler.check(job.request)
+        if self.max_queued_jobs is not None and len(jobs) > self.max_queued_jobs:
+            raise RequestError(f"this request brings {len(jobs)} jobs, more than may ever wait on this server "
+                               f"({self.max_queued_jobs}, --max-queued-jobs)")
+        with self._submit_lock:
+            if self.max_queued_jobs is not None:
+                queued = self.queue_length()
+                if queued + len(jobs) > self.max_queued_jobs:
+                    raise OverloadedError(f"the server is busy: {queued} jobs wait for admission and this request "
+                                          f"brings {len(jobs)} (at most {self.max_queued_jobs} may wait); retry "
+                                          "later")
+            for job in jobs:
+                self._inbox.put(job)
+
+    def drain(self, timeout_s: float) -> None:
+        """Refuse new jobs from now on; cancel whatever still runs after `timeout_s` seconds (each job gets its
+        final response with finish reason "cancelled"). Returns at once; see `idle`."""
+        self._draining.set()
+        timer = threading.Timer(timeout_s, self._cancelling.set)
+        timer.daemon = True
+        timer.start()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or running (after `drain`: every job has had its final response)."""
+        return not self.scheduler.has_work and self._inbox.empty()
 
     def queue_length(self) -> int:
         """Requests waiting for admission (plus those not yet taken from the inbox)."""
@@ -127,10 +174,14 @@ class EngineLoop:
 
         try:
             self.scheduler.submit(job.request, on_tokens=lambda _i, ids: _safe(sink.tokens, ids),
-                                  is_cancelled=lambda _i: self._stopping.is_set() or _cancelled(sink),
+                                  is_cancelled=lambda _i: (self._stopping.is_set() or self._cancelling.is_set()
+                                                           or _cancelled(sink)),
                                   on_finish=finished)
         except RequestError as exc:
             _safe(sink.fail, str(exc))
+        except Exception as exc:  # a request the scheduler could not take: it alone fails
+            LOG.exception("submitting a request failed")
+            _safe(sink.fail, f"the request could not be started: {type(exc).__name__}: {exc}")
 
     def _run(self) -> None:
         running = True

@@ -9,14 +9,16 @@ publishes full committed pages to the prefix cache, and reuses them for later re
 Each `step()`:
 
 1. drops cancelled requests and finishes those that are done, giving their pages back;
-2. plans one row per running request, in order of (priority, admission): decode-like rows and the prefill
-   chunks of admitted prompts alike count against the step's token budget (`max_step_tokens`) and its row
-   budget (`max_batch_size`); a row that does not fit what is left waits for the next step; a writing row
+2. plans one row per running request: decode-like rows first, then prefill chunks (priority, first tokens
+   first, admission); rows count against the step's token budget (`max_step_tokens`) and its row budget
+   (`max_batch_size`); a prefill chunk takes what is left and a row that does not fit waits for the next
+   step (admission keeps the running requests' widest decode-like rows within one step); a writing row
    takes the pages its new positions need, and when the pool is out of pages the scheduler preempts - the
    lowest-priority, most recently admitted running request gives all its pages back and waits again, its
    emitted tokens, mode state and random generator kept, to be recomputed on readmission (mostly a prefix
    cache hit);
-3. admits waiting requests (priority, then arrival) while rows, tokens and pages allow: each first takes the
+3. admits waiting requests (priority, then arrival) while rows, tokens, pages and the decode-row reservation
+   (the running requests' widest decode-like rows plus its own fit one step) allow: each first takes the
    longest prefix of its prompt found in the prefix cache and prefills only the rest; a waiting request of
    higher priority may preempt a running one of lower priority;
 4. packs all rows into one `StepBatch`, runs ONE engine forward, makes every pick on the device with one
@@ -24,17 +26,28 @@ Each `step()`:
    sequence's new length, frees pages past it and publishes pages that became full.
 
 A request that fits the pool alone is never failed for lack of pages; one that could not fit even alone, or
-whose widest row exceeds the step budget, is refused at submission (a RequestError).
+whose widest row exceeds the step budget or the row limit (`max_row_tokens`), is refused at submission (a
+RequestError). So no step carries more than `max_step_tokens` tokens, and a running request that is past its
+prefill gets a row in every step (every other step under prefill-first) whatever else was submitted: that is
+the bound on how long one request can hold the others up (benchmarks/isolation.py counts it).
+
+A fault belongs to one request: a row whose planning, picks (non-finite logits or distribution, see
+runtime/sampler.py) or consumption raise fails that request alone (finish_reason "error", its message in
+`error`); when the batched forward itself raises, each row is run alone once so that only the rows that fail
+on their own are failed. The other requests' outputs are exactly what they would have been.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import logging
 import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from ...plugins.masks import CAUSAL
 from ..backends.step import ChunkRow, StepBatch, StepEngine
@@ -47,6 +60,7 @@ from ..modes.sequence import CancelCheck, Sequence, TokenCallback
 from ..request import AUTO, Request, extra_positions, widest_row
 from ..sampler import decide, make_generator
 
+LOG = logging.getLogger("trimode.scheduler")
 FinishCallback = Callable[[Sequence], None]
 DECODE_FIRST, PREFILL_FIRST = "decode-first", "prefill-first"
 POLICIES = (DECODE_FIRST, PREFILL_FIRST)
@@ -81,7 +95,7 @@ class Scheduler:
 
     def __init__(self, engine: StepEngine, max_batch_size: int | None = None, max_step_tokens: int | None = None,
                  on_step: Callable[[StepRecord], None] | None = None, cache: KVCache | None = None,
-                 policy: str = DECODE_FIRST) -> None:
+                 policy: str = DECODE_FIRST, max_row_tokens: int | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown scheduling policy {policy!r} (choose {', '.join(POLICIES)})")
         self.policy = policy
@@ -90,6 +104,7 @@ class Scheduler:
         limits = engine.limits
         self.max_rows = min(max_batch_size or limits.max_batch_size, limits.max_batch_size)
         self.max_step_tokens = min(max_step_tokens or limits.max_step_tokens, limits.max_step_tokens)
+        self.max_row_tokens = min(max_row_tokens or self.max_step_tokens, self.max_step_tokens)
         self.cache = engine.cache if cache is None else cache
         self.pages = self.cache.pages
         self.page_size = self.cache.page_size
@@ -114,15 +129,7 @@ class Scheduler:
         """Queue a validated request; a RequestError if this scheduler can never serve it (pages, step size)."""
         config = request.config
         block = self._block_length(config)
-        need = len(request.prompt) + config.max_new_tokens + extra_positions(config, block)
-        if self.pages.pages_for(need) > self.pages.num_pages:
-            raise RequestError(f"the request needs {need} positions of KV cache ({self.pages.pages_for(need)} pages "
-                               f"of {self.page_size}), more than the whole cache holds ({self.pages.num_pages} "
-                               "pages; raise --kv-cache-memory)")
-        if widest_row(config, block) > self.max_step_tokens:
-            raise RequestError(f"a {config.mode} row at block length {block} carries {widest_row(config, block)} "
-                               f"tokens, more than one step may hold ({self.max_step_tokens}; raise "
-                               "--max-step-tokens or use a shorter block)")
+        self._refuse(request, block)
         on_round = None
         if config.mode in ("spec", "quad"):
             from .auto_block import stats_for
@@ -138,11 +145,43 @@ class Scheduler:
         self._enqueue(seq)
         return seq
 
+    def check(self, request: Request) -> None:
+        """The refusals of `submit` that do not depend on the moment (for "auto", the longest block it may
+        pick); reads fixed settings only, so a front end may call it from any thread before queuing."""
+        config = request.config
+        if config.block_length == AUTO:
+            from .auto_block import largest_candidate
+
+            block = largest_candidate(self.engine.limits, config.mode, self.max_row_tokens)
+        else:
+            block = int(config.block_length)
+        self._refuse(request, block)
+
+    def _refuse(self, request: Request, block: int) -> None:
+        """RequestError when `request` at block length `block` can never be served here."""
+        config = request.config
+        need = len(request.prompt) + config.max_new_tokens + extra_positions(config, block)
+        if self.pages.pages_for(need) > self.pages.num_pages:
+            raise RequestError(f"the request needs {need} positions of KV cache ({self.pages.pages_for(need)} pages "
+                               f"of {self.page_size}), more than the whole cache holds ({self.pages.num_pages} "
+                               "pages; raise --kv-cache-memory)")
+        widest = widest_row(config, block)
+        if widest > self.max_step_tokens:
+            raise RequestError(f"a {config.mode} row at block length {block} carries {widest} tokens, more than "
+                               f"one step may hold ({self.max_step_tokens}; raise --max-step-tokens or use a "
+                               "shorter block)")
+        if widest > self.max_row_tokens:
+            what = (f"an infill row (a hole of {config.max_new_tokens} + a suffix of {len(config.suffix)} tokens)"
+                    if config.mode == "infill" else f"a {config.mode} row at block length {block}")
+            raise RequestError(f"{what} carries {widest} tokens, more than one row may carry on this server "
+                               f"({self.max_row_tokens}, --max-row-tokens)")
+
     def _block_length(self, config) -> int:
         if config.block_length == AUTO:
             from .auto_block import choose_block_length
 
-            return choose_block_length(self.engine, config.mode, self.cache, config.temperature > 0)
+            return choose_block_length(self.engine, config.mode, self.cache, config.temperature > 0,
+                                       self.max_row_tokens)
         return int(config.block_length)
 
     def _enqueue(self, seq: Sequence) -> None:
@@ -173,11 +212,23 @@ class Scheduler:
         members = list(plans)
         rows = [plans[s].row for s in members]
         batch = StepBatch.from_rows(rows, [s.pages for s in members], [s.cached for s in members], self.page_size)
-        logits = self.engine.step(self.cache, batch)
-        decided = decide(logits, [plans[s] for s in members], members)
+        try:
+            logits = self.engine.step(self.cache, batch)
+        except Exception as exc:
+            LOG.exception("a step of %d rows failed; running each row alone", len(members))
+            members, logits = self._forward_apart(members, plans, exc)
+        decided = decide(logits, [plans[s] for s in members], members) if members else []
         for seq, picks in zip(members, decided, strict=True):
+            if picks.error is not None:
+                self._fail(seq, f"sampling failed: {picks.error}")
+                continue
             had_tokens = len(seq.tokens)
-            kept = seq.mode.consume(seq, plans[seq], picks)
+            try:
+                kept = seq.mode.consume(seq, plans[seq], picks)
+            except Exception as exc:
+                LOG.exception("a %s request's step failed", seq.config.mode)
+                self._fail(seq, f"generation failed: {type(exc).__name__}: {exc}")
+                continue
             self._settle(seq, seq.cached + kept)
             if had_tokens == 0 and seq.tokens:
                 seq.first_token_step = self.steps + 1
@@ -185,13 +236,39 @@ class Scheduler:
         self.stats.peak_running = max(self.stats.peak_running, len(self.running))
         if self.on_step is not None:
             modes: dict[str, int] = {}
-            for seq in members:
+            for seq in plans:
                 modes[seq.config.mode] = modes.get(seq.config.mode, 0) + 1
-            self.on_step(StepRecord(self.steps, len(members), batch.num_tokens, modes, len(self.running),
+            self.on_step(StepRecord(self.steps, len(plans), batch.num_tokens, modes, len(self.running),
                                     len(self.waiting), self.pages.in_use, self.pages.num_pages,
                                     self.stats.preemptions))
         self._retire()
         return True
+
+    def _forward_apart(self, members: list[Sequence], plans: dict[Sequence, RowPlan],
+                       error: Exception) -> tuple[list[Sequence], torch.Tensor | None]:
+        """After a failed batched forward: each row alone (rewriting its own positions is harmless); a row that
+        fails alone fails its request. Returns the rows that ran and their logits, in step order."""
+        survivors: list[Sequence] = []
+        pieces = []
+        for seq in members:
+            if len(members) == 1:
+                failure: Exception | None = error
+            else:
+                single = StepBatch.from_rows([plans[seq].row], [seq.pages], [seq.cached], self.page_size)
+                try:
+                    pieces.append(self.engine.step(self.cache, single))
+                    survivors.append(seq)
+                    continue
+                except Exception as exc:
+                    failure = exc
+            self._fail(seq, f"generation failed: {type(failure).__name__}: {failure}")
+        return survivors, (torch.cat(pieces) if pieces else None)
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        """This request alone ends with an error (its pages are given back when it is retired)."""
+        if not seq.done:
+            seq.finish_reason = "error"
+            seq.error = message
 
     def run(self, max_steps: int | None = None) -> None:
         """Step until nothing is left (or `max_steps` steps ran)."""
@@ -225,7 +302,9 @@ class Scheduler:
                 continue
             if len(plans) >= self.max_rows or self._budget <= 0:
                 break
-            plan = seq.mode.plan(seq, self._budget)
+            plan = self._plan_row(seq)
+            if seq.done:
+                continue
             if plan is None:
                 seq.finish_reason = seq.finish_reason or "length"
                 continue
@@ -235,10 +314,17 @@ class Scheduler:
                 continue  # it was preempted itself
             plans[seq] = plan
             self._budget -= len(plan.row.tokens)
+        reserved = sum(self._width(s) for s in self.running)
         while self.waiting and len(self.running) < self.max_rows and len(plans) < self.max_rows and self._budget > 0:
             seq = self.waiting[0]
+            if reserved + self._width(seq) > self.max_step_tokens:
+                break  # its rows could not always join the running ones' in one step
             self._attach_prefix(seq)
-            plan = seq.mode.plan(seq, self._budget)
+            plan = self._plan_row(seq)
+            if seq.done:  # its planning failed: it ends, the others go on
+                self.waiting.pop(0)
+                self._end(seq)
+                continue
             if plan is None or len(plan.row.tokens) > self._budget or not self._admit_pages(seq, plan, plans):
                 self._detach(seq)
                 break
@@ -249,16 +335,31 @@ class Scheduler:
                 seq.admitted_step = self.steps
             plans[seq] = plan
             self._budget -= len(plan.row.tokens)
+            reserved += self._width(seq)
         return plans
+
+    def _plan_row(self, seq: Sequence) -> RowPlan | None:
+        try:
+            return seq.mode.plan(seq, self._budget)
+        except Exception as exc:
+            LOG.exception("planning a %s request's row failed", seq.config.mode)
+            self._fail(seq, f"generation failed: {type(exc).__name__}: {exc}")
+            return None
 
     def _rank(self, seq: Sequence) -> tuple[int, int]:
         """Who loses pages first (the maximum): lowest priority, then most recently admitted."""
         return seq.priority, self._admitted_at.get(id(seq), 0)
 
-    def _order(self, seq: Sequence) -> tuple[int, bool, int]:
-        """Who gets the step's budget first: higher priority, then requests still waiting for their first
-        token (time to first token), then the earliest admitted."""
-        return seq.priority, bool(seq.tokens), self._admitted_at.get(id(seq), 0)
+    def _order(self, seq: Sequence) -> tuple[bool, int, bool, int]:
+        """Who gets the step's budget first: every decode-like row (the running requests' rows always fit one
+        step together, see `_width`), then prefill chunks - higher priority, then requests still waiting for
+        their first token (time to first token), then the earliest admitted."""
+        return seq.prefilling, seq.priority, bool(seq.tokens), self._admitted_at.get(id(seq), 0)
+
+    def _width(self, seq: Sequence) -> int:
+        """The widest decode-like row `seq` runs. Admission keeps the running requests' widths within one
+        step's budget, so every running request gets its row in every ordinary step, whatever waits."""
+        return widest_row(seq.config, seq.block_length)
 
     def _pages_needed(self, seq: Sequence, plan: RowPlan) -> int:
         return max(0, self.pages.pages_for(seq.cached + plan.row.written) - len(seq.pages))
@@ -358,11 +459,15 @@ class Scheduler:
         self.running = [s for s in self.running if not s.done]
         self.waiting = [s for s in self.waiting if not s.done]
         for seq in finished:
-            self._release(seq)
-            self._admitted_at.pop(id(seq), None)
-            callback = self._on_finish.pop(id(seq), None)
-            if callback is not None:
-                callback(seq)
+            self._end(seq)
+
+    def _end(self, seq: Sequence) -> None:
+        """A finished request (already out of both queues) gives its pages back and is reported."""
+        self._release(seq)
+        self._admitted_at.pop(id(seq), None)
+        callback = self._on_finish.pop(id(seq), None)
+        if callback is not None:
+            callback(seq)
 
 
 def run_scratch(engine: StepEngine, cache: KVCache, rows: list[ChunkRow], prefix: int) -> float:

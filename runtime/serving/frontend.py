@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import RequestError
+from ..errors import OverloadedError, RequestError
 from ..modes.sequence import tokens_per_forward
 from ..request import GenerationConfig, Request, RequestDefaults, make_config, new_request, with_seed_offset
 from ..scheduler.loop import EngineLoop, Job
@@ -50,6 +50,20 @@ class Completion:
     @property
     def tokens_per_forward(self) -> float:
         return tokens_per_forward(len(self.token_ids), self.forwards)
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """What a deployment lets one request take (None: no limit; `trimode serve` sets defaults).
+
+    max_row_tokens: the most tokens one row may carry (a quad row is L(L+1), an infill row its hole plus its
+    suffix, a spec or diffusion row its block), so that no single request makes every step long.
+    max_jobs_per_request: prompts x n of one request. max_queued_jobs: jobs waiting for admission in total.
+    """
+
+    max_row_tokens: int | None = None
+    max_jobs_per_request: int | None = None
+    max_queued_jobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,7 @@ class TextSink:
         self.last_token_at: float | None = None
         self._cancel = threading.Event()
         self._done = False
+        self._error: str | None = None  # the output could not be turned into text: the request fails
         self._lock = threading.Lock()
 
     def cancel(self) -> None:
@@ -123,11 +138,15 @@ class TextSink:
                 piece = "".join(pieces)
             if piece:
                 self.on_event(("text", piece))
-        except Exception:  # a sink must not raise into the scheduler
+        except Exception as exc:  # a sink must not raise into the scheduler; this request alone fails
             LOG.exception("streaming tokens to a client failed")
+            self._error = f"decoding the output failed: {type(exc).__name__}: {exc}"
             self._cancel.set()
 
     def finish(self, result: Any) -> None:
+        if self._error is not None:
+            self.fail(self._error)
+            return
         try:
             with self._lock:
                 if self._done:
@@ -189,8 +208,10 @@ class Frontend:
 
     def __init__(self, engine: Any, *, default_mode: str = "spec", default_max_tokens: int = 64,
                  use_lora: bool = True, metrics: ServerMetrics | None = None, max_step_tokens: int | None = None,
-                 max_batch_size: int | None = None, policy: str = "decode-first") -> None:
+                 max_batch_size: int | None = None, policy: str = "decode-first", limits: ServingLimits | None = None
+                 ) -> None:
         self.engine = engine
+        self.limits = limits or ServingLimits()
         self.defaults = RequestDefaults(default_mode, default_max_tokens, use_lora)
         self.metrics = metrics
         tokenizer_path = getattr(engine, "tokenizer_path", None)
@@ -200,7 +221,8 @@ class Frontend:
             self.template = ChatTemplate.from_dir(Path(tokenizer_path).parent)
         self.end_think_id = end_think_token_id(self.tokenizer)
         self.loop = EngineLoop(engine, max_batch_size=max_batch_size or None, max_step_tokens=max_step_tokens or None,
-                               on_step=metrics.step if metrics is not None else None, policy=policy)
+                               on_step=metrics.step if metrics is not None else None, policy=policy,
+                               max_row_tokens=self.limits.max_row_tokens, max_queued_jobs=self.limits.max_queued_jobs)
         self._started = False
         self._lock = threading.Lock()
         self._live: set[TextSink] = set()  # submitted, not finished (for cancel_all at shutdown)
@@ -279,13 +301,43 @@ class Frontend:
 
     def prepare(self, prompts: Sequence[list[int]], settings: Settings, n: int = 1) -> list[Prepared]:
         """Every choice of a request (prompt-major, then n), all validated before anything is submitted."""
+        jobs = len(prompts) * n
+        if self.limits.max_jobs_per_request is not None and jobs > self.limits.max_jobs_per_request:
+            raise RequestError(f"this request asks for {jobs} generations ({len(prompts)} prompts x n={n}); at "
+                               f"most {self.limits.max_jobs_per_request} per request on this server "
+                               "(--max-jobs-per-request)")
         what = "prompt" if len(prompts) == 1 else "prompt {}"
         return [Prepared(new_request(self.engine, prompt, self.config(settings, choice), what.format(number)),
                          settings.stop)
                 for number, prompt in enumerate(prompts) for choice in range(n)]
 
     def submit(self, item: Prepared, on_event: EventCallback) -> TextSink:
+        """Submit one choice; a full queue is reported through its events (see `submit_all`)."""
+        return self.submit_all([item], [on_event], refuse=False)[0]
+
+    def submit_all(self, items: Sequence[Prepared], on_events: Sequence[EventCallback],
+                   refuse: bool = True) -> list[TextSink]:
+        """Submit a request's choices together: all are queued, or (refuse=True) none and OverloadedError is
+        raised when the queue cannot take them all (--max-queued-jobs)."""
         self.start()
+        sinks = [self._sink(item, on_event) for item, on_event in zip(items, on_events, strict=True)]
+        jobs = [Job(item.request, sink) for item, sink in zip(items, sinks, strict=True)]
+        if refuse:
+            try:
+                self.loop.submit_all(jobs)
+            except OverloadedError:
+                with self._lock:
+                    self._live.difference_update(sinks)
+                raise
+        else:
+            for job in jobs:
+                self.loop.submit(job)
+        if self.metrics is not None:
+            for item in items:
+                self.metrics.submitted(item.config.mode, len(item.prompt))
+        return sinks
+
+    def _sink(self, item: Prepared, on_event: EventCallback) -> TextSink:
         def forget(event: Event) -> None:
             if event[0] != "text":
                 with self._lock:
@@ -296,7 +348,4 @@ class Frontend:
                         self.metrics)
         with self._lock:
             self._live.add(sink)
-        if self.metrics is not None:
-            self.metrics.submitted(item.config.mode, len(item.prompt))
-        self.loop.submit(Job(item.request, sink))
         return sink
