@@ -314,6 +314,49 @@ def test_sixteen_concurrent_streams_get_their_solo_results(server: Server, engin
         assert reason == ("stop" if finish == "eos" else "length")
 
 
+@pytest.mark.integration
+def test_hostile_requests_leave_concurrent_requests_their_solo_results(server: Server, engine, tokenizer) -> None:
+    """Innocent streams of every mode run while requests that used to fail the step, crash the parser or take
+    the machine arrive; every innocent gets exactly its solo output, every hostile one a clear answer."""
+    cases = [(f"innocent {i} " + "y" * i, dict(mode=m, max_new_tokens=24, block_length=4, seed=i,
+                                                 temperature=0.8 if m == "ar" else 0.0))
+             for i, m in enumerate(["ar", "spec", "quad", "diffusion", "ar", "spec"])]
+    expected = [solo(engine, tokenizer, prompt, **settings) for prompt, settings in cases]
+    tiny = solo(engine, tokenizer, "tiny temperature", mode="spec", max_new_tokens=16, block_length=4)
+    barrier = threading.Barrier(len(cases) + 1)
+
+    def innocent(case):
+        prompt, s = case
+        barrier.wait(30)
+        return stream_completion(server.client(), model=server.model, prompt=prompt, max_tokens=s["max_new_tokens"],
+                                 temperature=s["temperature"], seed=s["seed"],
+                                 extra_body={"mode": s["mode"], "block_length": s["block_length"]})
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        running = [pool.submit(innocent, case) for case in cases]
+        barrier.wait(30)
+        for temperature in (1e-40, 1e-300):  # once failed the whole step
+            reply = server.client().completions.create(model=server.model, prompt="tiny temperature", max_tokens=16,
+                                                       temperature=temperature, extra_body={"mode": "spec",
+                                                                                            "block_length": 4})
+            assert reply.choices[0].text == tiny[0]
+        for name, path, body in hostile_requests(server.model):
+            kw = {"json": body} if isinstance(body, dict) else {"content": body}
+            reply = httpx.post(server.base + path, timeout=60, headers={"content-type": "application/json"}, **kw)
+            assert reply.status_code == 400, (name, reply.text)
+        got = [future.result(timeout=240) for future in running]
+    for (prompt, settings), (text, _, _), (want, _, _) in zip(cases, got, expected, strict=True):
+        assert text == want, (prompt, settings)
+
+
+@pytest.mark.integration
+def test_a_body_over_the_size_limit_is_refused_early(server: Server) -> None:
+    body = b'{"model": "x", "prompt": "' + b"a" * (17 * 1024 * 1024) + b'"}'
+    reply = httpx.post(server.base + "/v1/completions", content=body, timeout=60,
+                       headers={"content-type": "application/json"})
+    assert reply.status_code == 413 and "exceeds the limit" in reply.json()["error"]["message"]
+
+
 # -- thinking budget -------------------------------------------------------------------------------------------------
 
 @pytest.mark.integration
@@ -380,6 +423,28 @@ def bad_requests(model: str) -> list[tuple[str, str, bytes | dict]]:
         ("chat both token limits", ch, {**chat, "max_completion_tokens": 4}),
         ("chat enable_thinking a string", ch, {**chat, "enable_thinking": "yes"}),
         ("chat max_thinking_tokens negative", ch, {**chat, "max_thinking_tokens": -1}),
+    ] + hostile_requests(model)
+
+
+def hostile_requests(model: str) -> list[tuple[str, str, bytes | dict]]:
+    """Requests that once hurt the whole server (a 500, or work that stalled everyone): each is a 400 now."""
+    good = {"model": model, "prompt": "hi", "max_tokens": 4}
+    c, ch = "/v1/completions", "/v1/chat/completions"
+    name = model.encode()
+    return [
+        ("100k levels of nesting", c,
+         b'{"model": "' + name + b'", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        ("lone surrogate in the prompt", c, b'{"model": "' + name + b'", "prompt": "a\\ud800b", "max_tokens": 2}'),
+        ("lone surrogate in chat content", ch,
+         b'{"model": "' + name + b'", "messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 2}'),
+        ("lone surrogate in the suffix", c,
+         b'{"model": "' + name + b'", "prompt": "a", "suffix": "\\ud800", "mode": "infill", "max_tokens": 2}'),
+        ("lone surrogate in the model name", c, b'{"model": "\\ud800", "prompt": "a", "max_tokens": 2}'),
+        ("token id beyond int64", c, {**good, "prompt": [1, 2**70]}),
+        ("negative token id", c, {**good, "prompt": [-1]}),
+        ("a quad row beyond --max-row-tokens", c, {**good, "mode": "quad", "block_length": 64}),
+        ("an infill hole beyond --max-row-tokens", c, {**good, "mode": "infill", "suffix": "x", "max_tokens": 2039}),
+        ("too many jobs in one request", c, {**good, "prompt": ["a"] * 17, "n": 16}),
     ]
 
 
@@ -451,7 +516,7 @@ def test_a_shared_prefix_is_read_from_the_cache_and_reported(server: Server, eng
 @pytest.fixture(scope="module")
 def one_slot(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     srv = start_server(checkpoint, tmp_path_factory.mktemp("logs1") / "server.log", "--max-batch-size", "1",
-                       "--shutdown-timeout", "1", "--threads", "1")
+                       "--shutdown-timeout", "1", "--threads", "1", "--max-queued-jobs", "2", "--header-timeout", "1")
     yield srv
     stop_server(srv)
 
@@ -487,6 +552,39 @@ def test_disconnect_while_waiting_for_a_whole_answer(one_slot: Server) -> None:
         time.sleep(0.2)
     done = one_slot.client(timeout=60).completions.create(model=one_slot.model, prompt="hi", max_tokens=4)
     assert done.usage.completion_tokens == 4
+
+
+@pytest.mark.integration
+def test_a_full_queue_answers_429_and_the_queued_requests_still_finish(one_slot: Server) -> None:
+    body = {"model": one_slot.model, "prompt": "hello", "max_tokens": LONG, "stream": True, "mode": "ar"}
+    with httpx.stream("POST", one_slot.base + "/v1/completions", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        next(line for line in lines if line)  # the one slot is taken
+        with ThreadPoolExecutor(2) as pool:
+            queued = [pool.submit(httpx.post, one_slot.base + "/v1/completions", timeout=120,
+                                  json={"model": one_slot.model, "prompt": f"q{i}", "max_tokens": 4})
+                      for i in range(2)]
+            deadline = time.monotonic() + 30
+            while one_slot.metric("trimode_queue_length") < 2:
+                assert time.monotonic() < deadline, "the two requests never queued"
+                time.sleep(0.05)
+            full = httpx.post(one_slot.base + "/v1/completions", timeout=30,
+                              json={"model": one_slot.model, "prompt": "one too many", "max_tokens": 4})
+            assert full.status_code == 429 and full.headers["retry-after"] == "1"
+            assert full.json()["error"]["code"] == "overloaded"
+            response.close()  # the long stream's client leaves: the slot frees, the queue drains
+            assert [f.result(timeout=120).status_code for f in queued] == [200, 200]
+
+
+@pytest.mark.integration
+def test_a_connection_that_sends_no_headers_is_closed(one_slot: Server) -> None:
+    with socket.create_connection((HOST, one_slot.port), timeout=30) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")  # and then nothing
+        reply = b""
+        while chunk := conn.recv(4096):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408")
+    assert one_slot.client().completions.create(model=one_slot.model, prompt="hi", max_tokens=2).usage
 
 
 @pytest.mark.integration

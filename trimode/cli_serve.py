@@ -48,6 +48,13 @@ def repo_options(function: Any) -> Any:
                           "steps, so a short time to first token; decode rows run at least every other step); "
                           "decode-first: running requests' rows fill each step before new prompts. Outputs are "
                           "the same; see benchmarks/RESULTS.md."),
+        click.option("--max-row-tokens", type=click.IntRange(min=0), default=512, show_default=True,
+                     help="Most tokens one row of one request may carry (a quad row is L(L+1), an infill row its "
+                          "hole plus suffix, spec and diffusion rows their block); wider requests are refused, so "
+                          "no single request makes every step long (0: the step size)."),
+        click.option("--max-queued-jobs", type=click.IntRange(min=0), default=1024, show_default=True,
+                     help="Most jobs (prompts x n) waiting for admission; a request that would exceed it is refused "
+                          "(HTTP 429, Triton UNAVAILABLE) (0: no limit)."),
         click.option("--default-mode", type=click.Choice(MODES), default="spec", show_default=True,
                      help="Mode of requests that do not say."),
         click.option("--default-max-tokens", type=click.IntRange(min=1), default=64, show_default=True,
@@ -71,7 +78,9 @@ def _write(engine_dir: Path, repo: Path, force: bool, **kw: Any) -> list[Path]:
                 "max_step_tokens": kw["max_step_tokens"], "default_mode": kw["default_mode"],
                 "default_max_tokens": kw["default_max_tokens"], "torch_threads": kw["torch_threads"],
                 "kv_cache_memory": kw["kv_cache_memory"] or "", "page_size": kw["page_size"] or 0,
-                "prefix_caching": kw["prefix_cache"], "schedule_policy": kw["schedule_policy"]}
+                "prefix_caching": kw["prefix_cache"], "schedule_policy": kw["schedule_policy"],
+                "max_row_tokens": kw["max_row_tokens"], "max_queued_jobs": kw["max_queued_jobs"],
+                "drain_dir": str(kw.get("drain_dir") or "")}
     try:
         return write_triton_repo(engine_dir, repo, model_name=kw["model_name"], sync_model=kw["sync_model"],
                                  instance_count=kw["instance_count"], force=force, **settings)
@@ -84,6 +93,10 @@ def _write(engine_dir: Path, repo: Path, force: bool, **kw: Any) -> list[Path]:
 @click.option("-o", "--output", "repo", type=click.Path(path_type=Path), required=True,
               help="Model repository to write into (created if absent; other models in it are kept).")
 @click.option("--force", is_flag=True, help="Replace model directories of the same name.")
+@click.option("--drain-dir", type=click.Path(path_type=Path), default=None,
+              help="A folder the model watches: writing a file STOP there (its text: seconds in-flight requests may "
+                   "still take) drains it before you stop tritonserver - new requests are refused and every stream "
+                   "gets a final response (trimode serve does this itself).")
 @repo_options
 def triton_repo_command(engine_dir: Path, repo: Path, force: bool, **kw: Any) -> None:
     """Write a Triton model repository (Python backend, decoupled) serving ENGINE_DIR in every mode (ar,
@@ -109,8 +122,21 @@ class _Stop(Exception):
 @click.option("--served-model-name", default=None,
               help="[openai] The model name clients use (default: the engine directory's name).")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
-              help="[openai] On SIGTERM/Ctrl-C, seconds in-flight requests may take to finish before they are "
-                   "cancelled.")
+              help="On SIGTERM/Ctrl-C, seconds in-flight requests may take to finish before they are cancelled "
+                   "(each still gets a final response with finish reason \"cancelled\").")
+@click.option("--max-jobs-per-request", type=click.IntRange(min=0), default=256, show_default=True,
+              help="[openai] Most generations (prompts x n) one request may ask for (0: no limit).")
+@click.option("--max-body-size", default="16MiB", show_default=True,
+              help="Largest HTTP request body (bytes, or 512KiB, 16MiB, ...); larger ones get 413 as soon as they "
+                   "pass it.")
+@click.option("--header-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds a connection has to send a request's headers before it is closed (408).")
+@click.option("--body-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
+              help="Seconds a request has to send its body once its headers are in before it is closed.")
+@click.option("--http-guard/--no-http-guard", default=True, show_default=True,
+              help="[triton] Serve --http-port through trimode's HTTP endpoint (body limits, JSON checks, read "
+                   "timeouts; tritonserver's own HTTP on a loopback port behind it). Without it tritonserver "
+                   "serves the port itself, and a deeply nested JSON body crashes it.")
 @click.option("--repo", type=click.Path(path_type=Path), default=None,
               help="Write the model repository here and keep it (default: a temporary folder).")
 @click.option("--host", default="127.0.0.1", show_default=True,
@@ -126,20 +152,40 @@ class _Stop(Exception):
 @click.option("--log-verbose", type=click.IntRange(min=0), default=0, show_default=True)
 @repo_options
 def serve_command(engine_dir: Path, api: str, served_model_name: str | None, shutdown_timeout: float,
-                  repo: Path | None, host: str, http_port: int, grpc_port: int, metrics_port: int,
+                  max_jobs_per_request: int, max_body_size: str, header_timeout: float, body_timeout: float,
+                  http_guard: bool, repo: Path | None, host: str, http_port: int, grpc_port: int, metrics_port: int,
                   startup_timeout: float, log_file: Path | None, log_verbose: int, **kw: Any) -> None:
     """Serve ENGINE_DIR with Triton Inference Server (or, with --api openai, an OpenAI-compatible server) until
-    Ctrl-C or SIGTERM (which stop the server and exit 0)."""
+    Ctrl-C or SIGTERM (which drain in-flight requests, stop the server and exit 0)."""
+    from .runtime.cache.sizing import parse_size
+    from .runtime.serving.http_limits import HttpLimits
+
+    try:
+        limits = HttpLimits(parse_size(max_body_size), header_timeout, body_timeout)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--max-body-size") from None
     if api == "openai":
-        _serve_openai(engine_dir, host, http_port, served_model_name, shutdown_timeout, log_verbose, **kw)
+        _serve_openai(engine_dir, host, http_port, served_model_name, shutdown_timeout, log_verbose,
+                      limits=limits, max_jobs_per_request=max_jobs_per_request, **kw)
         return
+    from .runtime.serving.openai.server import bind_socket
+    from .runtime.serving.triton.deployment import TritonDeployment
     from .runtime.serving.triton.server import TritonServer, TritonStartError, TritonUnavailable
 
     with tempfile.TemporaryDirectory(prefix="trimode-repo-") as scratch:
         repo_dir = repo if repo is not None else Path(scratch) / "repo"
-        _write(engine_dir, repo_dir, True, **kw)
-        server = TritonServer(repo_dir.resolve(), http_port, grpc_port, metrics_port, host=host,
+        drain_dir = Path(scratch) / "drain"
+        _write(engine_dir, repo_dir, True, drain_dir=drain_dir, **kw)
+        sock = None
+        if http_guard:
+            try:
+                sock = bind_socket(host, http_port)
+            except OSError as exc:
+                raise click.ClickException(str(exc)) from None
+        server = TritonServer(repo_dir.resolve(), 0 if http_guard else http_port, grpc_port, metrics_port, host=host,
                               log_path=log_file.resolve() if log_file else None, log_verbose=log_verbose)
+        models = [kw["model_name"]] + ([kw["model_name"] + SYNC_SUFFIX] if kw["sync_model"] else [])
+        deployment = TritonDeployment(server, sock, limits, drain_dir, shutdown_timeout, tuple(models))
 
         def on_term(signum: int, frame: Any) -> None:
             raise _Stop()
@@ -147,36 +193,37 @@ def serve_command(engine_dir: Path, api: str, served_model_name: str | None, shu
         previous = signal.signal(signal.SIGTERM, on_term)
         try:
             try:
-                server.start(wait=True, timeout_s=startup_timeout)
-            except TritonUnavailable as exc:
+                deployment.start(timeout_s=startup_timeout)
+            except (TritonUnavailable, TritonStartError, RuntimeError) as exc:
                 raise click.ClickException(str(exc)) from None
-            except TritonStartError as exc:
-                raise click.ClickException(str(exc)) from None
-            models = [kw["model_name"]] + ([kw["model_name"] + SYNC_SUFFIX] if kw["sync_model"] else [])
-            click.echo(f"tritonserver ready: HTTP {server.http_url}, gRPC {server.grpc_url}, metrics "
+            click.echo(f"tritonserver ready: HTTP {deployment.http_url}, gRPC {server.grpc_url}, metrics "
                        f"{host}:{server.metrics_port}; models {', '.join(models)}; log {server.log_path}")
             click.echo("Ctrl-C stops it.")
-            while server.process is not None and server.process.poll() is None:
+            while deployment.running():
                 time.sleep(0.5)
             code = server.process.returncode if server.process is not None else 1
             raise click.ClickException(f"tritonserver exited on its own (status {code}); log tail:\n"
                                        f"{server.log_tail()}")
         except (KeyboardInterrupt, _Stop):
-            click.echo("stopping tritonserver ...", err=True)
-            code = server.stop()
+            click.echo(f"stopping: in-flight requests have {shutdown_timeout:g}s to finish ...", err=True)
+            code = deployment.stop()
             click.echo(f"tritonserver stopped (status {code})", err=True)
         finally:
-            server.stop()
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+            deployment.stop()
             signal.signal(signal.SIGTERM, previous)
+            if sock is not None:
+                sock.close()
 
 
 def _serve_openai(engine_dir: Path, host: str, http_port: int, served_model_name: str | None,
-                  shutdown_timeout: float, log_verbose: int, **kw: Any) -> None:
+                  shutdown_timeout: float, log_verbose: int, limits: Any, max_jobs_per_request: int,
+                  **kw: Any) -> None:
     """`--api openai`: load the engine in this process and serve it with uvicorn until SIGTERM / Ctrl-C."""
     from .cli_options import engine_cache_kwargs
     from .runtime.backends.devices import resolve_device
     from .runtime.backends.engine_loader import open_engine
-    from .runtime.serving.frontend import Frontend
+    from .runtime.serving.frontend import Frontend, ServingLimits
     from .runtime.serving.openai.metrics import ServerMetrics
     from .runtime.serving.openai.server import OpenAIServer, bind_socket, run_server
 
@@ -193,9 +240,11 @@ def _serve_openai(engine_dir: Path, host: str, http_port: int, served_model_name
                          **engine_cache_kwargs(kw["kv_cache_memory"], kw["page_size"], kw["prefix_cache"]))
     frontend = Frontend(engine, default_mode=kw["default_mode"], default_max_tokens=kw["default_max_tokens"],
                         use_lora=kw["lora"], metrics=ServerMetrics(), max_step_tokens=kw["max_step_tokens"],
-                        max_batch_size=kw["max_batch_size"] or None, policy=kw["schedule_policy"])
+                        max_batch_size=kw["max_batch_size"] or None, policy=kw["schedule_policy"],
+                        limits=ServingLimits(kw["max_row_tokens"] or None, max_jobs_per_request or None,
+                                             kw["max_queued_jobs"] or None))
     name = served_model_name or Path(engine_dir).resolve().name
-    server = OpenAIServer(frontend, name, shutdown_timeout_s=shutdown_timeout)
+    server = OpenAIServer(frontend, name, shutdown_timeout_s=shutdown_timeout, http_limits=limits)
     port = sock.getsockname()[1]
 
     def ready() -> None:

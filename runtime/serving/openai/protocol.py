@@ -10,13 +10,13 @@ Extension fields: `mode` (ar, diffusion, spec, quad, infill), `block_length` (in
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
 
-MAX_BODY_BYTES = 8 * 1024 * 1024
+from ..http_limits import BodyError, load_json
+
 MAX_STOP_STRINGS = 16
 MAX_N = 16
 
@@ -123,17 +123,12 @@ def _describe(error: ValidationError) -> tuple[str, str | None]:
 
 
 def parse_body(raw: bytes, model_class: type[_Strict]) -> Any:
-    """Raw request bytes -> the validated request model, or APIError (400) naming the problem."""
-    if len(raw) > MAX_BODY_BYTES:
-        raise APIError(f"request body of {len(raw)} bytes exceeds the limit of {MAX_BODY_BYTES} bytes")
+    """Raw request bytes -> the validated request model, or APIError (400) naming the problem (the size limit
+    is applied while reading, see runtime/serving/http_limits.py)."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise APIError(f"request body is not valid UTF-8 (byte {exc.start})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise APIError(f"request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        data = load_json(raw)
+    except BodyError as exc:
+        raise APIError(exc.message, exc.status) from None
     if not isinstance(data, dict):
         raise APIError("request body must be a JSON object")
     try:

@@ -28,8 +28,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ...errors import RequestError
+from ...errors import OverloadedError, RequestError, ShuttingDownError
+from ...request import check_token_ids
 from ..frontend import Completion, Frontend, Prepared, Settings, TextSink
+from ..http_limits import BodyError, HttpLimits, guarded_protocol, read_body
 from .metrics import ServerMetrics
 from .protocol import (
     APIError,
@@ -70,11 +72,10 @@ class Choices:
     """The jobs of one HTTP request and their events, delivered into the event loop."""
 
     def __init__(self, frontend: Frontend, prepared: list[Prepared]) -> None:
+        """Submits every choice, or none (OverloadedError when the queue cannot take them all)."""
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.sinks: list[TextSink] = []
-        for index, item in enumerate(prepared):
-            self.sinks.append(frontend.submit(item, self._callback(index)))
+        self.sinks: list[TextSink] = frontend.submit_all(prepared, [self._callback(i) for i in range(len(prepared))])
 
     def _callback(self, index: int):
         def deliver(event: tuple[str, Any]) -> None:
@@ -92,8 +93,10 @@ class Choices:
 class OpenAIServer:
     """Builds the FastAPI app over a Frontend."""
 
-    def __init__(self, frontend: Frontend, model_name: str, shutdown_timeout_s: float = 10.0) -> None:
+    def __init__(self, frontend: Frontend, model_name: str, shutdown_timeout_s: float = 10.0,
+                 http_limits: HttpLimits | None = None) -> None:
         self.frontend = frontend
+        self.http_limits = http_limits or HttpLimits()
         self.model_name = model_name
         self.metrics = frontend.metrics or ServerMetrics()
         frontend.metrics = self.metrics
@@ -152,33 +155,47 @@ class OpenAIServer:
 
         @app.post("/v1/completions")
         async def completions(request: Request) -> Any:
+            endpoint = "/v1/completions"
             try:
-                body = parse_body(await request.body(), CompletionRequest)
+                body = await self._body(request, CompletionRequest)
                 sampling = check_completion(body)
                 self._check_model(body.model)
                 prepared, prompt_texts = await asyncio.to_thread(self._prepare_completion, body, sampling)
             except APIError as exc:
-                return error_response(exc, "/v1/completions")
+                return error_response(exc, endpoint)
             except RequestError as exc:
-                return error_response(APIError(str(exc)), "/v1/completions")
-            return await self._respond(request, "/v1/completions", prepared, sampling.n, body.stream,
+                return error_response(APIError(str(exc)), endpoint)
+            return await self._respond(request, endpoint, prepared, sampling.n, body.stream,
                                        body.stream_options, chat=False, echo=prompt_texts if body.echo else None)
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> Any:
+            endpoint = "/v1/chat/completions"
             try:
-                body = parse_body(await request.body(), ChatRequest)
+                body = await self._body(request, ChatRequest)
                 sampling = check_chat(body)
                 self._check_model(body.model)
                 prepared = await asyncio.to_thread(self._prepare_chat, body, sampling)
             except APIError as exc:
-                return error_response(exc, "/v1/chat/completions")
+                return error_response(exc, endpoint)
             except RequestError as exc:
-                return error_response(APIError(str(exc)), "/v1/chat/completions")
-            return await self._respond(request, "/v1/chat/completions", prepared, sampling.n, body.stream,
+                return error_response(APIError(str(exc)), endpoint)
+            return await self._respond(request, endpoint, prepared, sampling.n, body.stream,
                                        body.stream_options, chat=True)
 
         return app
+
+    async def _body(self, request: Request, model_class: type) -> Any:
+        """Read (bounded) and parse (off the event loop) a request body; APIError names what is wrong."""
+        try:
+            raw = await read_body(request.receive, request.headers, self.http_limits.max_body_bytes)
+        except BodyError as exc:
+            raise APIError(exc.message, exc.status) from None
+        return await asyncio.to_thread(parse_body, raw, model_class)
+
+    def _error(self, endpoint: str, exc: APIError) -> JSONResponse:
+        self.metrics.http(endpoint, exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status)
 
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "trimode",
@@ -203,6 +220,7 @@ class OpenAIServer:
                 prompts.append(self.frontend.encode(prompt))
                 texts.append(prompt)
             else:
+                check_token_ids(prompt, self.frontend.engine.config.vocab_size)
                 prompts.append(list(prompt))
                 texts.append(self.frontend.decode(list(prompt)))
         return self.frontend.prepare(prompts, _settings(sampling, body.suffix), sampling.n), texts
@@ -219,7 +237,15 @@ class OpenAIServer:
                        stream_options: Any, chat: bool, echo: list[str] | None = None) -> Any:
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
-        choices = Choices(self.frontend, prepared)
+        try:
+            choices = Choices(self.frontend, prepared)
+        except RequestError as exc:
+            return self._error(endpoint, APIError(str(exc)))
+        except OverloadedError as exc:
+            status = 503 if isinstance(exc, ShuttingDownError) else 429
+            self.metrics.http(endpoint, status)
+            return JSONResponse(APIError(str(exc), status, kind="server_error", code="overloaded").body(),
+                                status_code=status, headers={"Retry-After": "1"})
         prompt_tokens = sum(len(prepared[i].prompt) for i in range(0, len(prepared), n))  # each prompt once
         if stream:
             include_usage = bool(stream_options is not None and stream_options.include_usage)
@@ -355,7 +381,8 @@ def run_server(server: OpenAIServer, sock: socket.socket, log_level: str = "warn
                 timer[0].start()
 
     config = uvicorn.Config(server.app, log_level=log_level, timeout_graceful_shutdown=server.shutdown_timeout_s + 3,
-                            access_log=False, lifespan="on", timeout_keep_alive=5)
+                            access_log=False, lifespan="on", timeout_keep_alive=5,
+                            http=guarded_protocol(server.http_limits))
     userver = Server(config)
     # uvicorn re-raises the signal it caught once it has shut down; these handlers take it, so we return
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGTERM, signal.SIGINT)}

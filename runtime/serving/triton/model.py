@@ -8,12 +8,19 @@ a finished diffusion block) and a last, FINAL-flagged response carrying the rema
 and the finish reason; a non-streaming request, or any request to the non-decoupled twin, gets one FINAL
 response. A request the client cancels is dropped at the next step.
 
+Shutdown (`trimode serve` on SIGTERM or Ctrl-C): tritonserver itself would hold in-flight decoupled requests
+until its exit timeout and then drop their connections, so the model is told first, through the drain folder
+named in its settings: when `STOP` appears there, new requests are refused, running ones may finish for the
+time written in it, and what is left is cancelled with a final response (finish reason "cancelled", the text
+so far); then the model writes `done-<instance>` and `trimode serve` stops tritonserver.
+
 `triton_python_backend_utils` exists only inside Triton's stub process, so it is imported in `initialize`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -23,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ...backends.engine_loader import open_engine
-from ...errors import RequestError
+from ...errors import OverloadedError, RequestError
 from ...modes.sequence import SequenceResult
 from ...scheduler.loop import EngineLoop, Job
 from ...scheduler.scheduler import StepRecord
@@ -93,7 +100,7 @@ class TritonSink:
         self._send(self.pb.InferenceResponse(output_tensors=self._tensors(ids, delta, None)), final=False)
 
     def finish(self, result: SequenceResult) -> None:
-        if result.finish_reason == "cancelled":
+        if result.finish_reason == "cancelled" and self.cancelled():  # the client's own cancellation
             self.log(f"request cancelled after {len(result.tokens)} tokens and {result.forwards} forwards")
             code = getattr(self.pb.TritonError, "CANCELLED", None)
             error = self.pb.TritonError("request cancelled", code) if code is not None else \
@@ -108,8 +115,8 @@ class TritonSink:
             tensors = self._tensors(result.tokens, full, result)
         self._send(self._final(tensors, result), final=True)
 
-    def fail(self, message: str) -> None:
-        self._send(self.pb.InferenceResponse(error=_error(self.pb, message)), final=True)
+    def fail(self, message: str, code: str = "INVALID_ARG") -> None:
+        self._send(self.pb.InferenceResponse(error=_error(self.pb, message, code)), final=True)
 
     def cancelled(self) -> bool:
         """The sender's cancel flag (an IPC round trip, so asked at most every few milliseconds)."""
@@ -125,8 +132,8 @@ class TritonSink:
         return self._gone
 
 
-def _error(pb: Any, message: str) -> Any:
-    code = getattr(pb.TritonError, "INVALID_ARG", None)
+def _error(pb: Any, message: str, code_name: str = "INVALID_ARG") -> Any:
+    code = getattr(pb.TritonError, code_name, None)
     return pb.TritonError(message, code) if code is not None else pb.TritonError(message)
 
 
@@ -158,13 +165,36 @@ class TritonPythonModel:
         self._last_mix: tuple = ()
         self.loop = EngineLoop(self.engine, max_batch_size=self.settings.max_batch_size or None,
                                max_step_tokens=self.settings.max_step_tokens or None, on_step=self._on_step,
-                               policy=self.settings.schedule_policy)
+                               policy=self.settings.schedule_policy,
+                               max_row_tokens=self.settings.max_row_tokens or None,
+                               max_queued_jobs=self.settings.max_queued_jobs or None)
         self.loop.start()
+        self.instance = f"{self.name}-{os.getpid()}-{args.get('model_instance_name', '')}".replace("/", "_")
+        if self.settings.drain_dir:
+            drain = Path(self.settings.drain_dir)
+            drain.mkdir(parents=True, exist_ok=True)
+            (drain / f"live-{self.instance}").touch()
+            threading.Thread(target=self._watch_drain, args=(drain,), name="trimode-drain", daemon=True).start()
         limits = self.engine.limits
         self.log(f"serving {Path(self.settings.engine_path).name} (decoupled={self.decoupled}, "
                  f"max batch {self.loop.max_batch_size}, max sequence {limits.max_seq_len}, KV cache "
                  f"{limits.kv_pages} pages of {limits.page_size} positions, prefix cache "
                  f"{'on' if self.settings.prefix_caching else 'off'}, tokenizer {'yes' if self.tokenizer else 'no'})")
+
+    def _watch_drain(self, drain: Path) -> None:
+        """Wait for `STOP` in the drain folder (see the module docstring), drain, then report `done-...`."""
+        stop = drain / "STOP"
+        while not stop.exists():
+            time.sleep(0.1)
+        try:
+            timeout_s = float(stop.read_text().strip() or 0)
+        except (OSError, ValueError):
+            timeout_s = 0.0
+        self.log(f"shutting down: in-flight requests have {timeout_s:.1f}s to finish")
+        self.loop.drain(timeout_s)
+        while not self.loop.idle:
+            time.sleep(0.05)
+        (drain / f"done-{self.instance}").touch()
 
     def log(self, message: str) -> None:
         """Into Triton's log when the stub offers a logger, else stderr (which Triton also captures)."""
@@ -207,7 +237,12 @@ class TritonPythonModel:
                             flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
             sink = TritonSink(self.pb, sender, self.tokenizer, parsed.stream, self.log)
-            self.loop.submit(Job(parsed.request, sink))
+            try:
+                self.loop.submit_all([Job(parsed.request, sink)])
+            except RequestError as exc:  # beyond this server's limits
+                sink.fail(str(exc))
+            except OverloadedError as exc:  # a full queue, or shutting down
+                sink.fail(str(exc), "UNAVAILABLE")
         return None
 
     def finalize(self) -> None:

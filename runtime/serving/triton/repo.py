@@ -85,6 +85,9 @@ class ServingSettings:
     page_size: int = 0
     prefix_caching: bool = True
     schedule_policy: str = "prefill-first"
+    max_row_tokens: int = 0   # 0: the step size
+    max_queued_jobs: int = 0  # 0: no limit
+    drain_dir: str = ""       # set by `trimode serve`: where it asks the model to drain (see model.py)
     trimode_version: str = ""
 
     def to_parameters(self) -> dict[str, str]:

@@ -133,8 +133,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 class TritonServer:
     """One tritonserver process serving `repo`; use as a context manager or call start()/stop().
 
-    Ports of 0 are replaced by free ones at start. The server binds `host` only (loopback by default). Its
-    log goes to `log_path` (a temporary file unless given).
+    Ports of 0 are replaced by free ones at start. The server binds `host` only (loopback by default), its HTTP
+    endpoint `http_host` when given (`trimode serve` keeps it on loopback behind its guard). Its log goes to
+    `log_path` (a temporary file unless given).
     """
 
     repo: Path
@@ -146,13 +147,14 @@ class TritonServer:
     log_verbose: int = 0
     exit_timeout_s: int = 10
     extra_args: list[str] = field(default_factory=list)
+    http_host: str | None = None
     install: TritonInstall | None = None
     process: subprocess.Popen | None = None
     _workdir: Path | None = None
 
     @property
     def http_url(self) -> str:
-        return f"{self.host}:{self.http_port}"
+        return f"{self.http_host or self.host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
@@ -161,7 +163,7 @@ class TritonServer:
     def command(self, backend_dir: Path | None) -> list[str]:
         install = self.install or find_tritonserver()
         args = [str(install.binary), f"--model-repository={self.repo}",
-                f"--http-address={self.host}", f"--http-port={self.http_port}",
+                f"--http-address={self.http_host or self.host}", f"--http-port={self.http_port}",
                 f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                 f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
                 "--allow-gpu-metrics=false", "--strict-readiness=true",
@@ -177,7 +179,7 @@ class TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="trimode-triton-"))
         for name in ("http_port", "grpc_port", "metrics_port"):
             if getattr(self, name) == 0:
-                setattr(self, name, free_port(self.host))
+                setattr(self, name, free_port(self.http_host or self.host if name == "http_port" else self.host))
         if self.log_path is None:
             self.log_path = self._workdir / "tritonserver.log"
         backend_dir = prepare_backends(self.install, self._workdir)
