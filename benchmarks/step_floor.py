@@ -63,7 +63,7 @@ def read_bandwidth(megabytes: int = 256, repeats: int = 7) -> float:
 
 
 def weight_bytes(engine) -> int:
-    return sum(t.numel() * t.element_size() for t in engine.model.w.values())
+    return engine.model.weight_bytes
 
 
 def step_rows(kind: str, batch: int, context: int, mask: int) -> list[ChunkRow]:

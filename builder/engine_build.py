@@ -27,8 +27,9 @@ from tqdm import tqdm
 from .. import __version__
 from .checkpoint import Checkpoint, LoraAdapter, load_checkpoint, load_lora
 from .convert import resolve_dtype
-from .engine_weights import converted_makers, converted_nbytes, converted_shapes, stream_safetensors
+from .engine_weights import converted_nbytes, converted_shapes, stored_weights, stream_safetensors
 from .manifest import BACKENDS, ENGINE_DTYPES, FileEntry, HashingWriter, LoraInfo, Manifest
+from .quantization import SCHEMES, Quantization
 
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
@@ -46,7 +47,9 @@ class BuildOptions:
     """What to build. `dtype` None = the checkpoint's (fp32 for onnx); `max_seq_len` None =
     min(4096, the model's max_position_embeddings); `block_lengths` empty = block_size; `lora` "auto" = the
     checkpoint's linear_spec_lora/ if present, None = no adapter, else an adapter dir; `page_size` is the
-    KV page size a tensorrt plan is built for (torch and onnx engines choose theirs when opened)."""
+    KV page size a tensorrt plan is built for (torch and onnx engines choose theirs when opened); `quantize`
+    stores the projections (and the LM head unless `quantize_head` is False) as int8, int4 (`group_size`,
+    default 128) or fp8 (runtime/model/quant.py)."""
 
     backend: str = "torch"
     dtype: str | None = None
@@ -56,6 +59,9 @@ class BuildOptions:
     lora: str | Path | None = LORA_AUTO
     plugin_library: Path | None = None
     page_size: int = 16
+    quantize: str | None = None
+    group_size: int | None = None
+    quantize_head: bool = True
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class BuildPlan:
     max_seq_len: int
     block_lengths: tuple[int, ...]
     page_size: int = 16
+    quantization: Quantization | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -113,7 +120,32 @@ def resolve_plan(options: BuildOptions, checkpoint: Checkpoint) -> BuildPlan:
             raise BuildError(f"--block-length {length} must be within [1, --max-seq-len {max_seq_len}]")
     if options.page_size < 1:
         raise BuildError(f"--page-size must be at least 1, got {options.page_size}")
-    return BuildPlan(options.backend, dtype, options.max_batch_size, max_seq_len, blocks, options.page_size)
+    quant = resolve_quantization(options, checkpoint)
+    return BuildPlan(options.backend, dtype, options.max_batch_size, max_seq_len, blocks, options.page_size, quant)
+
+
+QUANTIZE_BACKENDS = {"torch": SCHEMES, "onnx": (), "tensorrt": ("fp8",)}
+
+
+def resolve_quantization(options: BuildOptions, checkpoint: Checkpoint) -> Quantization | None:
+    """The --quantize choice, checked against the backend and every matrix it would quantize."""
+    if options.quantize is None:
+        if options.group_size is not None:
+            raise BuildError("--group-size needs --quantize int4")
+        return None
+    try:
+        quant = Quantization.parse(options.quantize, options.group_size, options.quantize_head)
+    except ValueError as exc:
+        raise BuildError(f"--quantize: {exc}") from None
+    supported = QUANTIZE_BACKENDS[options.backend]
+    if quant.scheme not in supported:
+        can = f"only --quantize {' or '.join(supported)}" if supported else "no --quantize"
+        raise BuildError(f"the {options.backend} backend takes {can} (asked for {quant.scheme}); "
+                         f"{', '.join(SCHEMES)} build with --backend torch")
+    for name, shape in converted_shapes(checkpoint.config, None).items():
+        if quant.quantizes(name) and (reason := quant.check_shape(name, shape)) is not None:
+            raise BuildError(f"--quantize {quant.scheme}: {reason}")
+    return quant
 
 
 def resolve_lora(checkpoint: Checkpoint, choice: str | Path | None) -> LoraAdapter | None:
@@ -145,12 +177,11 @@ def _bar(total: int, desc: str, show: bool | None) -> tqdm:
 def write_torch_weights(staging: Path, checkpoint: Checkpoint, plan: BuildPlan, lora: LoraAdapter | None,
                         show: bool | None) -> BackendOutput:
     """The torch backend's artifact: converted weights in one safetensors file, memory-mapped at load."""
-    dtype = plan.torch_dtype
-    shapes = converted_shapes(checkpoint.config, lora.rank if lora else None)
-    specs = {name: (dtype, shape) for name, shape in shapes.items()}
-    with _bar(converted_nbytes(specs), "reading and converting weights", show) as bar:
-        entry = stream_safetensors(staging / WEIGHTS_FILE, specs, converted_makers(checkpoint, dtype, lora),
-                                   {"format": "pt"}, bar.update)
+    specs, makers = stored_weights(checkpoint, plan.torch_dtype, lora, plan.quantization)
+    what = "reading and converting weights" if plan.quantization is None else \
+        f"reading, converting and quantizing ({plan.quantization.scheme}) weights"
+    with _bar(converted_nbytes(specs), what, show) as bar:
+        entry = stream_safetensors(staging / WEIGHTS_FILE, specs, makers, {"format": "pt"}, bar.update)
     return BackendOutput({WEIGHTS_FILE: entry}, {"weights": WEIGHTS_FILE})
 
 
@@ -231,7 +262,8 @@ def make_manifest(checkpoint: Checkpoint, plan: BuildPlan, lora: LoraAdapter | N
         backend=plan.backend, dtype=plan.dtype, model_config=checkpoint.config.to_hf_dict(),
         max_batch_size=plan.max_batch_size, max_seq_len=plan.max_seq_len, block_lengths=plan.block_lengths,
         lora=None if lora is None else LoraInfo(lora.rank, lora.alpha, lora.scale),
-        artifacts=artifacts, files={**output.files, **tokenizer}, tools=tools, backend_options=output.options)
+        artifacts=artifacts, files={**output.files, **tokenizer}, tools=tools, backend_options=output.options,
+        quantization=plan.quantization)
 
 
 def _sync_tree(root: Path) -> None:

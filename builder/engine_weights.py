@@ -20,6 +20,7 @@ from .config import ModelConfig
 from .convert import converted_names, iter_converted
 from .errors import CheckpointError
 from .manifest import FileEntry, HashingWriter
+from .quantization import Quantization
 from .safetensors_io import safetensors_header
 
 Progress = Callable[[int], None]
@@ -51,6 +52,39 @@ def converted_makers(checkpoint: Checkpoint, dtype: torch.dtype, lora: LoraAdapt
     return dict(iter_converted(checkpoint, dtype, lora))
 
 
+TensorSpecs = dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+def stored_weights(checkpoint: Checkpoint, dtype: torch.dtype, lora: LoraAdapter | None,
+                   quant: Quantization | None) -> tuple[TensorSpecs, dict[str, Callable[[], torch.Tensor]]]:
+    """What the torch backend stores: every converted tensor at `dtype`, except that with `quant` each matrix
+    it quantizes becomes its stored parts (runtime/model/quant.py), quantized from the fp32 conversion."""
+    shapes = converted_shapes(checkpoint.config, lora.rank if lora else None)
+    makers = converted_makers(checkpoint, dtype, lora)
+    if quant is None:
+        return {name: (dtype, shape) for name, shape in shapes.items()}, makers
+    full = converted_makers(checkpoint, torch.float32, lora)
+    specs: TensorSpecs = {}
+    stored: dict[str, Callable[[], torch.Tensor]] = {}
+    for name, shape in shapes.items():
+        if not quant.quantizes(name):
+            specs[name], stored[name] = (dtype, shape), makers[name]
+            continue
+        parts = quant.stored_specs(name, shape, dtype)
+        specs.update(parts)
+        cached: dict[str, dict[str, torch.Tensor]] = {}
+
+        def part(key: str, name: str = name, cached: dict = cached) -> torch.Tensor:
+            # the parts of one matrix are written one after another (sorted names): quantize once, then drop
+            if name not in cached:
+                cached.clear()
+                cached[name] = quant.quantize(name, full[name](), dtype)
+            return cached[name].pop(key)
+
+        stored.update({key: (lambda key=key, part=part: part(key)) for key in parts})
+    return specs, stored
+
+
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor (bf16 included, which numpy cannot hold directly)."""
     data = tensor.detach().contiguous().cpu()
@@ -76,5 +110,5 @@ def stream_safetensors(path: Path, specs: dict[str, tuple[torch.dtype, tuple[int
         return out.close()
 
 
-def converted_nbytes(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> int:
+def converted_nbytes(specs: TensorSpecs) -> int:
     return sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs.values())

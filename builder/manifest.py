@@ -9,7 +9,8 @@ Layout (docs/engine-format.md describes every field):
 
     {"format": "trimode-engine", "format_version": 3, "backend": "torch" | "onnx" | "tensorrt",
      "model": {"config": {<config.json of the checkpoint>}, "lora": {"rank", "alpha", "scale"} | null},
-     "build": {"dtype": "fp32" | "bf16" | "fp16", "backend_options": {...}},
+     "build": {"dtype": "fp32" | "bf16" | "fp16", "backend_options": {...},
+               "quantization": {"scheme": "int8" | "int4" | "fp8", "group_size", "head"}   (version 4 only)},
      "serves": {"max_batch_size", "max_seq_len", "block_lengths": [...], "mask_kinds": [...], "lora_draft"},
      "artifacts": {"weights" | "onnx" | "onnx_data" | "plan" | "plugin_library" | "tokenizer": "<file>"},
      "tools": {"trimode": ..., "torch": ..., ...},
@@ -26,10 +27,16 @@ from typing import Any, BinaryIO
 
 from .config import ModelConfig, parse_config
 from .errors import CheckpointError
+from .quantization import SCHEMES, Quantization
 
 FORMAT = "trimode-engine"
 # 2: one packed step over rows of any mask kind (the ONNX graph's inputs are a StepBatch's tensors)
+# 3: the paged KV cache
 FORMAT_VERSION = 3
+# 4: version 3 with quantized weights (build.quantization). Only quantized engines carry it, so a runtime that
+# predates quantization refuses them by version instead of misreading their weights; others stay at 3.
+QUANTIZED_FORMAT_VERSION = 4
+READABLE_VERSIONS = (FORMAT_VERSION, QUANTIZED_FORMAT_VERSION)
 MANIFEST_FILE = "manifest.json"
 BACKENDS = ("torch", "onnx", "tensorrt")
 ENGINE_DTYPES = ("fp32", "bf16", "fp16")
@@ -69,7 +76,11 @@ class Manifest:
     files: dict[str, FileEntry]
     tools: dict[str, str] = field(default_factory=dict)
     backend_options: dict[str, Any] = field(default_factory=dict)
-    format_version: int = FORMAT_VERSION
+    quantization: Quantization | None = None
+
+    @property
+    def format_version(self) -> int:
+        return FORMAT_VERSION if self.quantization is None else QUANTIZED_FORMAT_VERSION
 
     def config(self, where: str | Path = MANIFEST_FILE) -> ModelConfig:
         """The model configuration, validated exactly like a checkpoint's config.json."""
@@ -83,7 +94,8 @@ class Manifest:
             "model": {"config": self.model_config,
                       "lora": None if self.lora is None else {"rank": self.lora.rank, "alpha": self.lora.alpha,
                                                               "scale": self.lora.scale}},
-            "build": {"dtype": self.dtype, "backend_options": self.backend_options},
+            "build": {"dtype": self.dtype, "backend_options": self.backend_options,
+                      **({} if self.quantization is None else {"quantization": self.quantization.to_json()})},
             "serves": {"max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,
                        "block_lengths": list(self.block_lengths), "mask_kinds": list(MASK_KINDS),
                        "lora_draft": self.lora is not None},
@@ -126,9 +138,10 @@ def read_manifest(root: str | Path) -> Manifest:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(path, f"not a trimode engine manifest (expected \"format\": \"{FORMAT}\")")
     version = data.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
+        readable = " and ".join(map(str, READABLE_VERSIONS))
         raise CheckpointError(path, f"engine format version {version!r} is not supported (this trimode reads "
-                                    f"version {FORMAT_VERSION}); rebuild the engine with `trimode build`")
+                                    f"versions {readable}); rebuild the engine with `trimode build`")
     backend = _field(data, "backend", str, path)
     if backend not in BACKENDS:
         raise CheckpointError(path, f"unknown backend '{backend}' (known: {', '.join(BACKENDS)})")
@@ -156,6 +169,17 @@ def read_manifest(root: str | Path) -> Manifest:
     block_lengths = tuple(_field(data, "serves.block_lengths", list, path))
     if not block_lengths or not all(isinstance(n, int) and n > 0 for n in block_lengths):
         raise CheckpointError(path, "manifest field 'serves.block_lengths' must list positive integers")
+    quantization = None
+    if version == QUANTIZED_FORMAT_VERSION:
+        scheme = _field(data, "build.quantization.scheme", str, path)
+        try:
+            quantization = Quantization.from_json(_field(data, "build.quantization", dict, path))
+        except ValueError as exc:
+            if scheme not in SCHEMES:
+                raise CheckpointError(path, f"the engine's weights are quantized with '{scheme}', a scheme this "
+                                            f"trimode does not know (it knows {', '.join(SCHEMES)}); upgrade "
+                                            "trimode or rebuild the engine") from None
+            raise CheckpointError(path, f"manifest field 'build.quantization': {exc}") from None
     manifest = Manifest(
         backend=backend,
         dtype=dtype,
@@ -168,7 +192,7 @@ def read_manifest(root: str | Path) -> Manifest:
         files=files,
         tools=dict(data.get("tools", {})),
         backend_options=dict(_field(data, "build.backend_options", dict, path)),
-        format_version=version,
+        quantization=quantization,
     )
     manifest.config(path)  # a bad model config is reported now, naming the manifest
     return manifest

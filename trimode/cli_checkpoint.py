@@ -48,14 +48,68 @@ def checkpoint_summary(path: Path) -> dict:
     }
 
 
+def engine_summary(path: Path) -> dict:
+    """An engine directory: backend, dtype, quantization, limits, files (the manifest, checked)."""
+    from .builder.manifest import read_manifest
+    from .builder.safetensors_io import DTYPE_NAMES, SafetensorsFile
+
+    manifest = read_manifest(path)
+    c = manifest.config(path / "manifest.json")
+    weights: dict[str, int] = {}
+    if "weights" in manifest.artifacts:
+        for info in SafetensorsFile(path / manifest.artifacts["weights"]).tensors.values():
+            name = DTYPE_NAMES[info.dtype]
+            weights[name] = weights.get(name, 0) + info.end - info.start
+    q = manifest.quantization
+    return {
+        "path": str(path), "engine": True, "backend": manifest.backend, "format_version": manifest.format_version,
+        "dtype": manifest.dtype, "quantization": None if q is None else q.to_json(),
+        "num_hidden_layers": c.num_hidden_layers, "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
+        "max_batch_size": manifest.max_batch_size, "max_seq_len": manifest.max_seq_len,
+        "block_lengths": list(manifest.block_lengths),
+        "lora": None if manifest.lora is None else {"rank": manifest.lora.rank, "alpha": manifest.lora.alpha},
+        "weight_bytes_per_dtype": weights, "files": len(manifest.files),
+        "bytes": sum(entry.size for entry in manifest.files.values()), "tools": manifest.tools,
+    }
+
+
+def _print_engine(info: dict) -> None:
+    from .builder.quantization import Quantization
+    from .cli_build import describe_quantization
+
+    quant = info["quantization"]
+    rows = [
+        ("engine", info["path"]),
+        ("backend / format", f"{info['backend']} / version {info['format_version']}"),
+        ("serving dtype", info["dtype"]),
+        ("quantization", "none" if quant is None else describe_quantization(Quantization.from_json(quant))),
+        ("layers / hidden / vocabulary", f"{info['num_hidden_layers']} / {info['hidden_size']} / "
+                                         f"{info['vocab_size']}"),
+        ("limits", f"batch <= {info['max_batch_size']}, length <= {info['max_seq_len']}, blocks "
+                   f"{','.join(map(str, info['block_lengths']))}"),
+        ("LoRA adapter", "none" if info["lora"] is None else f"rank {info['lora']['rank']}"),
+        ("weight bytes per dtype", ", ".join(f"{k}: {human_bytes(v)}" for k, v in
+                                             info["weight_bytes_per_dtype"].items()) or "n/a"),
+        ("files", f"{info['files'] + 1} ({human_bytes(info['bytes'])} besides manifest.json)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        click.echo(f"{key:<{width}}  {value}")
+
+
 @click.command("inspect")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def inspect_command(path: Path, as_json: bool) -> None:
-    """Validate a checkpoint and summarize it: config, parameters, bytes per dtype, KV bytes per token."""
-    info = checkpoint_summary(path)
+    """Validate a checkpoint or an engine and summarize it: a checkpoint's config, parameters, bytes per dtype
+    and KV bytes per token; an engine's backend, dtype, quantization, limits and files."""
+    engine = (path / "manifest.json").is_file()
+    info = engine_summary(path) if engine else checkpoint_summary(path)
     if as_json:
         click.echo(json.dumps(info, indent=2))
+        return
+    if engine:
+        _print_engine(info)
         return
     rows = [
         ("checkpoint", info["path"]),

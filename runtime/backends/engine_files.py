@@ -18,6 +18,7 @@ from ...builder.manifest import Manifest, hash_file, read_manifest
 from ...builder.safetensors_io import SafetensorsFile
 from ..errors import CapacityError
 from ..model.network import Transformer
+from ..model.quant import gather_quantized
 from .limits import EngineLimits
 from .step import StepEngine
 from .torch_engine import TorchEngine
@@ -91,6 +92,8 @@ def load_torch_engine(root: Path, manifest: Manifest, use_lora: bool, device: st
     weights = {name: weights_file.get(name) for name in weights_file.tensors}
     if not use_lora:
         weights = {name: t for name, t in weights.items() if ".lora_" not in name}
+    if manifest.quantization is not None:
+        weights = gather_quantized(weights, manifest.quantization, weights["embed"].dtype)
     scale = manifest.lora.scale if (use_lora and manifest.lora) else 0.0
     model = Transformer(manifest.config(root / "manifest.json"), weights, scale).to(device)
     if model.device.type == "cuda":

@@ -39,7 +39,7 @@ class TorchEngine(CacheOwner):
 
     @property
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.model.w.values())
+        return self.model.weight_bytes
 
     def _make_cache(self, num_pages: int, root: int, prefix_caching: bool) -> KVCache:
         return self.model.new_cache(num_pages, self.limits.page_size, root, prefix_caching)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ...builder.config import ModelConfig
 from ..cache.pool import KVCache
 from .attention import AttentionRows, attend
+from .quant import QuantizedLinear, linear
 from .rope import Rotary, apply_rotary
 
 if TYPE_CHECKING:
@@ -36,10 +37,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 class Transformer:
     """Holds converted weights on one device and runs forwards; stateless apart from the weights."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], lora_scale: float = 0.0) -> None:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor | QuantizedLinear],
+                 lora_scale: float = 0.0) -> None:
         self.config = config
         self.w = weights
-        self.dtype = weights["embed"].dtype
+        self.dtype = weights["embed"].dtype  # the compute dtype (the embedding is never quantized)
         self.device = weights["embed"].device
         self.has_lora = "layers.0.lora_a" in weights
         self.lora_scale = lora_scale
@@ -49,7 +51,7 @@ class Transformer:
         self.scale = config.head_dim ** -0.5
 
     def to(self, device: torch.device | str) -> Transformer:
-        self.w = {k: v.to(device) for k, v in self.w.items()}
+        self.w = {k: v.to(device) for k, v in self.w.items()}  # QuantizedLinear.to moves its own tensors
         self.device = torch.device(device)
         self.rotary.to(device)
         return self
@@ -60,6 +62,12 @@ class Transformer:
                        self.dtype, self.device, root, prefix_caching)
 
     # -- pieces shared by both entry points -------------------------------------------------------------
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of every weight as held (quantized matrices at their stored size)."""
+        return sum(w.nbytes if isinstance(w, QuantizedLinear) else w.numel() * w.element_size()
+                   for w in self.w.values())
+
     def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """cos, sin and the Llama-4 query scale at these positions (the same for every layer: made once)."""
         cos, sin = self.rotary.cos_sin(positions, dtype)
@@ -68,7 +76,7 @@ class Transformer:
     def _qkv(self, i: int, h: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, ...] | None = None):
         c = self.config
         x = rms_norm(h, self.w[f"layers.{i}.attn_norm"], c.rms_norm_eps)
-        q, k, v = F.linear(x, self.w[f"layers.{i}.qkv"]).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        q, k, v = linear(x, self.w[f"layers.{i}.qkv"]).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
         batch, length = h.shape[:2]
         q = q.view(batch, length, c.num_attention_heads, c.head_dim)
         k = k.view(batch, length, c.num_key_value_heads, c.head_dim)
@@ -81,7 +89,7 @@ class Transformer:
     def _attn_out(self, i: int, h: torch.Tensor, attn: torch.Tensor, lora: bool | torch.Tensor) -> torch.Tensor:
         """o_proj, plus the LoRA delta where `lora` is True (a bool, or a [B, N] mask of positions)."""
         flat = attn.reshape(*attn.shape[:2], self.q_dim)
-        out = F.linear(flat, self.w[f"layers.{i}.o"])
+        out = linear(flat, self.w[f"layers.{i}.o"])
         if isinstance(lora, torch.Tensor) or lora:
             delta = F.linear(F.linear(flat, self.w[f"layers.{i}.lora_a"]), self.w[f"layers.{i}.lora_b"])
             delta = delta * self.lora_scale
@@ -90,12 +98,12 @@ class Transformer:
 
     def _mlp(self, i: int, h: torch.Tensor) -> torch.Tensor:
         x = rms_norm(h, self.w[f"layers.{i}.mlp_norm"], self.config.rms_norm_eps)
-        gate, up = F.linear(x, self.w[f"layers.{i}.gate_up"]).chunk(2, dim=-1)
-        return h + F.linear(F.silu(gate) * up, self.w[f"layers.{i}.down"])
+        gate, up = linear(x, self.w[f"layers.{i}.gate_up"]).chunk(2, dim=-1)
+        return h + linear(F.silu(gate) * up, self.w[f"layers.{i}.down"])
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         x = rms_norm(h, self.w["norm"], self.config.rms_norm_eps)
-        return F.linear(x, self.w["head"]).float()
+        return linear(x, self.w["head"]).float()
 
     # -- the engine step --------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -1,0 +1,201 @@
+"""Weight-only quantized matmuls: the kernels behind a quantized engine (schemes: builder/quantization.py).
+
+The quantized model is *defined* by `QuantizedLinear.dequantize()`: y = x @ dequantize().T in the compute
+dtype. Every kernel below computes that product (up to floating-point rounding), so every mode sees one model
+and spec/quad stay exact relative to AR on the same engine.
+
+Kernels, chosen per call from the number of tokens M in the matmul (a step packs all its rows):
+
+* torch's own packed weight-only kernels (`aten._weight_int8pack_mm`, `aten._weight_int4pack_mm_for_cpu`)
+  for 0 < M <= `packed_max_tokens(scheme, dtype)`: they read the small weights once and win for decode.
+* otherwise dequantize-then-matmul in tiles of output channels small enough to stay in cache (wide rows:
+  prefill, verify, quad, denoise), where the packed kernels' per-token cost grows faster than a GEMM's.
+* fp8 on a CUDA device with FP8 tensor cores: `torch._scaled_mm` with the activations quantized per token
+  (the W8A8 "dynamic fp8" of vLLM and TensorRT-LLM); everywhere else fp8 is dequantized.
+
+The crossover table comes from `benchmarks/quantization.py` on the project's CPU machine (benchmarks/RESULTS.md);
+the packed kernels have no vectorized fp32 path, so fp32 engines always dequantize.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ...builder.quantization import FP8_MAX, Quantization
+
+TILE_BYTES = 1 << 20  # dequantized tile size of the wide-row path (compute dtype bytes)
+
+# Largest M (tokens in one matmul) for which the packed kernel beats dequantize-then-matmul, per scheme and
+# compute dtype on the CPU (measured: benchmarks/RESULTS.md, "Quantized weights"). 0 = always dequantize.
+PACKED_MAX_TOKENS: dict[tuple[str, torch.dtype], int] = {
+    ("int8", torch.bfloat16): 16, ("int8", torch.float16): 16, ("int8", torch.float32): 0,
+    ("int4", torch.bfloat16): 64, ("int4", torch.float16): 64, ("int4", torch.float32): 0,
+}
+
+
+def packed_max_tokens(scheme: str, dtype: torch.dtype) -> int:
+    return PACKED_MAX_TOKENS.get((scheme, dtype), 0)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K/2] (even column in the low nibble) -> codes uint8 [N, K] in 0..15."""
+    low, high = packed & 0xF, packed >> 4
+    return torch.stack([low, high], dim=-1).view(packed.shape[0], -1)
+
+
+class QuantizedLinear:
+    """One quantized [N, K] matrix: `layer(x)` is x @ dequantize().T in the compute dtype."""
+
+    def __init__(self, quant: Quantization, stored: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+        self.quant = quant
+        self.scheme = quant.scheme
+        self.dtype = dtype
+        self.qweight = stored["qweight"]
+        self.scales = stored["scales"]
+        self.zeros = stored.get("zeros")
+        self.out_features = self.qweight.shape[0]
+        self.in_features = self.qweight.shape[1] * (2 if self.scheme == "int4" else 1)
+        self._packed: torch.Tensor | None = None  # torch's int4 CPU layout, made on first use
+        self._scales_zeros: torch.Tensor | None = None
+        self._scales_c: torch.Tensor | None = None  # per-channel scales in the compute dtype
+        self._scaled_mm_ok = True
+        # torch's int4 CPU packing needs 16 | N; other shapes always take the dequantizing path
+        fits = self.scheme == "int8" or (self.scheme == "int4" and self.out_features % 16 == 0)
+        self._packed_max_tokens = packed_max_tokens(self.scheme, dtype) if fits else 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stored tensors (what a step reads through the packed kernel)."""
+        parts = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
+        return sum(t.numel() * t.element_size() for t in parts)
+
+    def to(self, device: torch.device | str) -> QuantizedLinear:
+        self.qweight = self.qweight.to(device)
+        self.scales = self.scales.to(device)
+        self.zeros = None if self.zeros is None else self.zeros.to(device)
+        self._packed = self._scales_zeros = self._scales_c = None
+        return self
+
+    # -- the definition ---------------------------------------------------------------------------------
+    def dequantize(self, rows: slice = slice(None), out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight rows [n, K] in the compute dtype: what every kernel multiplies by. Computed in fp32 (exact:
+        an 8-bit code times a scale fits fp32's mantissa), then rounded once to the compute dtype; `out` (an
+        [n, K] tensor of the compute dtype) receives it without allocating."""
+        q = self.qweight[rows]
+        n = q.shape[0]
+        scratch = _scratch((n, self.in_features), torch.float32, q.device)
+        if self.scheme == "int4":
+            group = self.quant.group_size
+            codes = scratch.view(n, -1, 2)
+            codes[..., 0].copy_(q & 0xF)
+            codes[..., 1].copy_(q >> 4)
+            grouped = scratch.view(n, -1, group)
+            scales = self.scales[rows].float()[..., None]
+            grouped.mul_(scales).add_(self.zeros[rows].float()[..., None] - 8.0 * scales)
+        else:
+            scratch.copy_(q).mul_(self.scales[rows, None].float())
+        if out is None:
+            return scratch.to(self.dtype, copy=True)
+        return out.copy_(scratch)
+
+    # -- kernels ----------------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if self.device.type == "cuda" and self.scheme == "fp8" and self._scaled_mm_ok:
+            out = self._fp8_scaled_mm(flat)
+        elif self.device.type == "cpu" and 0 < flat.shape[0] <= self._packed_max_tokens:
+            out = self._packed_mm(flat)
+        else:
+            out = self._dequantized_mm(flat)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.scheme == "int8":
+            return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales)
+        if self._packed is None:
+            codes = unpack_int4(self.qweight).to(torch.int32)
+            self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+            self._scales_zeros = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self._packed, self.quant.group_size,
+                                                          self._scales_zeros)
+
+    def _dequantized_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """Tiles of output channels, each expanded into a reused buffer and multiplied while in cache.
+
+        int8 and fp8 codes are exact in every compute dtype, so their tiles are the plain codes and the
+        per-channel scale multiplies the tile's output columns: (x @ q.T) * s = x @ (q * s).T, one pass less."""
+        tile = max(16, TILE_BYTES // (self.in_features * 4))
+        out = x.new_empty(x.shape[0], self.out_features)
+        buffer = _scratch((min(tile, self.out_features), self.in_features), self.dtype, x.device, slot=1)
+        per_channel = self.scheme != "int4"
+        if per_channel and self._scales_c is None:
+            self._scales_c = self.scales.to(self.dtype)
+        for start in range(0, self.out_features, tile):
+            rows = slice(start, min(start + tile, self.out_features))
+            weight = buffer[: rows.stop - rows.start]
+            if per_channel:
+                weight.copy_(self.qweight[rows])
+                torch.mul(F.linear(x, weight), self._scales_c[rows], out=out[:, rows])
+            else:
+                out[:, rows] = F.linear(x, self.dequantize(rows, weight))
+        return out
+
+    def _fp8_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """FP8 tensor cores: activations quantized per token, weights per channel, output in the compute dtype.
+        Falls back to dequantizing (for good) where the device or shape is not supported."""
+        x_scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp_min(1e-12)
+        xq = (x.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        try:
+            return torch._scaled_mm(xq, self.qweight.t(), scale_a=x_scale, scale_b=self.scales[None, :],
+                                    out_dtype=self.dtype)
+        except RuntimeError:
+            self._scaled_mm_ok = False
+            return self._dequantized_mm(x)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, slot: int = 0) -> torch.Tensor:
+    """A per-thread buffer reused across calls (dequantized tiles would otherwise cost an allocation, and on
+    glibc often a fresh mmap with its page faults, every tile of every matmul)."""
+    key = (slot, dtype, device)
+    cache = getattr(_SCRATCH, "buffers", None)
+    if cache is None:
+        cache = _SCRATCH.buffers = {}
+    numel = shape[0] * shape[1]
+    buffer = cache.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = cache[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel].view(shape)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedLinear) -> torch.Tensor:
+    """x @ weight.T for a plain or a quantized weight (the network's one matmul entry point)."""
+    if isinstance(weight, QuantizedLinear):
+        return weight(x)
+    return F.linear(x, weight)
+
+
+def gather_quantized(weights: dict[str, torch.Tensor], quant: Quantization, dtype: torch.dtype
+                     ) -> dict[str, torch.Tensor | QuantizedLinear]:
+    """Stored tensors (name.qweight, name.scales, ...) -> one QuantizedLinear per quantized name."""
+    out: dict[str, Any] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in weights.items():
+        base, _, suffix = name.rpartition(".")
+        if suffix in ("qweight", "scales", "zeros") and base:
+            parts.setdefault(base, {})[suffix] = tensor
+        else:
+            out[name] = tensor
+    for base, stored in parts.items():
+        out[base] = QuantizedLinear(quant, stored, dtype)
+    return out
