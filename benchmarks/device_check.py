@@ -13,11 +13,15 @@
    in every mode (fp32 tokens == `--device cpu` tokens; bf16 runs), `trimode build` + `generate` of the built
    engine on the GPU (the GraphEngine path), and `trimode bench --device cuda` with its step latencies set
    against the memory-bandwidth floor (weight bytes read per step / measured device copy bandwidth).
-4. timing (optional, --skip-8b to leave out): the 8B shape on random GPU weights: decode step eager vs graph
+4. quant: an fp8 engine (`trimode build --quantize fp8`, bf16) opened on the GPU with CUDA graphs: whether
+   the FP8 tensor-core path (`torch._scaled_mm`, activations quantized per token) ran, one mixed step's logits
+   against the same engine on the CPU (weight-only there), greedy spec and quad against AR on the GPU engine
+   (reported), and the 8B shape's projections at 1, 8 and 32 tokens, bf16 against fp8.
+5. timing (optional, --skip-8b to leave out): the 8B shape on random GPU weights: decode step eager vs graph
    (with consecutive and with scattered pages), verify block 32, AR vs self-speculation tokens/s, against
    the bandwidth floor.
 
-Sections run in the order kernel, engine, timing, cli; one that fails is reported and the next still runs; a
+Sections run in the order kernel, engine, quant, timing, cli; one that fails is reported and the next still runs; a
 section is skipped (and said so) when the time budget (--budget) is spent. Prints one line per check and
 writes JSON to $OUT/device_check.json (or --out). Exit status 0 only if every check passed.
 
@@ -262,6 +266,59 @@ def engine_checks(report: Report, tmp: Path) -> None:
         report.sections["engine"]["bf16_graphs_equal_eager_modes"] = f"{same}/{len(MODES)}"  # informational
 
 
+# -- 4. quantized weights --------------------------------------------------------------------------------
+def quant_checks(report: Report, tmp: Path) -> None:
+    from trimode.builder.engine_build import BuildOptions, build_engine
+    from trimode.builder.quantization import Quantization
+    from trimode.runtime.backends.engine_loader import open_engine
+    from trimode.runtime.model.quant import QuantizedLinear
+
+    config = make_config(PRESETS["tiny"], "fp32", {"num_attention_heads": 4, "num_key_value_heads": 2,
+                                                   "head_dim": 64, "hidden_size": 256})
+    root = write_random_checkpoint(tmp / "quant-ckpt", config, dtype="fp32", lora_rank=8)
+    engine_dir = tmp / "quant-fp8"
+    build_engine(root, engine_dir, BuildOptions(dtype="bf16", quantize="fp8", max_seq_len=512))
+    cpu = open_engine(engine_dir, device="cpu", kv_cache_memory="256MiB")
+    gpu = open_engine(engine_dir, device=report.device, kv_cache_memory="512MiB")
+    logits = {}
+    for name, engine in (("cpu", cpu), ("gpu", gpu)):
+        seqs = DirectSequences(engine, 4, cache=engine.cache)
+        seqs.step(list(range(4)), [ChunkRow(PROMPTS[s % 3] + [s], write=True, logit_offsets=[0]) for s in range(4)])
+        logits[name] = seqs.step(list(range(4)), mixed_rows(seqs)).cpu()
+        seqs.release()
+    layers = [w for w in gpu.model.w.values() if isinstance(w, QuantizedLinear)]
+    scaled_mm = report.device == "cuda" and all(w._scaled_mm_ok for w in layers)
+    err = rel(logits["gpu"], logits["cpu"])
+    report.check("quant", f"fp8 step logits {report.device} vs cpu weight-only (bf16)", err < 5e-2, rel_err=err,
+                 scaled_mm=scaled_mm)
+    ar_cfg = GenerationConfig(mode="ar", max_new_tokens=24)
+    ar = [r.tokens for r in generate(gpu, PROMPTS, ar_cfg)]
+    equal = {}
+    for mode, extra in (("spec", {"block_length": 8}), ("quad", {"block_length": 4})):
+        got = [r.tokens for r in generate(gpu, PROMPTS, GenerationConfig(mode=mode, max_new_tokens=24, **extra))]
+        equal[mode] = got == ar
+    report.sections["quant"] = {"scaled_mm_used": scaled_mm, "greedy_equals_ar_bf16": equal}  # bf16: reported
+    if report.device != "cuda":
+        return
+    report.check("quant", "the FP8 tensor-core path ran", scaled_mm)
+    big = make_config(PRESETS["8b"], "bf16", {})
+    shapes = {"qkv": ((big.num_attention_heads + 2 * big.num_key_value_heads) * big.head_dim, big.hidden_size),
+              "gate_up": (2 * big.intermediate_size, big.hidden_size), "down": (big.hidden_size, big.intermediate_size)}
+    fp8 = Quantization.parse("fp8")
+    for name, (n, k) in shapes.items():
+        weight = torch.randn(n, k, device="cuda") / math.sqrt(k)
+        dense = weight.to(torch.bfloat16)
+        stored = {key.rsplit(".", 1)[1]: t for key, t in fp8.quantize(name, weight, torch.bfloat16).items()}
+        layer = QuantizedLinear(fp8, stored, torch.bfloat16)
+        for m in (1, 8, 32):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            bf16_ms = 1000 * timed(lambda x=x, w=dense: torch.nn.functional.linear(x, w), 50)
+            fp8_ms = 1000 * timed(lambda x=x, layer=layer: layer(x), 50)
+            report.sections["quant"][f"8b_{name}_m{m}"] = {"bf16_ms": bf16_ms, "fp8_ms": fp8_ms,
+                                                          "speedup": bf16_ms / fp8_ms}
+            print(f"  fp8 8b {name} M={m}: bf16 {bf16_ms:.4f} ms, fp8 {fp8_ms:.4f} ms", flush=True)
+
+
 # -- 3. the command line -----------------------------------------------------------------------------------
 def trimode(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "trimode", *args], capture_output=True, text=True, timeout=timeout)
@@ -450,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry-run", action="store_true", help="run every CPU-runnable part on the CPU (no GPU)")
     parser.add_argument("--skip-8b", action="store_true", help="leave out the 8B-shape timings")
-    parser.add_argument("--only", choices=("kernel", "engine", "cli", "timing"), action="append",
+    parser.add_argument("--only", choices=("kernel", "engine", "quant", "cli", "timing"), action="append",
                         help="run only these sections (repeatable)")
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ".")), help="folder for the JSON")
     parser.add_argument("--budget", type=float, default=BUDGET_S,
@@ -462,10 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     report = Report("cpu" if args.dry_run else "cuda", args.dry_run)
     if not args.dry_run:
         report.sections["device"] = {"name": torch.cuda.get_device_name(), "torch": torch.__version__}
-    wanted = args.only or ["kernel", "engine", "cli", "timing"]
+    wanted = args.only or ["kernel", "engine", "quant", "cli", "timing"]
     with tempfile.TemporaryDirectory() as folder:
         tmp = Path(folder)
-        sections = [("kernel", lambda: kernel_checks(report)), ("engine", lambda: engine_checks(report, tmp))]
+        sections = [("kernel", lambda: kernel_checks(report)), ("engine", lambda: engine_checks(report, tmp)),
+                    ("quant", lambda: quant_checks(report, tmp))]
         if not args.dry_run and not args.skip_8b:
             sections.append(("timing", lambda: timing_8b(report)))
         sections.append(("cli", lambda: cli_checks(report, tmp, args.budget)))

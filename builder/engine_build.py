@@ -124,7 +124,7 @@ def resolve_plan(options: BuildOptions, checkpoint: Checkpoint) -> BuildPlan:
     return BuildPlan(options.backend, dtype, options.max_batch_size, max_seq_len, blocks, options.page_size, quant)
 
 
-QUANTIZE_BACKENDS = {"torch": SCHEMES, "onnx": (), "tensorrt": ("fp8",)}
+QUANTIZE_BACKENDS = {"torch": SCHEMES, "onnx": SCHEMES, "tensorrt": ("fp8",)}
 
 
 def resolve_quantization(options: BuildOptions, checkpoint: Checkpoint) -> Quantization | None:
@@ -191,16 +191,16 @@ def write_onnx(staging: Path, checkpoint: Checkpoint, plan: BuildPlan, lora: Lor
     import onnx
     import onnxruntime
 
-    from .onnx_export import DATA_FILE, MODEL_FILE, OPSET, ORT_DOMAIN, check_export, export_onnx
+    from .onnx_export import DATA_FILE, MODEL_FILE, ORT_DOMAIN, check_export, export_onnx, onnx_opset
 
     dtype = plan.torch_dtype
     shapes = converted_shapes(checkpoint.config, lora.rank if lora else None)
     total = converted_nbytes({name: (dtype, shape) for name, shape in shapes.items()})
     with _bar(total, "reading, converting and writing ONNX weights", show) as bar:
-        files = export_onnx(staging, checkpoint, dtype, lora, progress=bar.update)
+        files = export_onnx(staging, checkpoint, dtype, lora, progress=bar.update, quant=plan.quantization)
     check_export(staging)
     return BackendOutput(files, {"onnx": MODEL_FILE, "onnx_data": DATA_FILE},
-                         {"opset": OPSET, "attention_domain": ORT_DOMAIN},
+                         {"opset": onnx_opset(plan.quantization), "attention_domain": ORT_DOMAIN},
                          {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__})
 
 
@@ -214,7 +214,7 @@ def write_tensorrt(staging: Path, checkpoint: Checkpoint, plan: BuildPlan, lora:
     from ..runtime.backends.tensorrt_backend import TensorRTBuildError, TensorRTBuildSpec, build_tensorrt
 
     spec = TensorRTBuildSpec(plan.torch_dtype, plan.max_batch_size, plan.max_seq_len, plan.block_lengths,
-                             page_size=plan.page_size)
+                             page_size=plan.page_size, quantization=plan.quantization)
     try:
         files, artifacts, options, tools = build_tensorrt(staging, checkpoint, spec, lora, plugin_library, show)
     except TensorRTBuildError as exc:

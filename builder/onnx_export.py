@@ -32,6 +32,15 @@ Graph outputs:
 Per-layer caches (rather than one [layers, ...] tensor) let TensorRT bind each input to a slice of one
 preallocated cache without a copy.
 
+Quantized engines (`--quantize`, builder/quantization.py): each quantized matrix is stored in its scheme's
+bytes (transposed to [in, out]) and expanded by a standard `DequantizeLinear` in front of its MatMul, so
+onnxruntime and TensorRT run the same graph; the quantized model is exactly runtime/model/quant.py's:
+
+    int8  DequantizeLinear(q int8 [K, N], scales [N], axis=1)                          (opset 17)
+    fp8   Cast(DequantizeLinear(q float8e4m3fn [K, N], scales fp32 [N], axis=1))         (opset 19)
+    int4  DequantizeLinear(q - 8 as int4 [K, N], scales [K/g, N], axis=0, block_size=g)  (opset 21)
+          plus the zero points' share: MatMul(ReduceSum over each group of x, zeros [K/g, N])
+
 The attention node contract (one node per layer; `plugins/reference.py` semantics in onnxruntime, the
 C++/CUDA plugin in TensorRT):
 
@@ -65,9 +74,13 @@ from .config import ModelConfig
 from .convert import converted_names, iter_converted
 from .engine_weights import tensor_bytes
 from .manifest import FileEntry, HashingWriter
+from .quantization import Quantization
 
 OPSET = 17
 IR_VERSION = 8
+# quantized graphs need DequantizeLinear's newer types: fp8 (opset 19), blocked int4 (opset 21)
+QUANTIZED_OPSET = {"int8": 17, "fp8": 19, "int4": 21}
+QUANTIZED_IR_VERSION = {17: 8, 19: 9, 21: 10}
 ORT_DOMAIN = "ai.onnx.contrib"
 TRT_DOMAIN = "trimode"
 ATTENTION_OP = "BlockAttention"
@@ -114,11 +127,13 @@ def _transposed(name: str) -> bool:
 class _GraphBuilder:
     """Collects nodes and initializers with deterministic, readable names."""
 
-    def __init__(self, dtype: int) -> None:
+    def __init__(self, dtype: int, opset: int = OPSET) -> None:
         self.dtype = dtype
+        self.opset = opset
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[TensorProto] = []
         self._count = 0
+        self._shared: set[str] = set()
 
     def op(self, op_type: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "",
            **attrs: object) -> list[str]:
@@ -133,6 +148,12 @@ class _GraphBuilder:
 
     def const(self, name: str, value: np.ndarray) -> str:
         self.initializers.append(numpy_helper.from_array(value, name))
+        return name
+
+    def shared_const(self, name: str, value: np.ndarray) -> str:
+        """A constant several nodes share: added the first time its name is asked for."""
+        if name not in self._shared:
+            self._shared.add(self.const(name, value))
         return name
 
     def scalar(self, name: str, value: float, dtype: int) -> str:
@@ -156,24 +177,60 @@ def _external_tensor(name: str, dtype: int, shape: tuple[int, ...], offset: int,
     return tensor
 
 
+def onnx_opset(quant: Quantization | None) -> int:
+    return OPSET if quant is None else QUANTIZED_OPSET[quant.scheme]
+
+
+def _int4_bytes(codes: torch.Tensor) -> torch.Tensor:
+    """Signed int4 values (flattened row-major) two per byte, the first in the low nibble (ONNX's INT4)."""
+    flat = (codes.reshape(-1) & 0xF).to(torch.uint8)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def _onnx_parts(name: str, stored: dict[str, torch.Tensor], quant: Quantization
+                ) -> list[tuple[str, int, tuple[int, ...], torch.Tensor]]:
+    """(initializer name, ONNX dtype, shape, bytes tensor) of one quantized matrix, laid out for MatMul."""
+    q, scales = stored[f"{name}.qweight"], stored[f"{name}.scales"]
+    if quant.scheme == "int4":
+        codes = (torch.stack([q & 0xF, q >> 4], dim=-1).view(q.shape[0], -1).to(torch.int8) - 8).t().contiguous()
+        zeros = stored[f"{name}.zeros"].t().contiguous()
+        return [(f"{name}.qweight", TensorProto.INT4, tuple(codes.shape), _int4_bytes(codes)),
+                (f"{name}.scales", ONNX_DTYPES[scales.dtype], tuple(scales.t().shape), scales.t().contiguous()),
+                (f"{name}.zeros", ONNX_DTYPES[zeros.dtype], tuple(zeros.shape), zeros)]
+    qtype = TensorProto.INT8 if quant.scheme == "int8" else TensorProto.FLOAT8E4M3FN
+    qt = q.t().contiguous()
+    return [(f"{name}.qweight", qtype, tuple(qt.shape), qt),
+            (f"{name}.scales", ONNX_DTYPES[scales.dtype], tuple(scales.shape), scales)]
+
+
 def write_weight_data(path: Path, checkpoint: Checkpoint, dtype: torch.dtype, lora: LoraAdapter | None,
-                      progress: Progress | None = None) -> tuple[list[TensorProto], FileEntry]:
-    """Stream every converted weight (2-D ones transposed) into one page-aligned external-data file."""
+                      progress: Progress | None = None, quant: Quantization | None = None
+                      ) -> tuple[list[TensorProto], FileEntry]:
+    """Stream every converted weight (2-D ones transposed; quantized ones as their parts) into one
+    page-aligned external-data file."""
     makers = dict(iter_converted(checkpoint, dtype, lora))
+    full = dict(iter_converted(checkpoint, torch.float32, lora)) if quant is not None else {}
     onnx_dtype = ONNX_DTYPES[dtype]
     tensors: list[TensorProto] = []
     with HashingWriter(path) as out:
         for name in converted_names(checkpoint.config, lora is not None):
-            tensor = makers[name]()
-            if _transposed(name) and tensor.dim() == 2:
-                tensor = tensor.t()
-            out.pad_to(DATA_ALIGNMENT)
-            offset = out.size
-            out.write(tensor_bytes(tensor))
-            tensors.append(_external_tensor(name, onnx_dtype, tuple(tensor.shape), offset, out.size - offset))
-            if progress is not None:
-                progress(tensor.numel() * tensor.element_size())
-            del tensor
+            if quant is not None and quant.quantizes(name):
+                parts = _onnx_parts(name, quant.quantize(name, full[name](), dtype), quant)
+            else:
+                tensor = makers[name]()
+                if _transposed(name) and tensor.dim() == 2:
+                    tensor = tensor.t()
+                parts = [(name, onnx_dtype, tuple(tensor.shape), tensor)]
+            for part, part_dtype, shape, tensor in parts:
+                out.pad_to(DATA_ALIGNMENT)
+                offset = out.size
+                out.write(tensor_bytes(tensor))
+                tensors.append(_external_tensor(part, part_dtype, shape, offset, out.size - offset))
+                if progress is not None:
+                    progress(tensor.numel() * tensor.element_size())
+            del parts
         return tensors, out.close()
 
 
@@ -209,7 +266,11 @@ def _rotary_tables(g: _GraphBuilder, config: ModelConfig) -> tuple[str, str, str
 def _rms_norm(g: _GraphBuilder, x: str, weight: str, eps: str, name: str) -> str:
     """RMSNorm in fp32, cast back before the weight multiplies (runtime/model/network.py's rms_norm)."""
     xf = g.cast(x, TensorProto.FLOAT, f"{name}/x_f", g.dtype)
-    mean = g.one("ReduceMean", [g.one("Mul", [xf, xf], f"{name}/sq")], f"{name}/mean", axes=[-1], keepdims=1)
+    square = g.one("Mul", [xf, xf], f"{name}/sq")
+    if g.opset >= 18:  # ReduceMean's axes moved from an attribute to an input in opset 18
+        mean = g.one("ReduceMean", [square, "const/axis_last"], f"{name}/mean", keepdims=1)
+    else:
+        mean = g.one("ReduceMean", [square], f"{name}/mean", axes=[-1], keepdims=1)
     inv = g.one("Reciprocal", [g.one("Sqrt", [g.one("Add", [mean, eps], f"{name}/eps")], f"{name}/sqrt")],
                 f"{name}/inv")
     normed = g.cast(g.one("Mul", [xf, inv], f"{name}/normed_f"), g.dtype, f"{name}/normed", TensorProto.FLOAT)
@@ -221,6 +282,25 @@ def _rotate(g: _GraphBuilder, x: str, cos: str, sin: str, half: str, name: str) 
     x1, x2 = g.op("Split", [x, half], f"{name}/halves", outputs=2, axis=-1)
     rotated = g.one("Concat", [g.one("Neg", [x2], f"{name}/neg"), x1], f"{name}/rotated", axis=-1)
     return g.one("Add", [g.one("Mul", [x, cos], f"{name}/cos"), g.one("Mul", [rotated, sin], f"{name}/sin")], name)
+
+
+def _matmul(g: _GraphBuilder, x: str, weight: str, in_features: int, quant: Quantization | None, name: str) -> str:
+    """x @ weight, where a quantized weight is expanded by DequantizeLinear first (module docstring)."""
+    if quant is None or not quant.quantizes(weight):
+        return g.one("MatMul", [x, weight], name)
+    parts = [f"{weight}.qweight", f"{weight}.scales"]
+    if quant.scheme == "int4":
+        group = quant.group_size
+        w = g.one("DequantizeLinear", parts, f"{name}/dequantize", axis=0, block_size=group)
+        codes = g.one("MatMul", [x, w], f"{name}/codes")
+        shape = g.shared_const(f"const/groups_{in_features}", np.array([0, in_features // group, group], np.int64))
+        sums = g.one("ReduceSum", [g.one("Reshape", [x, shape], f"{name}/grouped"), "const/axis_last"],
+                     f"{name}/group_sums", keepdims=0)
+        return g.one("Add", [codes, g.one("MatMul", [sums, f"{weight}.zeros"], f"{name}/zero_share")], name)
+    w = g.one("DequantizeLinear", parts, f"{name}/dequantize", axis=1)
+    if quant.scheme == "fp8":  # fp32 scales (runtime/model/quant.py rounds q * s once, to the serving dtype)
+        w = g.cast(w, g.dtype, f"{name}/weight", TensorProto.FLOAT)
+    return g.one("MatMul", [x, w], name)
 
 
 def graph_inputs(config: ModelConfig, dtype: torch.dtype, with_lora: bool) -> list[onnx.ValueInfoProto]:
@@ -244,11 +324,12 @@ def graph_inputs(config: ModelConfig, dtype: torch.dtype, with_lora: bool) -> li
 
 
 def build_graph(config: ModelConfig, weights: list[TensorProto], dtype: torch.dtype, lora: LoraAdapter | None,
-                attention: AttentionNode) -> onnx.ModelProto:
+                attention: AttentionNode, quant: Quantization | None = None) -> onnx.ModelProto:
     """The step graph over the given (external) weight initializers; see the module docstring."""
     c = config
     dt = ONNX_DTYPES[dtype]
-    g = _GraphBuilder(dt)
+    opset = onnx_opset(quant)
+    g = _GraphBuilder(dt, opset)
     g.initializers.extend(weights)
     heads, kv_heads, head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
     q_dim, kv_dim = heads * head_dim, kv_heads * head_dim
@@ -280,7 +361,7 @@ def build_graph(config: ModelConfig, weights: list[TensorProto], dtype: torch.dt
     for i in range(c.num_hidden_layers):
         p = f"layers.{i}"
         x = _rms_norm(g, h, f"{p}.attn_norm", eps, f"{p}/attn_norm")
-        qkv = g.one("MatMul", [x, f"{p}.qkv"], f"{p}/qkv")
+        qkv = _matmul(g, x, f"{p}.qkv", c.hidden_size, quant, f"{p}/qkv")
         q, k, v = g.op("Split", [qkv, qkv_split], f"{p}/split", outputs=3, axis=-1)
         q = g.one("Reshape", [q, q_shape], f"{p}/q_heads")
         k = g.one("Reshape", [k, kv_shape], f"{p}/k_heads")
@@ -290,7 +371,7 @@ def build_graph(config: ModelConfig, weights: list[TensorProto], dtype: torch.dt
         attn = g.one(ATTENTION_OP, [q, k, v, k_cache_name(i), v_cache_name(i), *ROW_INPUTS], f"{p}/attention",
                      domain=attention.domain, **attn_attrs)
         flat = g.one("Reshape", [attn, flat_shape], f"{p}/attn_flat")
-        out = g.one("MatMul", [flat, f"{p}.o"], f"{p}/o")
+        out = _matmul(g, flat, f"{p}.o", q_dim, quant, f"{p}/o")
         if gate is not None:
             low = g.one("MatMul", [flat, f"{p}.lora_a"], f"{p}/lora_low")
             delta = g.one("Mul", [g.one("MatMul", [low, f"{p}.lora_b"], f"{p}/lora_up"), lora_scale],
@@ -298,17 +379,18 @@ def build_graph(config: ModelConfig, weights: list[TensorProto], dtype: torch.dt
             out = g.one("Add", [out, g.one("Mul", [delta, gate], f"{p}/lora_delta")], f"{p}/o_lora")
         h = g.one("Add", [h, out], f"{p}/attn_residual")
         x = _rms_norm(g, h, f"{p}.mlp_norm", eps, f"{p}/mlp_norm")
-        gate_proj, up = g.op("Split", [g.one("MatMul", [x, f"{p}.gate_up"], f"{p}/gate_up"), gate_split],
+        gate_proj, up = g.op("Split", [_matmul(g, x, f"{p}.gate_up", c.hidden_size, quant, f"{p}/gate_up"), gate_split],
                              f"{p}/gate_up_split", outputs=2, axis=-1)
         silu = g.one("Mul", [gate_proj, g.one("Sigmoid", [gate_proj], f"{p}/sigmoid")], f"{p}/silu")
-        down = g.one("MatMul", [g.one("Mul", [silu, up], f"{p}/swiglu"), f"{p}.down"], f"{p}/down")
+        down = _matmul(g, g.one("Mul", [silu, up], f"{p}/swiglu"), f"{p}.down", c.intermediate_size, quant,
+                       f"{p}/down")
         h = g.one("Add", [h, down], f"{p}/mlp_residual")
         new_k.append(g.one("Unsqueeze", [k, axis0], f"{p}/k_out"))
         new_v.append(g.one("Unsqueeze", [v, axis0], f"{p}/v_out"))
 
     picked = g.one("Gather", [h, LOGIT_INDEX], "head/rows", axis=0)  # [M, hidden]
     x = _rms_norm(g, picked, "norm", eps, "head/norm")
-    g.one("Cast", [g.one("MatMul", [x, "head"], "head/matmul")], LOGITS, to=TensorProto.FLOAT)
+    g.one("Cast", [_matmul(g, x, "head", c.hidden_size, quant, "head/matmul")], LOGITS, to=TensorProto.FLOAT)
     g.one("Concat", new_k, NEW_K, axis=0)
     g.one("Concat", new_v, NEW_V, axis=0)
 
@@ -319,17 +401,17 @@ def build_graph(config: ModelConfig, weights: list[TensorProto], dtype: torch.dt
     ]
     graph = helper.make_graph(g.nodes, "trimode_step", graph_inputs(c, dtype, lora is not None), outputs,
                               g.initializers)
-    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(attention.domain, 1)]
+    opsets = [helper.make_opsetid("", opset), helper.make_opsetid(attention.domain, 1)]
     return helper.make_model(graph, opset_imports=opsets, producer_name="trimode", producer_version=__version__,
-                             ir_version=IR_VERSION)
+                             ir_version=QUANTIZED_IR_VERSION[opset] if quant is not None else IR_VERSION)
 
 
 def export_onnx(out_dir: Path, checkpoint: Checkpoint, dtype: torch.dtype, lora: LoraAdapter | None,
-                attention: AttentionNode = AttentionNode(), progress: Progress | None = None
-                ) -> dict[str, FileEntry]:
+                attention: AttentionNode = AttentionNode(), progress: Progress | None = None,
+                quant: Quantization | None = None) -> dict[str, FileEntry]:
     """Write model.onnx and model.onnx.data into out_dir; returns their sizes and SHA-256 by file name."""
-    weights, data_entry = write_weight_data(out_dir / DATA_FILE, checkpoint, dtype, lora, progress)
-    model = build_graph(checkpoint.config, weights, dtype, lora, attention)
+    weights, data_entry = write_weight_data(out_dir / DATA_FILE, checkpoint, dtype, lora, progress, quant)
+    model = build_graph(checkpoint.config, weights, dtype, lora, attention, quant)
     with HashingWriter(out_dir / MODEL_FILE) as out:
         out.write(model.SerializeToString(deterministic=True))
         model_entry = out.close()

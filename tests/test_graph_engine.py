@@ -195,7 +195,8 @@ def test_graphs_replay_equals_eager_on_gpu(tiny_checkpoint):
 
 
 def test_device_check_script_runs_on_the_cpu(tmp_path, monkeypatch):
-    """benchmarks/device_check.py (`make device-check`) imports, and its kernel section runs with --dry-run."""
+    """benchmarks/device_check.py (`make device-check`) imports, and its kernel and quant sections run with
+    --dry-run."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "device_check.py"
     help_text = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert help_text.returncode == 0 and "--dry-run" in help_text.stdout
@@ -206,3 +207,6 @@ def test_device_check_script_runs_on_the_cpu(tmp_path, monkeypatch):
     assert module.main(["--dry-run", "--only", "kernel", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "device_check.json").read_text())
     assert report["passed"] and {c["name"].split()[0] for c in report["checks"]} == set(module.KERNEL_CASES)
+    assert module.main(["--dry-run", "--only", "quant", "--out", str(tmp_path)]) == 0  # fp8 engine, CPU path
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    assert report["passed"] and report["sections"]["quant"]["greedy_equals_ar_bf16"]

@@ -195,6 +195,51 @@ def test_spec_and_quad_equal_ar_on_the_quantized_engine(quantized_engine_dir, pa
     assert [len(r.tokens) for r in diffusion] == [16] * 4 and [len(r.tokens) for r in infill] == [6] * 4
 
 
+# -- onnx and tensorrt: the same quantized model behind DequantizeLinear -------------------------------------
+@pytest.mark.parametrize("scheme,group", SCHEMES)
+def test_onnx_engine_runs_the_same_quantized_model(tiny_checkpoint, tmp_path, scheme, group):
+    """onnxruntime's quantized graph gives the torch engine's logits (same engine options) for a step of mixed
+    rows, and its greedy spec equals its AR."""
+    pytest.importorskip("onnxruntime")
+    torch_engine = open_engine(quantized_build(tiny_checkpoint, tmp_path / "torch", scheme, group))
+    onnx_dir = quantized_build(tiny_checkpoint, tmp_path / "onnx", scheme, group, backend="onnx")
+    onnx_engine = open_engine(onnx_dir)
+    rows = [r for _, r in step_rows(9)]
+    logits = []
+    for engine in (torch_engine, onnx_engine):
+        seqs = Seqs(engine, len(rows))
+        seqs.step(list(range(len(rows))), [ChunkRow(list(range(5, 30)), CAUSAL, write=True)] * len(rows))
+        logits.append(seqs.step(list(range(len(rows))), rows))
+    assert relative_error(logits[1], logits[0].double()) < 1e-4
+    prompts = prompts_for(2, 3)
+    ar = generate(onnx_engine, prompts, GenerationConfig(mode="ar", max_new_tokens=12))
+    spec = generate(onnx_engine, prompts, GenerationConfig(mode="spec", max_new_tokens=12, block_length=4))
+    assert [r.tokens for r in spec] == [r.tokens for r in ar]
+    assert read_manifest(onnx_dir).backend_options["opset"] == {"int8": 17, "fp8": 19, "int4": 21}[scheme]
+
+
+def test_tensorrt_export_of_fp8_weights_is_a_valid_dequantize_graph(tiny_checkpoint, tmp_path):
+    """What a `--backend tensorrt --quantize fp8` build hands TensorRT's parser (the build itself needs TensorRT
+    and a GPU): bf16 activations, FP8 E4M3 weight initializers expanded by DequantizeLinear, onnx's checker."""
+    import onnx
+
+    from trimode.builder.checkpoint import load_checkpoint
+    from trimode.builder.onnx_export import MODEL_FILE, AttentionNode, check_export, export_onnx
+
+    checkpoint = load_checkpoint(tiny_checkpoint)
+    export_onnx(tmp_path, checkpoint, torch.bfloat16, None, AttentionNode.for_tensorrt(),
+                quant=Quantization.parse("fp8"))
+    check_export(tmp_path)
+    model = onnx.load(str(tmp_path / MODEL_FILE), load_external_data=False)
+    fp8 = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT8E4M3FN]
+    dequantize = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    layers = checkpoint.config.num_hidden_layers
+    assert len(fp8) == len(dequantize) == 4 * layers + 1  # qkv, o, gate_up, down per layer, and the head
+    assert {o.version for o in model.opset_import if o.domain == ""} == {19}
+    assert not any(t.data_type == onnx.TensorProto.FLOAT for t in model.graph.initializer
+                   if t.name.endswith((".qkv", ".o", ".gate_up", ".down")))
+
+
 # -- manifest and build -------------------------------------------------------------------------------------
 def test_manifest_records_the_scheme_and_a_version_older_runtimes_refuse(quantized_engine_dir):
     data = json.loads((quantized_engine_dir / MANIFEST_FILE).read_text())
@@ -253,7 +298,6 @@ def test_the_head_may_stay_unquantized(tiny_checkpoint, tmp_path):
     (BuildOptions(group_size=64), "--group-size needs --quantize int4"),
     (BuildOptions(quantize="int4", group_size=256), "not a multiple of the int4 group size 256"),
     (BuildOptions(quantize="int4", group_size=48), "group size must be one of"),
-    (BuildOptions(quantize="int8", backend="onnx"), "the onnx backend takes no --quantize"),
     (BuildOptions(quantize="int8", backend="tensorrt"), "the tensorrt backend takes only --quantize fp8"),
     (BuildOptions(quantize="int2"), "unknown quantization scheme 'int2'"),
 ])
@@ -280,9 +324,9 @@ def test_cli_builds_inspects_and_generates_with_int4(tiny_checkpoint, tmp_path):
     ran = trimode("generate", "--model", str(out), "--mode", "spec", "--prompt-ids", "1,2,3",
                   "--max-new-tokens", "8", "--json")
     assert ran.returncode == 0, ran.stderr
-    bad = trimode("build", str(tiny_checkpoint), "-o", str(tmp_path / "x"), "--quantize", "int8", "--backend",
-                  "onnx")
-    assert bad.returncode == 2 and "the onnx backend takes no --quantize" in bad.stderr
+    bad = trimode("build", str(tiny_checkpoint), "-o", str(tmp_path / "x"), "--quantize", "int4", "--backend",
+                  "tensorrt")
+    assert bad.returncode == 2 and "the tensorrt backend takes only --quantize fp8" in bad.stderr
 
 
 # -- the demo model: what quantization costs in loss --------------------------------------------------------
@@ -312,3 +356,35 @@ def test_demo_model_held_out_loss_rises_within_bounds(scheme, tmp_path):
     loss = held_out_ar_loss(engine.model, stream, batches=2, batch_size=4)
     assert math.isfinite(loss) and loss - base < DEMO_LOSS_RISE[scheme], (base, loss)
     assert loss != base
+
+
+def test_weights_are_realigned_for_the_packed_kernel():
+    """safetensors places tensors at 8-byte offsets; torch's packed int8 kernel crashed on such a weight at
+    >= 4 rows (SIGSEGV, a 6144 x 3072 bf16 engine), so the layer keeps 64-byte aligned copies."""
+    weight = torch.randn(64, 128) * 0.05
+    q = Quantization.parse("int8")
+    stored = q.quantize("w", weight, torch.bfloat16)
+    buffer = torch.empty(64 * 128 + 8, dtype=torch.int8)
+    misaligned = buffer[8:].view(64, 128)
+    misaligned.copy_(stored["w.qweight"])
+    assert misaligned.data_ptr() % 64
+    lin = QuantizedLinear(q, {"qweight": misaligned, "scales": stored["w.scales"]}, torch.bfloat16)
+    assert lin.qweight.data_ptr() % 64 == 0 and torch.equal(lin.qweight, stored["w.qweight"])
+    x = torch.randn(8, 128, dtype=torch.bfloat16)
+    assert relative_error(lin._packed_mm(x), x.double() @ lin.dequantize().double().t()) < 1.2e-2
+
+
+def test_layers_run_inside_and_outside_inference_mode_and_under_autograd():
+    """The reused dequantization buffers: a step (inference mode) then an evaluation (no_grad) then a
+    differentiable call all work and agree; the differentiable one gets the gradient of x @ W.T."""
+    _, lin = layer("int4", 32, torch.float32, n=40_000 // 128 * 16, k=128)  # wider than one tile
+    x = torch.randn(5, 128)
+    with torch.inference_mode():
+        first = lin(x)
+    with torch.no_grad():
+        second = lin(x)
+    x_grad = x.clone().requires_grad_()
+    third = lin(x_grad)
+    third.sum().backward()
+    assert torch.allclose(first, second) and torch.allclose(second, third.detach())
+    assert torch.allclose(x_grad.grad, lin.dequantize().sum(dim=0).expand(5, -1), atol=1e-4)

@@ -61,7 +61,6 @@ from ...builder.onnx_export import (
     MODEL_FILE,
     NEW_K,
     NEW_V,
-    OPSET,
     PAGE_TABLE,
     POSITIONS,
     TOKENS,
@@ -69,8 +68,10 @@ from ...builder.onnx_export import (
     AttentionNode,
     export_onnx,
     k_cache_name,
+    onnx_opset,
     v_cache_name,
 )
+from ...builder.quantization import Quantization
 from ..cache.pool import KVCache
 from ..cache.sizing import DEFAULT_PAGE_SIZE
 from ..errors import CapacityError
@@ -101,6 +102,7 @@ class TensorRTBuildSpec:
     block_lengths: tuple[int, ...]
     max_step_tokens: int = DEFAULT_MAX_STEP_TOKENS
     page_size: int = DEFAULT_PAGE_SIZE
+    quantization: Quantization | None = None  # fp8 only: FP8 weights behind DequantizeLinear (onnx_export.py)
 
     @property
     def table_pages(self) -> int:
@@ -176,7 +178,7 @@ def build_tensorrt(staging: Path, checkpoint: Checkpoint, spec: TensorRTBuildSpe
     scratch.mkdir()
     with tqdm(desc="exporting ONNX for TensorRT", unit="B", unit_scale=True, leave=False,
               disable=None if show is None else not show) as bar:
-        export_onnx(scratch, checkpoint, spec.dtype, lora, AttentionNode.for_tensorrt(), bar.update)
+        export_onnx(scratch, checkpoint, spec.dtype, lora, AttentionNode.for_tensorrt(), bar.update, spec.quantization)
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -213,7 +215,7 @@ def build_tensorrt(staging: Path, checkpoint: Checkpoint, spec: TensorRTBuildSpe
     with HashingWriter(staging / plugin_name) as out:
         out.write(library.read_bytes())
         files[plugin_name] = out.close()
-    options = {"opset": OPSET, "attention_domain": TRT_DOMAIN,
+    options = {"opset": onnx_opset(spec.quantization), "attention_domain": TRT_DOMAIN,
                "plugin": {"name": PLUGIN_NAME, "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION},
                "max_step_tokens": spec.max_step_tokens, "page_size": spec.page_size,
                "max_kv_pages": spec.max_kv_pages, "profiles": profiles}

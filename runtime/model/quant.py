@@ -54,9 +54,8 @@ class QuantizedLinear:
         self.quant = quant
         self.scheme = quant.scheme
         self.dtype = dtype
-        self.qweight = stored["qweight"]
-        self.scales = stored["scales"]
-        self.zeros = stored.get("zeros")
+        self.qweight, self.scales = _aligned(stored["qweight"]), _aligned(stored["scales"])
+        self.zeros = None if stored.get("zeros") is None else _aligned(stored["zeros"])
         self.out_features = self.qweight.shape[0]
         self.in_features = self.qweight.shape[1] * (2 if self.scheme == "int4" else 1)
         self._packed: torch.Tensor | None = None  # torch's int4 CPU layout, made on first use
@@ -132,6 +131,8 @@ class QuantizedLinear:
 
         int8 and fp8 codes are exact in every compute dtype, so their tiles are the plain codes and the
         per-channel scale multiplies the tile's output columns: (x @ q.T) * s = x @ (q * s).T, one pass less."""
+        if torch.is_grad_enabled():  # differentiable (training-style callers): the plain product, no reuse
+            return F.linear(x, self.dequantize())
         tile = max(16, TILE_BYTES // (self.in_features * 4))
         out = x.new_empty(x.shape[0], self.out_features)
         buffer = _scratch((min(tile, self.out_features), self.in_features), self.dtype, x.device, slot=1)
@@ -161,13 +162,28 @@ class QuantizedLinear:
             return self._dequantized_mm(x)
 
 
+ALIGNMENT = 64
+
+
+def _aligned(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor at a 64-byte aligned address (a copy if it is not). safetensors offsets are only 8-byte
+    aligned, and torch's packed int8 kernel reads past that assumption: it crashed (SIGSEGV) on a
+    memory-mapped weight at 4 and more rows, and runs on the same bytes copied to aligned memory."""
+    if tensor.device.type == "cpu" and tensor.data_ptr() % ALIGNMENT:
+        return tensor.clone()
+    return tensor
+
+
 _SCRATCH = threading.local()
 
 
 def _scratch(shape: tuple[int, int], dtype: torch.dtype, device: torch.device, slot: int = 0) -> torch.Tensor:
     """A per-thread buffer reused across calls (dequantized tiles would otherwise cost an allocation, and on
-    glibc often a fresh mmap with its page faults, every tile of every matmul)."""
-    key = (slot, dtype, device)
+    glibc often a fresh mmap with its page faults, every tile of every matmul). Under autograd a fresh tensor
+    (autograd may save it). Inference-mode tensors are kept apart: they may not be written outside it."""
+    if torch.is_grad_enabled():
+        return torch.empty(shape, dtype=dtype, device=device)
+    key = (slot, dtype, device, torch.is_inference_mode_enabled())
     cache = getattr(_SCRATCH, "buffers", None)
     if cache is None:
         cache = _SCRATCH.buffers = {}
