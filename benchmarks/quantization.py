@@ -61,6 +61,7 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+@torch.inference_mode()  # as the engine's step runs (under autograd the layers take the plain path)
 def kernels(repeats: int) -> dict:
     n, k = 8192, 3072
     weight = torch.randn(n, k) * 0.02

@@ -110,6 +110,19 @@ class SafetensorsFile:
         return flat.view(info.shape)
 
 
+    def read(self, name: str) -> torch.Tensor:
+        """A copy of the tensor in fresh (64-byte aligned) memory, read with plain file reads: nothing of the
+        file is mapped into the process, so a tensor that is only needed transformed costs no resident pages
+        beyond the copy."""
+        info = self.tensors[name]
+        out = torch.empty(info.shape, dtype=info.dtype)
+        if out.numel():
+            with open(self.path, "rb") as handle:
+                handle.seek(info.start)
+                handle.readinto(memoryview(out.view(-1).view(torch.uint8).numpy()))
+        return out
+
+
 def safetensors_header(specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
                        metadata: dict[str, str] | None = None) -> bytes:
     """The 8-byte length plus padded JSON header of a file holding these tensors in sorted name order.

@@ -388,3 +388,19 @@ def test_layers_run_inside_and_outside_inference_mode_and_under_autograd():
     third.sum().backward()
     assert torch.allclose(first, second) and torch.allclose(second, third.detach())
     assert torch.allclose(x_grad.grad, lin.dequantize().sum(dim=0).expand(5, -1), atol=1e-4)
+
+
+def test_python_api_serves_a_quantized_demo_engine(tmp_path):
+    """What `serve` and the Python API run: text in, text out, on an int8 demo engine; spec's text equals AR's."""
+    from trimode.api import LLM, SamplingParams
+    from trimode.demo import demo_model_path
+
+    demo = demo_model_path()
+    if demo is None:
+        pytest.skip("this installation carries no demo model")
+    engine_dir = quantized_build(demo, tmp_path / "e", "int8")
+    with LLM(engine_dir, device="cpu", threads=1) as llm:
+        prompts = ["def add(a, b):", "import os\n"]
+        spec = llm.generate(prompts, SamplingParams(max_tokens=16, mode="spec"))
+        ar = llm.generate(prompts, SamplingParams(max_tokens=16, mode="ar"))
+    assert [o.text for o in spec] == [o.text for o in ar] and all(o.text for o in ar)

@@ -99,6 +99,16 @@ def print_table(report: dict) -> None:
                    f"{row['tokens_per_s']:>10.1f}{row.get('speedup_vs_ar') or 0:>7.2f}{row['ttft_ms']:>10.2f}  {steps}")
 
 
+def engine_quantization(path: Path) -> dict | None:
+    """The engine's quantization scheme as its manifest records it (None: unquantized, or a checkpoint)."""
+    from .builder.manifest import MANIFEST_FILE, read_manifest
+
+    if not (path / MANIFEST_FILE).is_file():
+        return None
+    quant = read_manifest(path).quantization
+    return None if quant is None else quant.to_json()
+
+
 @click.command("bench")
 @click.option("--model", "model_path", type=click.Path(path_type=Path), default=None,
               help="Engine or checkpoint directory (default: the shipped demo model).")
@@ -171,7 +181,8 @@ def bench_command(model_path: Path | None, modes: str, batch_size: int, num_prom
         "model": str(model_path), "date": date.today().isoformat(), "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
         "device": str(getattr(engine, "device", "cpu")), "dtype": str(getattr(engine, "dtype", dtype)),
-        "batch_size": batch_size, "prompt_lengths": [len(p) for p in prompts], "max_new_tokens": new_tokens,
+        "quantization": engine_quantization(Path(model_path)), "batch_size": batch_size,
+        "prompt_lengths": [len(p) for p in prompts], "max_new_tokens": new_tokens,
         "block_lengths": lengths,
         "runs": runs, "warmup": warmup,
         "modes": bench_modes(engine, prompts, configs, runs=runs, warmup=warmup, batch_size=batch_size),

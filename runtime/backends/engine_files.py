@@ -18,7 +18,7 @@ from ...builder.manifest import Manifest, hash_file, read_manifest
 from ...builder.safetensors_io import SafetensorsFile
 from ..errors import CapacityError
 from ..model.network import Transformer
-from ..model.quant import gather_quantized
+from ..model.quant import QUANTIZED_SUFFIXES, gather_quantized
 from .limits import EngineLimits
 from .step import StepEngine
 from .torch_engine import TorchEngine
@@ -89,7 +89,10 @@ def load_torch_engine(root: Path, manifest: Manifest, use_lora: bool, device: st
     """Converted weights memory-mapped straight into the reference network (no conversion at load). On a
     CUDA device the engine is the GPU path (`GraphEngine`: one cache, static buffers, CUDA graphs)."""
     weights_file = SafetensorsFile(root / manifest.artifacts["weights"])
-    weights = {name: weights_file.get(name) for name in weights_file.tensors}
+    # quantized parts are copied (aligned, and for int4 repacked) by QuantizedLinear: read, not mapped
+    copied = () if manifest.quantization is None else QUANTIZED_SUFFIXES
+    weights = {name: weights_file.read(name) if name.endswith(copied) else weights_file.get(name)
+               for name in weights_file.tensors}
     if not use_lora:
         weights = {name: t for name, t in weights.items() if ".lora_" not in name}
     if manifest.quantization is not None:

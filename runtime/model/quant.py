@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ...builder.quantization import FP8_MAX, Quantization
 
+QUANTIZED_SUFFIXES = (".qweight", ".scales", ".zeros")  # a quantized matrix's stored parts
 TILE_BYTES = 1 << 20  # dequantized tile size of the wide-row path (compute dtype bytes)
 
 # Largest M (tokens in one matmul) for which the packed kernel beats dequantize-then-matmul, per scheme and
@@ -47,6 +48,39 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=-1).view(packed.shape[0], -1)
 
 
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """The inverse of unpack_int4."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+# torch's CPU int4 layout (`_convert_weight_to_int4pack_for_cpu`, innerKTiles 2) interleaves the codes of blocks
+# of 64 output rows (the last block holds the rest); it is not documented, so it is found by packing probes.
+INT4_CPU_BLOCK = 64
+INT4_PACK_CHUNK = 4096  # rows packed at a time at load (a multiple of the block: the same bytes as all at once)
+_INT4_LAYOUTS: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _cpu_pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 2)
+
+
+def int4_cpu_layout(rows: int, k: int) -> torch.Tensor:
+    """Index I with codes.view(-1) == unpack_int4(packed).view(-1)[I] for one block of `rows` x `k` codes."""
+    key = (rows, k)
+    if key not in _INT4_LAYOUTS:
+        index = torch.arange(rows * k).view(rows, k)
+        source = torch.zeros(rows * k, dtype=torch.int64)
+        digit = 0
+        while 16 ** digit < rows * k:  # each probe's codes are one base-16 digit of every code's own index
+            slots = unpack_int4(_cpu_pack_int4((index >> (4 * digit)) & 15)).reshape(-1).long()
+            source |= slots << (4 * digit)
+            digit += 1
+        inverse = torch.empty_like(source)
+        inverse[source] = torch.arange(rows * k)
+        _INT4_LAYOUTS[key] = inverse
+    return _INT4_LAYOUTS[key]
+
+
 class QuantizedLinear:
     """One quantized [N, K] matrix: `layer(x)` is x @ dequantize().T in the compute dtype."""
 
@@ -54,33 +88,69 @@ class QuantizedLinear:
         self.quant = quant
         self.scheme = quant.scheme
         self.dtype = dtype
-        self.qweight, self.scales = _aligned(stored["qweight"]), _aligned(stored["scales"])
+        self.qweight: torch.Tensor | None = _aligned(stored["qweight"])  # the portable codes (None: see _packed)
+        self.scales = _aligned(stored["scales"])
         self.zeros = None if stored.get("zeros") is None else _aligned(stored["zeros"])
-        self.out_features = self.qweight.shape[0]
-        self.in_features = self.qweight.shape[1] * (2 if self.scheme == "int4" else 1)
-        self._packed: torch.Tensor | None = None  # torch's int4 CPU layout, made on first use
+        self.out_features = stored["qweight"].shape[0]
+        self.in_features = stored["qweight"].shape[1] * (2 if self.scheme == "int4" else 1)
+        self._packed: torch.Tensor | None = None  # int4 on the CPU: torch's layout, the only copy kept
         self._scales_zeros: torch.Tensor | None = None
         self._scales_c: torch.Tensor | None = None  # per-channel scales in the compute dtype
         self._scaled_mm_ok = True
-        # torch's int4 CPU packing needs 16 | N; other shapes always take the dequantizing path
+        self._packed_max_tokens = 0
+        self._prepare()
+
+    def _prepare(self) -> None:
+        """Device-specific forms. int4 on the CPU is repacked into torch's layout (which needs 16 | N; other
+        shapes keep the portable codes and always dequantize) and the portable copy is dropped: the wide-row
+        path reads the codes back out of torch's layout, so int4 stays at half a byte per weight in memory."""
         fits = self.scheme == "int8" or (self.scheme == "int4" and self.out_features % 16 == 0)
-        self._packed_max_tokens = packed_max_tokens(self.scheme, dtype) if fits else 0
+        on_cpu = self.scales.device.type == "cpu"
+        self._packed_max_tokens = packed_max_tokens(self.scheme, self.dtype) if fits and on_cpu else 0
+        if self.scheme == "int4" and fits and on_cpu and self.qweight is not None:
+            chunks = [_cpu_pack_int4(unpack_int4(self.qweight[start:start + INT4_PACK_CHUNK]))
+                      for start in range(0, self.out_features, INT4_PACK_CHUNK)]
+            self._packed = torch.cat(chunks) if len(chunks) > 1 else chunks[0]
+            self._scales_zeros = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()
+            self.qweight = None
+
+    def _int4_codes(self, rows: slice) -> torch.Tensor:
+        """uint8 codes [n, K] of these rows, from whichever form is held (CPU-layout rows start on a block)."""
+        if self._packed is None:
+            return unpack_int4(self.qweight[rows])
+        start, stop, _ = rows.indices(self.out_features)
+        if start % INT4_CPU_BLOCK:
+            raise ValueError(f"int4 rows must start on a {INT4_CPU_BLOCK}-row block (got {start})")
+        k, parts = self.in_features, []
+        full = (stop - start) // INT4_CPU_BLOCK * INT4_CPU_BLOCK
+        for begin, count, size in ((start, full, INT4_CPU_BLOCK), (start + full, stop - start - full, None)):
+            if count:
+                size = size or count
+                slots = unpack_int4(self._packed[begin:begin + count]).view(count // size, size * k)
+                parts.append(slots[:, int4_cpu_layout(size, k)].view(count, k))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
     @property
     def device(self) -> torch.device:
-        return self.qweight.device
+        return self.scales.device
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the stored tensors (what a step reads through the packed kernel)."""
-        parts = [self.qweight, self.scales] + ([self.zeros] if self.zeros is not None else [])
+        """Bytes held for this matrix (what a step reads through the packed kernel)."""
+        codes = self.qweight if self._packed is None else self._packed
+        parts = [codes, self.scales] + ([self.zeros] if self.zeros is not None else [])
         return sum(t.numel() * t.element_size() for t in parts)
 
     def to(self, device: torch.device | str) -> QuantizedLinear:
+        if torch.device(device) == self.device:
+            return self
+        if self.qweight is None:
+            self.qweight = pack_int4(self._int4_codes(slice(None)))
         self.qweight = self.qweight.to(device)
         self.scales = self.scales.to(device)
         self.zeros = None if self.zeros is None else self.zeros.to(device)
         self._packed = self._scales_zeros = self._scales_c = None
+        self._prepare()
         return self
 
     # -- the definition ---------------------------------------------------------------------------------
@@ -88,19 +158,17 @@ class QuantizedLinear:
         """The weight rows [n, K] in the compute dtype: what every kernel multiplies by. Computed in fp32 (exact:
         an 8-bit code times a scale fits fp32's mantissa), then rounded once to the compute dtype; `out` (an
         [n, K] tensor of the compute dtype) receives it without allocating."""
-        q = self.qweight[rows]
-        n = q.shape[0]
-        scratch = _scratch((n, self.in_features), torch.float32, q.device)
+        start, stop, _ = rows.indices(self.out_features)
+        n = stop - start
+        scratch = _scratch((n, self.in_features), torch.float32, self.device)
         if self.scheme == "int4":
             group = self.quant.group_size
-            codes = scratch.view(n, -1, 2)
-            codes[..., 0].copy_(q & 0xF)
-            codes[..., 1].copy_(q >> 4)
+            scratch.copy_(self._int4_codes(rows))
             grouped = scratch.view(n, -1, group)
             scales = self.scales[rows].float()[..., None]
             grouped.mul_(scales).add_(self.zeros[rows].float()[..., None] - 8.0 * scales)
         else:
-            scratch.copy_(q).mul_(self.scales[rows, None].float())
+            scratch.copy_(self.qweight[rows]).mul_(self.scales[rows, None].float())
         if out is None:
             return scratch.to(self.dtype, copy=True)
         return out.copy_(scratch)
@@ -119,10 +187,6 @@ class QuantizedLinear:
     def _packed_mm(self, x: torch.Tensor) -> torch.Tensor:
         if self.scheme == "int8":
             return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, self.scales)
-        if self._packed is None:
-            codes = unpack_int4(self.qweight).to(torch.int32)
-            self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
-            self._scales_zeros = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), self._packed, self.quant.group_size,
                                                           self._scales_zeros)
 
@@ -133,7 +197,7 @@ class QuantizedLinear:
         per-channel scale multiplies the tile's output columns: (x @ q.T) * s = x @ (q * s).T, one pass less."""
         if torch.is_grad_enabled():  # differentiable (training-style callers): the plain product, no reuse
             return F.linear(x, self.dequantize())
-        tile = max(16, TILE_BYTES // (self.in_features * 4))
+        tile = max(INT4_CPU_BLOCK, TILE_BYTES // (self.in_features * 4) // INT4_CPU_BLOCK * INT4_CPU_BLOCK)
         out = x.new_empty(x.shape[0], self.out_features)
         buffer = _scratch((min(tile, self.out_features), self.in_features), self.dtype, x.device, slot=1)
         per_channel = self.scheme != "int4"
@@ -208,7 +272,7 @@ def gather_quantized(weights: dict[str, torch.Tensor], quant: Quantization, dtyp
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in weights.items():
         base, _, suffix = name.rpartition(".")
-        if suffix in ("qweight", "scales", "zeros") and base:
+        if name.endswith(QUANTIZED_SUFFIXES) and base:
             parts.setdefault(base, {})[suffix] = tensor
         else:
             out[name] = tensor
