@@ -17,9 +17,10 @@ kernels take; the kernels that compute with them are in runtime/model/quant.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a method needs it: the manifest (and `--help`) stay torch-free
+    import torch
 
 SCHEMES = ("int8", "int4", "fp8")
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -78,6 +79,8 @@ class Quantization:
     def stored_specs(self, name: str, shape: tuple[int, ...], dtype: torch.dtype
                      ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """The stored tensors (name -> dtype, shape) that hold one quantized [N, K] matrix."""
+        import torch
+
         n, k = shape
         if self.scheme == "int8":
             return {f"{name}.qweight": (torch.int8, (n, k)), f"{name}.scales": (dtype, (n,))}
@@ -92,6 +95,8 @@ class Quantization:
 
         Codes are computed against the scales as stored (already rounded to their dtype), so dequantizing
         reproduces the nearest representable weight."""
+        import torch
+
         w = weight.float()
         if self.scheme == "int8":
             scale = (w.abs().amax(dim=1) / 127.0).to(dtype)
