@@ -81,6 +81,20 @@ def int4_cpu_layout(rows: int, k: int) -> torch.Tensor:
     return _INT4_LAYOUTS[key]
 
 
+_INTERLEAVED: dict[int, bool] = {}
+
+
+def int4_blocks_interleave_halves(k: int) -> bool:
+    """Whether a full 64-row block of torch's layout is the codes ordered [k][row % 32][row // 32] (what
+    torch 2.13 does), checked once per K against the probed layout, so a torch with another layout only
+    takes the slower gather."""
+    if k not in _INTERLEAVED:
+        half = INT4_CPU_BLOCK // 2
+        structured = torch.arange(INT4_CPU_BLOCK * k).view(k, half, 2).permute(2, 1, 0).reshape(-1)
+        _INTERLEAVED[k] = torch.equal(structured, int4_cpu_layout(INT4_CPU_BLOCK, k))
+    return _INTERLEAVED[k]
+
+
 class QuantizedLinear:
     """One quantized [N, K] matrix: `layer(x)` is x @ dequantize().T in the compute dtype."""
 
@@ -96,6 +110,8 @@ class QuantizedLinear:
         self._packed: torch.Tensor | None = None  # int4 on the CPU: torch's layout, the only copy kept
         self._scales_zeros: torch.Tensor | None = None
         self._scales_c: torch.Tensor | None = None  # per-channel scales in the compute dtype
+        self._block_scales: torch.Tensor | None = None  # int4 scales and offsets in torch's CPU block order
+        self._block_offsets: torch.Tensor | None = None
         self._scaled_mm_ok = True
         self._packed_max_tokens = 0
         self._prepare()
@@ -114,21 +130,29 @@ class QuantizedLinear:
             self._scales_zeros = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()
             self.qweight = None
 
-    def _int4_codes(self, rows: slice) -> torch.Tensor:
-        """uint8 codes [n, K] of these rows, from whichever form is held (CPU-layout rows start on a block)."""
+    def _int4_codes(self, rows: slice, out: torch.Tensor) -> torch.Tensor:
+        """The rows' codes (0..15) written into `out` [n, K] (any dtype), from whichever form is held; rows
+        in torch's CPU layout start on a 64-row block."""
         if self._packed is None:
-            return unpack_int4(self.qweight[rows])
+            return out.copy_(unpack_int4(self.qweight[rows]))
         start, stop, _ = rows.indices(self.out_features)
         if start % INT4_CPU_BLOCK:
             raise ValueError(f"int4 rows must start on a {INT4_CPU_BLOCK}-row block (got {start})")
-        k, parts = self.in_features, []
+        k, half = self.in_features, INT4_CPU_BLOCK // 2
         full = (stop - start) // INT4_CPU_BLOCK * INT4_CPU_BLOCK
-        for begin, count, size in ((start, full, INT4_CPU_BLOCK), (start + full, stop - start - full, None)):
-            if count:
-                size = size or count
-                slots = unpack_int4(self._packed[begin:begin + count]).view(count // size, size * k)
-                parts.append(slots[:, int4_cpu_layout(size, k)].view(count, k))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
+        if full and int4_blocks_interleave_halves(k):
+            # byte (k, r) of a block holds row r's code at column k in its low nibble and row r + 32's in its high
+            packed = self._packed[start:start + full].view(full // INT4_CPU_BLOCK, k, half)
+            target = out[:full].view(full // INT4_CPU_BLOCK, 2, half, k)
+            target[:, 0].copy_((packed & 0xF).transpose(1, 2))
+            target[:, 1].copy_((packed >> 4).transpose(1, 2))
+        elif full:
+            slots = unpack_int4(self._packed[start:start + full]).view(full // INT4_CPU_BLOCK, -1)
+            out[:full].copy_(slots[:, int4_cpu_layout(INT4_CPU_BLOCK, k)].view(full, k))
+        if rest := stop - start - full:  # the last, partial block
+            slots = unpack_int4(self._packed[start + full:stop]).view(-1)
+            out[full:].copy_(slots[int4_cpu_layout(rest, k)].view(rest, k))
+        return out
 
     @property
     def device(self) -> torch.device:
@@ -145,11 +169,12 @@ class QuantizedLinear:
         if torch.device(device) == self.device:
             return self
         if self.qweight is None:
-            self.qweight = pack_int4(self._int4_codes(slice(None)))
+            codes = torch.empty(self.out_features, self.in_features, dtype=torch.uint8)
+            self.qweight = pack_int4(self._int4_codes(slice(None), codes))
         self.qweight = self.qweight.to(device)
         self.scales = self.scales.to(device)
         self.zeros = None if self.zeros is None else self.zeros.to(device)
-        self._packed = self._scales_zeros = self._scales_c = None
+        self._packed = self._scales_zeros = self._scales_c = self._block_scales = self._block_offsets = None
         self._prepare()
         return self
 
@@ -163,7 +188,7 @@ class QuantizedLinear:
         scratch = _scratch((n, self.in_features), torch.float32, self.device)
         if self.scheme == "int4":
             group = self.quant.group_size
-            scratch.copy_(self._int4_codes(rows))
+            self._int4_codes(rows, scratch)
             grouped = scratch.view(n, -1, group)
             scales = self.scales[rows].float()[..., None]
             grouped.mul_(scales).add_(self.zeros[rows].float()[..., None] - 8.0 * scales)
@@ -197,6 +222,8 @@ class QuantizedLinear:
         per-channel scale multiplies the tile's output columns: (x @ q.T) * s = x @ (q * s).T, one pass less."""
         if torch.is_grad_enabled():  # differentiable (training-style callers): the plain product, no reuse
             return F.linear(x, self.dequantize())
+        if self._packed is not None and int4_blocks_interleave_halves(self.in_features):
+            return self._int4_block_mm(x)
         tile = max(INT4_CPU_BLOCK, TILE_BYTES // (self.in_features * 4) // INT4_CPU_BLOCK * INT4_CPU_BLOCK)
         out = x.new_empty(x.shape[0], self.out_features)
         buffer = _scratch((min(tile, self.out_features), self.in_features), self.dtype, x.device, slot=1)
@@ -212,6 +239,39 @@ class QuantizedLinear:
             else:
                 out[:, rows] = F.linear(x, self.dequantize(rows, weight))
         return out
+
+    def _int4_block_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """int4 wide rows straight from torch's CPU layout: each 64-row block expands, with contiguous passes,
+        into two [K, 32] fp32 matrices (rows r and r + 32 of the block), multiplied in one batched matmul; no
+        transposition of codes. Computed in fp32 (the weights before their rounding to the compute dtype)."""
+        k, group, half = self.in_features, self.quant.group_size, INT4_CPU_BLOCK // 2
+        blocks = self.out_features // INT4_CPU_BLOCK
+        if self._block_scales is None:
+            full = blocks * INT4_CPU_BLOCK
+            scales, zeros = self.scales[:full].float(), self.zeros[:full].float()
+            layout = (blocks, 2, half, k // group)
+            self._block_scales = scales.reshape(layout).permute(0, 1, 3, 2).contiguous()
+            self._block_offsets = (zeros - 8.0 * scales).reshape(layout).permute(0, 1, 3, 2).contiguous()
+        per_tile = max(1, 4 * TILE_BYTES // (INT4_CPU_BLOCK * k * 4))
+        xf = x.float()
+        out = torch.empty(x.shape[0], self.out_features, dtype=torch.float32, device=x.device)
+        scratch = _scratch((per_tile * 2 * k, half), torch.float32, x.device, slot=2)
+        for b0 in range(0, blocks, per_tile):
+            count = min(per_tile, blocks - b0)
+            packed = self._packed[b0 * INT4_CPU_BLOCK:(b0 + count) * INT4_CPU_BLOCK].view(count, k, half)
+            weights = scratch[: count * 2 * k].view(count, 2, k, half)
+            weights[:, 0].copy_(packed & 0xF)
+            weights[:, 1].copy_(packed >> 4)
+            grouped = weights.view(count, 2, k // group, group, half)
+            grouped.mul_(self._block_scales[b0:b0 + count, :, :, None]).add_(
+                self._block_offsets[b0:b0 + count, :, :, None])
+            y = torch.matmul(xf, weights.view(count * 2, k, half))  # [2 * count, M, 32]
+            columns = slice(b0 * INT4_CPU_BLOCK, (b0 + count) * INT4_CPU_BLOCK)
+            out[:, columns] = y.permute(1, 0, 2).reshape(x.shape[0], count * INT4_CPU_BLOCK)
+        if blocks * INT4_CPU_BLOCK < self.out_features:  # the partial last block
+            tail = slice(blocks * INT4_CPU_BLOCK, self.out_features)
+            out[:, tail] = F.linear(xf, self.dequantize(tail).float())
+        return out.to(x.dtype)
 
     def _fp8_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:
         """FP8 tensor cores: activations quantized per token, weights per channel, output in the compute dtype.
