@@ -18,6 +18,7 @@ import torch
 
 from trimode.builder.checkpoint import load_checkpoint
 from trimode.builder.engine_build import BuildOptions, build_engine
+from trimode.builder.quantization import Quantization
 from trimode.plugins.masks import BIDIRECTIONAL, PREFIX_BLOCK, QUAD
 from trimode.runtime.backends.cuda_graphs import Bucketing
 from trimode.runtime.backends.graph_steps import (
@@ -120,6 +121,8 @@ def test_backend_module_resolves_its_names_against_a_stub(monkeypatch):
             with pytest.raises(module.TensorRTBuildError, match=str(library)):
                 module.find_plugin_library(None)
         assert issubclass(module.TensorRTBuildError, ValueError)
+        fp8 = module.TensorRTBuildSpec(torch.bfloat16, 4, 128, (8,), quantization=Quantization.parse("fp8"))
+        assert module.onnx_opset(fp8.quantization) == 19 and module.onnx_opset(spec.quantization) == 17
     finally:
         sys.modules.pop(name, None)
 
@@ -189,3 +192,18 @@ def test_block_length_not_built_is_refused(engines):
         engine.limits.check_block_length(4)
     with pytest.raises(RequestError, match="block length 4 is not one this engine was built for"):
         generate(engine, PROMPTS, GenerationConfig(mode="spec", max_new_tokens=8, block_length=4))
+
+
+@needs_tensorrt
+def test_fp8_plan_matches_the_torch_fp8_engine(trt_dir, tiny_checkpoint, tmp_path):
+    """`--backend tensorrt --quantize fp8` (bf16): TensorRT's plan over FP8 weights behind DequantizeLinear gives
+    the logits of the torch engine built with the same scheme, on the same GPU, within bf16 rounding."""
+    from trimode.runtime.backends.engine_loader import open_engine
+
+    options = dict(dtype="bf16", max_batch_size=8, max_seq_len=128, block_lengths=(8,), quantize="fp8")
+    build_engine(tiny_checkpoint, tmp_path / "trt", BuildOptions(backend="tensorrt", **options))
+    build_engine(tiny_checkpoint, tmp_path / "torch", BuildOptions(**options))
+    plan, reference = open_engine(tmp_path / "trt", device="cuda"), open_engine(tmp_path / "torch", device="cuda")
+    row = ChunkRow(list(range(3, 40)), write=True, logit_offsets=list(range(37)))
+    got, want = Seqs(plan, 1).step([0], [row]).float(), Seqs(reference, 1).step([0], [row]).float()
+    assert float((got - want).norm() / want.norm()) < 5e-2

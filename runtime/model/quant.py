@@ -34,7 +34,7 @@ TILE_BYTES = 1 << 20  # dequantized tile size of the wide-row path (compute dtyp
 # compute dtype on the CPU (measured: benchmarks/RESULTS.md, "Quantized weights"). 0 = always dequantize.
 PACKED_MAX_TOKENS: dict[tuple[str, torch.dtype], int] = {
     ("int8", torch.bfloat16): 16, ("int8", torch.float16): 16, ("int8", torch.float32): 0,
-    ("int4", torch.bfloat16): 64, ("int4", torch.float16): 64, ("int4", torch.float32): 0,
+    ("int4", torch.bfloat16): 128, ("int4", torch.float16): 128, ("int4", torch.float32): 0,
 }
 
 
