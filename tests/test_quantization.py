@@ -404,3 +404,17 @@ def test_python_api_serves_a_quantized_demo_engine(tmp_path):
         spec = llm.generate(prompts, SamplingParams(max_tokens=16, mode="spec"))
         ar = llm.generate(prompts, SamplingParams(max_tokens=16, mode="ar"))
     assert [o.text for o in spec] == [o.text for o in ar] and all(o.text for o in ar)
+
+
+@pytest.mark.parametrize("rows", [64, 80, 208])
+def test_int4_codes_come_back_out_of_torchs_cpu_layout(rows):
+    """The CPU keeps only torch's packed int4 layout; the portable codes (what a move to the GPU needs, and
+    the wide-row path reads) come back out of it exactly, full blocks and a partial last one alike."""
+    stored = Quantization.parse("int4", 32).quantize("w", torch.randn(rows, 128) * 0.05, torch.bfloat16)
+    lin = QuantizedLinear(Quantization.parse("int4", 32), {k.rsplit(".", 1)[1]: v for k, v in stored.items()},
+                          torch.bfloat16)
+    assert lin.qweight is None and lin._packed is not None  # the portable copy was dropped
+    codes = lin._int4_codes(slice(None), torch.empty(rows, 128, dtype=torch.uint8))
+    assert torch.equal(quant.pack_int4(codes), stored["w.qweight"])
+    middle = lin._int4_codes(slice(64, rows), torch.empty(rows - 64, 128, dtype=torch.uint8))
+    assert torch.equal(middle, codes[64:])
