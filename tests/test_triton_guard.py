@@ -9,12 +9,10 @@ in flight - HTTP and gRPC - gets a final response with its finish reason, and th
 from __future__ import annotations
 
 import json
-import os
 import queue
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,9 +21,15 @@ from pathlib import Path
 
 import pytest
 
-from trimode.runtime.serving.triton.server import free_port
-
-from .test_triton_server import MODEL, expected, grpcclient, make_inputs, served  # noqa: F401  (a fixture)
+from .test_triton_server import (  # noqa: F401  (served: a fixture)
+    MODEL,
+    expected,
+    grpcclient,
+    make_inputs,
+    served,
+    start_serve,
+    stop_serve,
+)
 
 httpx = pytest.importorskip("httpx")
 pytestmark = pytest.mark.integration
@@ -45,28 +49,13 @@ class Serving:
 @pytest.fixture(scope="module")
 def serving(served, tmp_path_factory) -> Iterator[Serving]:  # noqa: F811
     root = tmp_path_factory.mktemp("guarded")
-    ports = [str(free_port()) for _ in range(3)]
-    out, err = root / "stdout", root / "stderr"
-    with open(out, "w") as out_file, open(err, "w") as err_file:
-        process = subprocess.Popen([sys.executable, "-m", "trimode", "serve", str(served.engine_dir), "--http-port",
-                                    ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], "--threads", "1",
-                                    "--max-row-tokens", str(ROW_LIMIT), "--shutdown-timeout", "2",
-                                    "--max-step-tokens", "256", "--header-timeout", "1"],
-                                   stdout=out_file, stderr=err_file, text=True, start_new_session=True)
+    process, ports, out, err = start_serve(served.engine_dir, root, "--threads", "1", "--max-row-tokens",
+                                           str(ROW_LIMIT), "--shutdown-timeout", "2", "--max-step-tokens", "256",
+                                           "--header-timeout", "1")
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and process.poll() is None and "Ctrl-C" not in out.read_text():
-            time.sleep(0.2)
-        assert "tritonserver ready" in out.read_text(), (process.poll(), err.read_text())
         yield Serving(process, f"http://127.0.0.1:{ports[0]}", f"127.0.0.1:{ports[1]}", out, err)
     finally:
-        if process.poll() is None:
-            os.kill(process.pid, signal.SIGTERM)
-            try:
-                process.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
+        stop_serve(process)
 
 
 def generate(serving: Serving, body: dict | bytes, stream: bool = False) -> tuple[int, list[dict]]:

@@ -384,19 +384,40 @@ def test_cancelling_a_stream_stops_generation(served):
     assert after.ids == expected(served, [1, 2], mode="ar", max_new_tokens=4).tokens
 
 
-def test_serve_command_starts_and_stops_on_ctrl_c(served, tmp_path):
+def start_serve(engine_dir: Path, folder: Path, *options: str) -> tuple[subprocess.Popen, list[str], Path, Path]:
+    """`trimode serve ENGINE` on three free ports (http, grpc, metrics) with its stdout and stderr in `folder`,
+    returned once tritonserver is ready; if it never gets ready the process is stopped and the test fails."""
     ports = [str(free_port()) for _ in range(3)]
-    log, out_path, err_path = tmp_path / "serve.log", tmp_path / "stdout", tmp_path / "stderr"
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        process = subprocess.Popen([sys.executable, "-m", "trimode", "serve", str(served.engine_dir), "--http-port",
-                                    ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], "--log-file",
-                                    str(log), "--repo", str(tmp_path / "repo")],
-                                   stdout=out, stderr=err, text=True, start_new_session=True)
+    out, err = folder / "stdout", folder / "stderr"
+    with open(out, "w") as out_file, open(err, "w") as err_file:
+        process = subprocess.Popen([sys.executable, "-m", "trimode", "serve", str(engine_dir), "--http-port",
+                                    ports[0], "--grpc-port", ports[1], "--metrics-port", ports[2], *options],
+                                   stdout=out_file, stderr=err_file, text=True, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None and "Ctrl-C" not in out.read_text():
+        time.sleep(0.2)
+    if "tritonserver ready" not in out.read_text():
+        stop_serve(process)
+        pytest.fail(f"trimode serve did not get ready (exit {process.poll()}): {err.read_text()}")
+    return process, ports, out, err
+
+
+def stop_serve(process: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
+    """Stop a still-running `trimode serve` through its own shutdown, and kill its group if that hangs."""
+    if process.poll() is None:
+        os.kill(process.pid, sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+def test_serve_command_starts_and_stops_on_ctrl_c(served, tmp_path):
+    log = tmp_path / "serve.log"
+    process, ports, _, err_path = start_serve(served.engine_dir, tmp_path, "--log-file", str(log), "--repo",
+                                              str(tmp_path / "repo"))
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and process.poll() is None and "Ctrl-C" not in out_path.read_text():
-            time.sleep(0.2)
-        assert "tritonserver ready" in out_path.read_text(), (process.poll(), err_path.read_text())
         url = f"127.0.0.1:{ports[0]}"
         probe = TritonServer(tmp_path, http_port=int(ports[0]))
         assert probe.is_ready()
@@ -407,11 +428,5 @@ def test_serve_command_starts_and_stops_on_ctrl_c(served, tmp_path):
         assert "tritonserver stopped (status 0)" in err_path.read_text()
         assert not probe.is_ready()
         assert (tmp_path / "repo" / MODEL / "config.pbtxt").is_file()
-    finally:
-        if process.poll() is None:  # a failed test: still stop the server through trimode, then kill
-            os.kill(process.pid, signal.SIGINT)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(10)
+    finally:  # a failed test: still stop the server through trimode, then kill
+        stop_serve(process, signal.SIGINT, 30)
