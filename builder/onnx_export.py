@@ -74,7 +74,7 @@ from .config import ModelConfig
 from .convert import converted_names, iter_converted
 from .engine_weights import tensor_bytes
 from .manifest import FileEntry, HashingWriter
-from .quantization import Quantization
+from .quantization import Quantization, unpack_int4
 
 OPSET = 17
 IR_VERSION = 8
@@ -194,7 +194,7 @@ def _onnx_parts(name: str, stored: dict[str, torch.Tensor], quant: Quantization
     """(initializer name, ONNX dtype, shape, bytes tensor) of one quantized matrix, laid out for MatMul."""
     q, scales = stored[f"{name}.qweight"], stored[f"{name}.scales"]
     if quant.scheme == "int4":
-        codes = (torch.stack([q & 0xF, q >> 4], dim=-1).view(q.shape[0], -1).to(torch.int8) - 8).t().contiguous()
+        codes = (unpack_int4(q).to(torch.int8) - 8).t().contiguous()
         zeros = stored[f"{name}.zeros"].t().contiguous()
         return [(f"{name}.qweight", TensorProto.INT4, tuple(codes.shape), _int4_bytes(codes)),
                 (f"{name}.scales", ONNX_DTYPES[scales.dtype], tuple(scales.t().shape), scales.t().contiguous()),

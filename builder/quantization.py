@@ -29,6 +29,18 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 QUANTIZED_PARTS = ("qkv", "o", "gate_up", "down")
 
 
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes uint8 [N, K] in 0..15 -> the stored int4 layout uint8 [N, K/2], the even column in the low nibble."""
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4."""
+    import torch
+
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).view(packed.shape[0], -1)
+
+
 @dataclass(frozen=True)
 class Quantization:
     """What an engine's manifest records under build.quantization (absent for an unquantized engine)."""
@@ -111,8 +123,7 @@ class Quantization:
             zero = (low + 8.0 * scale.float()).to(dtype)
             codes = torch.round((g - zero.float()[..., None]) / scale.float()[..., None] + 8.0).clamp(0, 15)
             codes = codes.to(torch.uint8).view(w.shape)
-            packed = codes[:, 0::2] | (codes[:, 1::2] << 4)
-            return {f"{name}.qweight": packed.contiguous(), f"{name}.scales": scale, f"{name}.zeros": zero}
+            return {f"{name}.qweight": pack_int4(codes).contiguous(), f"{name}.scales": scale, f"{name}.zeros": zero}
         scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
         q = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
         return {f"{name}.qweight": q, f"{name}.scales": scale}

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ...builder.quantization import FP8_MAX, Quantization
+from ...builder.quantization import FP8_MAX, Quantization, pack_int4, unpack_int4
 
 QUANTIZED_SUFFIXES = (".qweight", ".scales", ".zeros")  # a quantized matrix's stored parts
 TILE_BYTES = 1 << 20  # dequantized tile size of the wide-row path (compute dtype bytes)
@@ -40,17 +40,6 @@ PACKED_MAX_TOKENS: dict[tuple[str, torch.dtype], int] = {
 
 def packed_max_tokens(scheme: str, dtype: torch.dtype) -> int:
     return PACKED_MAX_TOKENS.get((scheme, dtype), 0)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, K/2] (even column in the low nibble) -> codes uint8 [N, K] in 0..15."""
-    low, high = packed & 0xF, packed >> 4
-    return torch.stack([low, high], dim=-1).view(packed.shape[0], -1)
-
-
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """The inverse of unpack_int4."""
-    return codes[:, 0::2] | (codes[:, 1::2] << 4)
 
 
 # torch's CPU int4 layout (`_convert_weight_to_int4pack_for_cpu`, innerKTiles 2) interleaves the codes of blocks
