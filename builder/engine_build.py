@@ -33,7 +33,7 @@ from .quantization import SCHEMES, Quantization
 
 WEIGHTS_FILE = "weights.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_EXTRAS = ("tokenizer_config.json", "chat_template.jinja")
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 LORA_AUTO = "auto"
 DEFAULT_MAX_SEQ_LEN = 4096  # capped by the model's max_position_embeddings
 

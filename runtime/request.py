@@ -10,8 +10,10 @@ with the same words. This module imports nothing heavy (no torch), so the CLI's 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 from .errors import CapacityError, RequestError
@@ -21,6 +23,9 @@ AUTO = "auto"  # block_length for spec and quad: chosen per engine from measured
 MAX_TEMPERATURE = 100.0
 GREEDY_BELOW = 1e-5  # a temperature under this is greedy: its distribution is one-hot to float precision
 SEED_RANGE = (-(2**63), 2**64)  # what a torch.Generator accepts
+MAX_LOGPROBS = 20
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "grammar", "choice")
+STRUCTURED_MODES = ("ar", "spec", "quad")  # exact there; diffusion and infill commit out of order
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,12 @@ class GenerationConfig:
     suffix: infill mode's clean tokens after the hole (the hole is max_new_tokens long).
     ar_mix_weight: quad only; None keeps slot 1 equal to slot 0 (AR-exact), w blends w*slot0 + (1-w)*slot1.
     priority: lower runs first when the engine is full (vLLM's convention); 0 by default.
+    presence/frequency_penalty (OpenAI's, over generated tokens), repetition_penalty (CTRL's, over prompt and
+    generated tokens), logit_bias ((token, bias) pairs), min_tokens (EOS and stop_token_ids barred before that
+    many tokens), ignore_eos, stop_token_ids: see runtime/logits.py; exact in AR, spec and quad.
+    structured: a grammar the output must follow, (kind, spec); see runtime/structured.py.
+    logprobs / prompt_logprobs: report log-softmax of the raw model logits for each generated (prompt) token
+    and the k most likely tokens (k <= MAX_LOGPROBS); None: not reported.
     """
 
     mode: str = "ar"
@@ -50,6 +61,19 @@ class GenerationConfig:
     suffix: tuple[int, ...] = ()
     ar_mix_weight: float | None = None
     priority: int = 0
+    # logits processing (runtime/logits.py): applied to the causal logit of every position a request emits
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+    # structured output: (kind, spec) with kind in STRUCTURED_KINDS (runtime/structured.py compiles it)
+    structured: tuple[str, str] | None = None
+    # log probabilities (of the raw model logits): None off, k >= 0 the chosen token's and the top k
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +89,9 @@ class RequestDefaults:
     mode: str = "spec"
     max_new_tokens: int = 64
     use_lora: bool = True
+    #: sampling defaults of the checkpoint (its generation_config.json, see `generation_defaults`), as
+    #: (field, value) pairs, used where a request leaves the field out
+    sampling: tuple[tuple[str, Any], ...] = ()
 
 
 class ModelShape(Protocol):
@@ -92,7 +119,45 @@ def make_config(model: ModelShape, defaults: RequestDefaults = RequestDefaults()
     values.setdefault("max_new_tokens", defaults.max_new_tokens)
     values.setdefault("use_lora", defaults.use_lora)
     values.setdefault("block_length", default_block_length(model))
+    for name, value in defaults.sampling:
+        values.setdefault(name, value)
+    for name in ("logit_bias", "stop_token_ids"):
+        if name in values:
+            values[name] = tuple(values[name].items()) if isinstance(values[name], dict) else tuple(values[name])
+    if "structured" in values:
+        values["structured"] = tuple(values["structured"])
     return GenerationConfig(**values)
+
+
+#: generation_config.json keys a checkpoint may set defaults for, and the GenerationConfig field of each
+GENERATION_CONFIG_KEYS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                          "repetition_penalty": "repetition_penalty"}
+
+
+def generation_defaults(directory: str | Path | None) -> tuple[tuple[str, Any], ...]:
+    """The sampling defaults in `directory`/generation_config.json (transformers' file), as vLLM's
+    `--generation-config auto` reads them: temperature, top_p, top_k, repetition_penalty. A file that says
+    `do_sample: false` asks for greedy decoding, so its temperature is not taken. Nothing when absent."""
+    if directory is None:
+        return ()
+    path = Path(directory) / "generation_config.json"
+    if not path.is_file():
+        return ()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise RequestError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        return ()
+    found = []
+    for key, name in GENERATION_CONFIG_KEYS.items():
+        value = data.get(key)
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if key in ("temperature", "top_p", "top_k") and data.get("do_sample") is False:
+            continue
+        found.append((name, int(value) if key == "top_k" else float(value)))
+    return tuple(found)
 
 
 @dataclass(frozen=True)
@@ -145,8 +210,10 @@ def check_config(engine: EngineShape, config: GenerationConfig) -> None:
     """Raise RequestError naming the first setting the engine cannot serve (prompt-independent checks)."""
     if config.mode not in MODES:
         raise RequestError(f"unknown mode '{config.mode}' (choose {', '.join(MODES)})")
-    if not _is_int(config.max_new_tokens) or config.max_new_tokens <= 0:
-        raise RequestError(f"max_new_tokens must be a positive integer, got {config.max_new_tokens!r}")
+    scoring = config.prompt_logprobs is not None  # scoring a prompt may generate nothing (echo, max_tokens=0)
+    if not _is_int(config.max_new_tokens) or config.max_new_tokens < (0 if scoring else 1):
+        raise RequestError(f"max_new_tokens must be a positive integer{' or 0' if scoring else ''}, "
+                           f"got {config.max_new_tokens!r}")
     if config.block_length == AUTO:
         if config.mode not in ("spec", "quad"):
             raise RequestError(f"block_length 'auto' is for spec and quad modes, not {config.mode}")
@@ -183,6 +250,7 @@ def check_config(engine: EngineShape, config: GenerationConfig) -> None:
     if not _is_int(config.priority):
         raise RequestError(f"priority must be an integer, got {config.priority!r}")
     vocab = engine.config.vocab_size
+    check_processing(config, vocab)
     if config.mode == "infill" and not config.suffix:
         raise RequestError("infill mode needs a suffix (the text after the hole)")
     if config.mode != "infill" and config.suffix:
@@ -191,6 +259,41 @@ def check_config(engine: EngineShape, config: GenerationConfig) -> None:
         bad = [t for t in ids if not _is_int(t) or not 0 <= t < vocab]
         if bad:
             raise RequestError(f"{name} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+
+
+def check_processing(config: GenerationConfig, vocab: int) -> None:
+    """The logits-processing, structured-output and logprob settings (runtime/logits.py's rules)."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(config, name)
+        if not _is_number(value) or not -2.0 <= value <= 2.0:
+            raise RequestError(f"{name} must be within [-2, 2], got {value!r}")
+    if not _is_number(config.repetition_penalty) or not 0.0 < config.repetition_penalty <= 100.0:
+        raise RequestError(f"repetition_penalty must be within (0, 100], got {config.repetition_penalty!r}")
+    for pair in config.logit_bias:
+        if len(pair) != 2 or not _is_int(pair[0]) or not 0 <= pair[0] < vocab:
+            raise RequestError(f"logit_bias names token {pair[0]!r}, outside the vocabulary [0, {vocab})")
+        if not _is_number(pair[1]) or not -100.0 <= pair[1] <= 100.0:
+            raise RequestError(f"logit_bias values must be within [-100, 100], got {pair[1]!r} for token {pair[0]}")
+    if not _is_int(config.min_tokens) or config.min_tokens < 0:
+        raise RequestError(f"min_tokens must be an integer >= 0, got {config.min_tokens!r}")
+    if config.min_tokens > config.max_new_tokens:
+        raise RequestError(f"min_tokens ({config.min_tokens}) must not exceed max_tokens ({config.max_new_tokens})")
+    if not isinstance(config.ignore_eos, bool):
+        raise RequestError(f"ignore_eos must be true or false, got {config.ignore_eos!r}")
+    bad = [t for t in config.stop_token_ids if not _is_int(t) or not 0 <= t < vocab]
+    if bad:
+        raise RequestError(f"stop_token_ids has token id {bad[0]!r} outside the vocabulary [0, {vocab})")
+    for name in ("logprobs", "prompt_logprobs"):
+        value = getattr(config, name)
+        if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+            raise RequestError(f"{name} must be an integer within [0, {MAX_LOGPROBS}], got {value!r}")
+    if config.structured is not None:
+        if (len(config.structured) != 2 or config.structured[0] not in STRUCTURED_KINDS
+                or not isinstance(config.structured[1], str)):
+            raise RequestError(f"structured output must be one of {', '.join(STRUCTURED_KINDS)} with its spec")
+        if config.mode not in STRUCTURED_MODES:
+            raise RequestError(f"structured output is supported in modes {', '.join(STRUCTURED_MODES)}, "
+                               f"not {config.mode}")
 
 
 def check_token_ids(ids: list[int] | tuple[int, ...], vocab: int, what: str = "prompt") -> None:

@@ -107,12 +107,14 @@ class _Row:
     def __init__(self, n: int) -> None:
         self.pick = Pick(SAMPLE)
         self.num_logits = n
+        self.scores: list[int] = []
 
 
 class _Seq:
     def __init__(self, temperature: float, seed: int) -> None:
-        self.config = GenerationConfig(temperature=temperature, top_k=0, top_p=1.0)
+        self.config = GenerationConfig(temperature=temperature, top_k=0, top_p=1.0, seed=seed)
         self.generator = make_generator(seed)
+        self.tokens: list[int] = []
 
 
 def test_decide_flags_a_bad_row_and_decides_the_others_as_alone():

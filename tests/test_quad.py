@@ -163,6 +163,7 @@ def test_ar_mix_weight_blends_slot_zero_into_slot_one():
     class Plan:
         def __init__(self, mix):
             self.pick = Pick(mix=mix)
+            self.scores: list[int] = []
 
     logits = torch.tensor([[1.0, 5.0], [3.0, -1.0], [0.5, 0.5]])
     mixed = _mixed(logits, [Plan((0.25, [(0, 1)]))], [(0, 3)])

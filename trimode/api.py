@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .runtime.modes.sequence import tokens_per_forward
+from .runtime.modes.sequence import TokenLogprob, tokens_per_forward
 from .runtime.serving.frontend import Completion, Frontend, Prepared, Settings
 
 Prompt = str | list[int]
@@ -44,9 +44,9 @@ class SamplingParams:
 
     max_tokens: int = 64
     mode: str = "spec"
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
+    temperature: float | None = None  # None: the checkpoint's generation_config.json default, else 0 (greedy)
+    top_p: float | None = None        # None: the checkpoint's default, else 1.0
+    top_k: int | None = None          # None: the checkpoint's default, else 0 (off)
     seed: int = 0
     stop: Sequence[str] = ()
     block_length: int | str | None = None
@@ -56,6 +56,16 @@ class SamplingParams:
     use_lora: bool | None = None
     enable_thinking: bool | None = None
     priority: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float | None = None  # None: the checkpoint's default, else 1.0 (off)
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: Sequence[int] = ()
+    structured: tuple[str, str] | None = None  # ("json_schema", schema text), ("regex", r"..."), ...
+    logprobs: int | None = None         # report each token's logprob and the top k
+    prompt_logprobs: int | None = None  # report each prompt token's logprob and the top k
     extra: dict = field(default_factory=dict)  # further GenerationConfig fields, e.g. {"ar_mix_weight": 0.5}
 
     def settings(self) -> Settings:
@@ -63,7 +73,12 @@ class SamplingParams:
         return Settings(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                         top_k=self.top_k, seed=self.seed, stop=stop, mode=self.mode, block_length=self.block_length,
                         threshold=self.threshold, max_thinking_tokens=self.max_thinking_tokens, suffix=self.suffix,
-                        use_lora=self.use_lora, extra={"priority": self.priority, **self.extra})
+                        use_lora=self.use_lora, presence_penalty=self.presence_penalty,
+                        frequency_penalty=self.frequency_penalty, repetition_penalty=self.repetition_penalty,
+                        logit_bias=self.logit_bias, min_tokens=self.min_tokens, ignore_eos=self.ignore_eos,
+                        stop_token_ids=tuple(self.stop_token_ids), structured=self.structured,
+                        logprobs=self.logprobs, prompt_logprobs=self.prompt_logprobs,
+                        extra={"priority": self.priority, **self.extra})
 
 
 @dataclass
@@ -79,6 +94,8 @@ class RequestOutput:
     stop_string: str | None = None
     cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
     block_length: int = 0   # the block length it ran with ("auto" resolved)
+    logprobs: list[TokenLogprob] | None = None  # per token (SamplingParams.logprobs)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token, the first None
 
     @property
     def tokens_per_forward(self) -> float:
@@ -95,8 +112,10 @@ class LLM:
     def __init__(self, path: str | Path | None = None, *, device: str = "auto", threads: int | None = None,
                  dtype: str = "auto", max_batch_size: int | None = None, max_seq_len: int | None = None,
                  use_lora: bool = True, verify: bool = False, kv_cache_memory: int | str | None = None,
-                 page_size: int | None = None, prefix_caching: bool = True) -> None:
-        """`kv_cache_memory`: bytes or a size like "4GiB" (default: see the README's KV cache section)."""
+                 page_size: int | None = None, prefix_caching: bool = True, generation_config: str = "auto") -> None:
+        """`kv_cache_memory`: bytes or a size like "4GiB" (default: see the README's KV cache section).
+        `generation_config`: "auto" uses the checkpoint's generation_config.json sampling defaults for the
+        SamplingParams left at None (temperature, top_p, top_k, repetition_penalty); "none" ignores it."""
         from .runtime.backends.engine_loader import open_engine
 
         if threads:
@@ -114,7 +133,7 @@ class LLM:
                                   device=device, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                                   kv_cache_memory=kv_cache_memory, page_size=page_size,
                                   prefix_caching=prefix_caching)
-        self.frontend = Frontend(self.engine, use_lora=use_lora)
+        self.frontend = Frontend(self.engine, use_lora=use_lora, generation_config=generation_config)
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
@@ -197,7 +216,7 @@ class LLM:
                 elif kind == "done":
                     self.last_stream_result = value
                     return
-                else:
+                elif kind == "error":
                     raise GenerationFailed(value)
         finally:
             sink.cancel()
@@ -209,4 +228,5 @@ def _is_ids(prompt: object) -> bool:
 
 def _output(prompt: Prompt, item: Prepared, result: Completion) -> RequestOutput:
     return RequestOutput(prompt, list(item.prompt), result.text, list(result.token_ids), result.forwards,
-                         result.finish_reason, result.stop_string, result.cached_tokens, result.block_length)
+                         result.finish_reason, result.stop_string, result.cached_tokens, result.block_length,
+                         result.logprobs, result.prompt_logprobs)

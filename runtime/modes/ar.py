@@ -14,4 +14,4 @@ class ARMode(ModeState):
         return RowPlan(ChunkRow([seq.tokens[-1]], CAUSAL, write=True, logit_offsets=[0]), Pick())
 
     def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided) -> None:
-        seq.emit([int(decided.tokens[0])])
+        seq.emit([int(decided.tokens[0])], logprobs=[decided.entry(0)])

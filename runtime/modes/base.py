@@ -15,7 +15,7 @@ kept) and carries on where it was.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...plugins.masks import CAUSAL
 from ..backends.step import ChunkRow
@@ -25,9 +25,13 @@ from .sequence import Sequence
 
 @dataclass
 class RowPlan:
+    """A row, how its logits become tokens, and `scores`: the prompt tokens its leading logits score (prompt
+    logprobs; the scheduler splits those logits off before the mode consumes the rest)."""
+
     row: ChunkRow
     pick: Pick
     is_prefill: bool = False
+    scores: list[int] = field(default_factory=list)
 
     @property
     def num_logits(self) -> int:
@@ -48,11 +52,21 @@ class ModeState:
 
     def plan_prefill(self, seq: Sequence, budget: int) -> RowPlan:
         target = seq.prefill_target
-        chunk = target[seq.prefilled : seq.prefilled + max(budget, 1)]
-        if seq.prefilled + len(chunk) == len(target) and seq.first_prefill:
+        start = seq.prefilled
+        chunk = target[start : start + max(budget, 1)]
+        last = start + len(chunk) == len(target) and seq.first_prefill
+        if last:
             row = ChunkRow(chunk, CAUSAL, write=True, logit_offsets=[len(chunk) - 1])
-            return self.extend_last_prefill(seq, row)
-        return RowPlan(ChunkRow(chunk, CAUSAL, write=True), Pick(ARGMAX), is_prefill=True)
+            plan = self.extend_last_prefill(seq, row)
+        else:
+            plan = RowPlan(ChunkRow(chunk, CAUSAL, write=True), Pick(ARGMAX), is_prefill=True)
+        if seq.first_prefill and seq.config.prompt_logprobs is not None:
+            # prompt logprobs: position p's logit scores prompt token p + 1 (the prompt's last position gives
+            # the first generated token instead, as the mode asks)
+            scored = len(chunk) - 1 if last else len(chunk)
+            plan.row.logit_offsets = list(range(scored)) + list(plan.row.logit_offsets)
+            plan.scores = list(target[start + 1 : start + 1 + scored])
+        return plan
 
     def extend_last_prefill(self, seq: Sequence, row: ChunkRow) -> RowPlan:
         """The prompt's last chunk; its single logit gives the first token (modes may change this)."""
@@ -60,6 +74,11 @@ class ModeState:
 
     def consume(self, seq: Sequence, plan: RowPlan, decided: Decided) -> int:
         """Apply a row's result; returns how many of the positions the row wrote stay in the cache."""
+        if plan.scores:  # prompt logprobs of the tokens after this chunk's positions, then the mode's logits
+            first = seq.prefilled + 1
+            for i, token in enumerate(plan.scores):
+                seq.prompt_scores[first + i] = decided.scored(i, token)
+            decided = decided.tail(len(plan.scores))
         if plan.is_prefill:
             seq.prefilled += plan.row.written
             if not seq.prefilling:
@@ -74,7 +93,7 @@ class ModeState:
 
     def consume_prefill(self, seq: Sequence, plan: RowPlan, decided: Decided) -> None:
         """Default: the prompt's last logit is the first generated token (AR, spec)."""
-        seq.emit([int(decided.tokens[0])])
+        seq.emit([int(decided.tokens[0])], logprobs=[decided.entry(0)])
 
     def plan_decode(self, seq: Sequence) -> RowPlan | None:
         raise NotImplementedError

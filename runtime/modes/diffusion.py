@@ -17,9 +17,10 @@ import numpy as np
 
 from ...plugins.masks import BIDIRECTIONAL, CAUSAL
 from ..backends.step import ChunkRow
+from ..logits import Context
 from ..sampler import DENOISE, Decided, Pick
 from .base import ModeState, RowPlan
-from .sequence import Sequence
+from .sequence import Sequence, TokenLogprob
 
 
 def transfer_schedule(masked: int, steps: int) -> list[int]:
@@ -68,6 +69,7 @@ class Denoiser:
         self.schedule = transfer_schedule(chunk[fixed:span].count(mask_id), steps)
         self.done_steps = 0
         self.taken = 0  # slots handed out by `take_settled`
+        self.entries: list[TokenLogprob | None] = [None] * len(chunk)  # logprobs of the committing passes
 
     @property
     def finished(self) -> bool:
@@ -76,19 +78,28 @@ class Denoiser:
             return True
         return self.eos_id is not None and block_finished(head, self.mask_id, self.eos_id)
 
-    def row(self) -> RowPlan:
+    def row(self, seq: Sequence) -> RowPlan:
         chunk = ChunkRow(list(self.chunk), BIDIRECTIONAL, logit_offsets=list(range(self.span)))
-        return RowPlan(chunk, Pick(DENOISE, confidence=True))
+        return RowPlan(chunk, Pick(DENOISE, confidence=True, contexts=self.contexts(seq)))
 
-    def take_settled(self) -> list[int]:
-        """The slots that became final since the last call: the leading run of committed slots (all of them
-        once the loop is finished; a slot still holding the mask id then stays as it is)."""
+    def contexts(self, seq: Sequence) -> list[Context | None]:
+        """Logits processing of a pass (runtime/logits.py): every masked slot follows everything committed so
+        far - the emitted tokens and this chunk's committed, not yet emitted slots - and slot i decides output
+        index (emitted - taken + i)."""
+        head = self.chunk[: self.span]
+        pending = tuple(t for t in head[self.taken :] if t != self.mask_id)
+        base = len(seq.tokens) - self.taken
+        return [Context(pending, base + i) if t == self.mask_id else None for i, t in enumerate(head)]
+
+    def take_settled(self) -> tuple[list[int], list[TokenLogprob | None]]:
+        """The slots that became final since the last call, with their logprobs: the leading run of committed
+        slots (all of them once the loop is finished; a slot still holding the mask id then stays as it is)."""
         end = self.fixed
         while end < self.span and self.chunk[end] != self.mask_id:
             end += 1
         if self.finished:
             end = self.span
-        out = self.chunk[self.taken : end]
+        out = self.chunk[self.taken : end], self.entries[self.taken : end]
         self.taken = max(self.taken, end)
         return out
 
@@ -98,6 +109,8 @@ class Denoiser:
         count = self.schedule[self.done_steps]
         committed = commit_step(head, decided.tokens, decided.confidence, self.mask_id, self.threshold, count)
         self.chunk[: self.span] = head
+        for i in committed:
+            self.entries[i] = decided.entry(i)
         self.done_steps += 1
         return committed
 
@@ -114,16 +127,18 @@ class DiffusionMode(ModeState):
         self.blocks_done = 0
 
     def consume_prefill(self, seq: Sequence, plan: RowPlan, decided: Decided) -> None:
-        self._start_block(seq, int(decided.tokens[0]))
+        self._start_block(seq, decided)
 
-    def _start_block(self, seq: Sequence, seed: int) -> None:
+    def _start_block(self, seq: Sequence, decided: Decided) -> None:
         """A block `[seed, MASK x (L-1)]`: the seed is final, so it is emitted now."""
-        block = [seed] + [self.mask_id] * (self.length - 1)
+        block = [int(decided.tokens[0])] + [self.mask_id] * (self.length - 1)
         self.denoiser = Denoiser(block, self.length, self.mask_id, self.eos_id, self.threshold, self.length, fixed=1)
+        self.denoiser.entries[0] = decided.entry(0)
         self._emit_settled(seq)
 
     def _emit_settled(self, seq: Sequence) -> None:
-        seq.emit(self.denoiser.take_settled(), truncate_on_force=False)
+        tokens, entries = self.denoiser.take_settled()
+        seq.emit(tokens, truncate_on_force=False, logprobs=entries)
         if self.denoiser.finished and not seq.done:
             self.blocks_done += 1
             if self.blocks_done * self.length >= seq.max_new_tokens:
@@ -133,7 +148,7 @@ class DiffusionMode(ModeState):
         if seq.done:
             return None
         if not self.denoiser.finished:
-            return self.denoiser.row()
+            return self.denoiser.row(seq)
         # the block is final and another block follows: one causal pass writes the exact K/V of the block as
         # emitted (a forced end-of-thinking token included), so the cache holds exactly the emitted tokens
         row = ChunkRow(seq.tokens[-self.length :], CAUSAL, write=True, logit_offsets=[self.length - 1])
@@ -141,7 +156,7 @@ class DiffusionMode(ModeState):
 
     def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided) -> None:
         if plan.row.mask_kind == CAUSAL:  # the re-encode: its last logit seeds the next block
-            self._start_block(seq, int(decided.tokens[0]))
+            self._start_block(seq, decided)
             return
         self.denoiser.consume(decided)
         self._emit_settled(seq)

@@ -18,7 +18,9 @@ def make_mode(model: ModelConfig, config: GenerationConfig, block_length: int, h
     if config.mode == "ar":
         return ARMode()
     if config.mode == "diffusion":
-        return DiffusionMode(block_length, model.mask_token_id, model.eos_token_id, config.threshold)
+        # with ignore_eos an EOS does not end a block early: it is an ordinary token
+        eos = None if config.ignore_eos else model.eos_token_id
+        return DiffusionMode(block_length, model.mask_token_id, eos, config.threshold)
     if config.mode == "infill":
         return InfillMode(config.max_new_tokens, list(config.suffix), model.mask_token_id, config.threshold)
     if config.mode == "spec":

@@ -33,10 +33,11 @@ class InfillMode(ModeState):
         pass
 
     def plan_decode(self, seq: Sequence) -> RowPlan | None:
-        return None if seq.done else self.denoiser.row()
+        return None if seq.done else self.denoiser.row(seq)
 
     def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided) -> None:
         self.denoiser.consume(decided)
-        seq.emit(self.denoiser.take_settled(), truncate_on_force=False)  # the hole's leading committed run
+        tokens, entries = self.denoiser.take_settled()
+        seq.emit(tokens, truncate_on_force=False, logprobs=entries)  # the hole's leading committed run
         if self.denoiser.finished and not seq.done:
             seq.finish_reason = "length"

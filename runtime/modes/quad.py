@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from ...plugins.masks import PREFIX_BLOCK, QUAD
 from ..backends.step import ChunkRow
+from ..logits import Context
 from ..sampler import ARGMAX, SAMPLE, Decided, Pick
 from .base import ModeState, RowPlan
 from .sequence import Sequence
@@ -60,7 +61,7 @@ class QuadMode(ModeState):
 
     def consume_prefill(self, seq: Sequence, plan: RowPlan, decided: Decided) -> None:
         self.drafts = [int(t) for t in decided.tokens]
-        seq.emit(self.drafts[:1])
+        seq.emit(self.drafts[:1], logprobs=[decided.entry(0)])
         if seq.tokens and seq.tokens[-1] != self.drafts[0]:  # a forced end-of-thinking token: redraft after it
             self.drafts = [seq.tokens[-1]] + [self.mask_id] * (self.length - 1)
 
@@ -73,8 +74,14 @@ class QuadMode(ModeState):
         mix = None
         if mixing:
             mix = (self.mix, [(j * per_block, j * per_block + 1) for j in range(self.length)])
+        # slot 0 of sub-block j (and its blend in slot 1) follows the drafts d_1..d_j; mask slots are drafts
+        done = len(seq.tokens)
+        contexts: list[Context | None] = []
+        for j in range(self.length):
+            context = Context(tuple(self.drafts[1 : j + 1]), done + j)
+            contexts += [context] + ([context] if mixing else []) + [None] * (per_block - 1 - mixing)
         row = ChunkRow(tokens, QUAD, mask_param=self.length, write=True, logit_offsets=offsets, positions=positions)
-        return RowPlan(row, Pick(SAMPLE, kinds=kinds, mix=mix))
+        return RowPlan(row, Pick(SAMPLE, kinds=kinds, mix=mix, contexts=contexts))
 
     def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided) -> int:
         length = self.length
@@ -89,7 +96,10 @@ class QuadMode(ModeState):
         head = pred[accepted - 1]
         new_first = head[1] if self.mix is not None else head[0]
         offered = self.drafts[1:accepted] + [new_first]
-        kept = seq.emit(offered)
+        # d_k was accepted as the pick of slot 0 of sub-block k - 1; the new d_0 is sub-block a - 1's pick
+        sources = [(k - 1) * per_block for k in range(1, accepted)]
+        sources.append((accepted - 1) * per_block + (1 if self.mix is not None else 0))
+        kept = seq.emit(offered, logprobs=[decided.entry(i) for i in sources])
         # all L d's were written at C .. C+L-1; the cache keeps d_0 .. d_{a-1} (or what was kept when cut short)
         if kept == len(offered) and seq.tokens and seq.tokens[-1] == new_first:
             self.drafts = [new_first] + head[-(length - 1):] if length > 1 else [new_first]

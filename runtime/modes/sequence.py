@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,7 +18,17 @@ if TYPE_CHECKING:
     from ..request import GenerationConfig
     from .base import ModeState
 
-TokenCallback = Callable[[int, list[int]], None]
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the raw model logits at the position that produced it, and the `top`
+    most likely (token, logprob) pairs there, most likely first (as many as the request asked for)."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+TokenCallback = Callable[[int, list[int]], None]  # (caller's index, tokens just committed); see Sequence.logprobs
 CancelCheck = Callable[[int], bool]
 
 
@@ -42,6 +52,8 @@ class SequenceResult:
     cached_tokens: int = 0     # prompt tokens found in the prefix cache at admission (not recomputed)
     preemptions: int = 0       # times the request gave its pages back and was recomputed
     block_length: int = 0      # the block length it ran with (`auto` resolved)
+    logprobs: list[TokenLogprob] | None = None  # one per token (when the request asked for them)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token, the first None
 
     @property
     def tokens_per_forward(self) -> float:
@@ -88,10 +100,15 @@ class Sequence:
     cached_tokens: int = -1  # prompt tokens found in the prefix cache at first admission (-1: not admitted)
     preemptions: int = 0
     block_length: int = 0  # the block length the mode runs with ("auto" resolved)
+    constraint: Any = None  # structured output's grammar state (runtime/structured.py), following `tokens`
+    logprobs: list[TokenLogprob] | None = None  # one per token, when the request asked for them
+    prompt_scores: dict[int, TokenLogprob] = field(default_factory=dict)  # prompt index -> its logprob
 
     def __post_init__(self) -> None:
         if not self.prefill_target:
             self.prefill_target = list(self.prompt)
+        if self.config.logprobs is not None and self.logprobs is None:
+            self.logprobs = []
 
     @property
     def prefilling(self) -> bool:
@@ -121,15 +138,22 @@ class Sequence:
             return None
         return end
 
-    def emit(self, new: list[int], truncate_on_force: bool = True) -> int:
+    def emit(self, new: list[int], truncate_on_force: bool = True,
+             logprobs: list[TokenLogprob | None] | None = None) -> int:
         """Commit tokens in order; returns how many were kept.
 
-        Stops after EOS or at max_new_tokens. When the thinking budget runs out, the end-of-thinking token
-        replaces the token at that position; with `truncate_on_force` the rest of `new` is dropped (it was
-        conditioned on the replaced token), otherwise it is kept (a diffusion block is committed whole).
+        Stops after EOS (unless ignore_eos), after a stop token id, or at max_new_tokens (a request of 0 new
+        tokens - scoring its prompt - keeps none). When the thinking budget runs out, the end-of-thinking
+        token replaces the token at that position; with `truncate_on_force` the rest of `new` is dropped (it
+        was conditioned on the replaced token), otherwise it is kept (a diffusion block is committed whole).
+        `logprobs` (one per offered token) are recorded when the request asked for them.
         """
+        if self.max_new_tokens == 0:
+            self.finish_reason = self.finish_reason or "length"
+            return 0
         kept: list[int] = []
-        for token in new:
+        config = self.config
+        for offered, token in enumerate(new):
             if self.done:
                 break
             forced = self._forced()
@@ -137,12 +161,21 @@ class Sequence:
                 token = forced
             kept.append(token)
             self.tokens.append(token)
-            if token == self.eos:
+            if self.logprobs is not None:
+                entry = logprobs[offered] if logprobs is not None else None
+                if entry is None or entry.token != token:  # forced by a rule: probability 1
+                    entry = TokenLogprob(token, 0.0, entry.top if entry is not None else ())
+                self.logprobs.append(entry)
+            if token == self.eos and not config.ignore_eos:
                 self.finish_reason = "eos"
+            elif token in config.stop_token_ids:
+                self.finish_reason = "stop"
             elif len(self.tokens) >= self.max_new_tokens:
                 self.finish_reason = "length"
-            if forced is not None and forced != new[len(kept) - 1] and truncate_on_force:
+            if forced is not None and forced != new[offered] and truncate_on_force:
                 break
+        if kept and self.constraint is not None:
+            self.constraint.commit(kept)
         if kept and self.on_tokens is not None:
             self.on_tokens(self.index, kept)
         return len(kept)
@@ -153,5 +186,9 @@ class Sequence:
     def result(self) -> SequenceResult:
         waited = max(self.admitted_step - self.submitted_step, 0)
         first = self.first_token_step - self.submitted_step if self.first_token_step >= 0 else -1
+        prompt_logprobs = None
+        if self.config.prompt_logprobs is not None:
+            prompt_logprobs = [None] + [self.prompt_scores.get(i) for i in range(1, len(self.prompt))]
         return SequenceResult(self.tokens, self.forwards, self.finish_reason or "length", len(self.prompt),
-                              waited, first, max(self.cached_tokens, 0), self.preemptions, self.block_length)
+                              waited, first, max(self.cached_tokens, 0), self.preemptions, self.block_length,
+                              self.logprobs, prompt_logprobs)

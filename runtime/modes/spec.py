@@ -15,6 +15,7 @@ import numpy as np
 
 from ...plugins.masks import BIDIRECTIONAL, CAUSAL
 from ..backends.step import ChunkRow
+from ..logits import Context
 from ..sampler import ARGMAX, Decided, Pick
 from .base import ModeState, RowPlan
 from .sequence import Sequence
@@ -69,7 +70,10 @@ class SpecMode(ModeState):
         if self._drafting():
             row = ChunkRow(list(self.block), BIDIRECTIONAL, lora=self.lora, logit_offsets=offsets)
             return RowPlan(row, Pick(ARGMAX, confidence=bool(self.threshold)))
-        return RowPlan(ChunkRow(list(self.block), CAUSAL, write=True, logit_offsets=offsets), Pick())
+        # verify position i follows the drafts block[1..i]: the context logits processing sees there
+        done = len(seq.tokens)
+        contexts = [Context(tuple(self.block[1 : i + 1]), done + i) for i in range(self.length)]
+        return RowPlan(ChunkRow(list(self.block), CAUSAL, write=True, logit_offsets=offsets), Pick(contexts=contexts))
 
     def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided) -> int | None:
         if plan.row.mask_kind == BIDIRECTIONAL:
@@ -79,6 +83,7 @@ class SpecMode(ModeState):
         accepted = accepted_length(self.block, decided.tokens)
         if self.on_round is not None:
             self.on_round(self.length, accepted)
-        kept = seq.emit([int(t) for t in decided.tokens[: accepted + 1]])
+        kept = seq.emit([int(t) for t in decided.tokens[: accepted + 1]],
+                        logprobs=[decided.entry(i) for i in range(accepted + 1)])
         self.block = None
         return kept  # the verified block's first `kept` positions stay: t and the accepted drafts

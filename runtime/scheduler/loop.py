@@ -26,7 +26,7 @@ from typing import Protocol
 
 from ..backends.step import StepEngine
 from ..errors import OverloadedError, RequestError, ShuttingDownError
-from ..modes.sequence import Sequence, SequenceResult
+from ..modes.sequence import Sequence, SequenceResult, TokenLogprob
 from ..request import Request
 from .scheduler import DECODE_FIRST, Scheduler, StepRecord
 
@@ -46,8 +46,9 @@ def _stop_live_loops() -> None:
 class ResponseSink(Protocol):
     """Where one request's output goes. Implementations must not raise (a dead client is not our failure)."""
 
-    def tokens(self, ids: list[int]) -> None:
-        """Tokens just committed for this request, in order."""
+    def tokens(self, ids: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
+        """Tokens just committed for this request, in order; with their logprobs when the request asked for
+        them (only then is the argument passed)."""
 
     def finish(self, result: SequenceResult) -> None:
         """The request is done (finish_reason eos, length or cancelled); send the final response."""
@@ -172,11 +173,19 @@ class EngineLoop:
             else:
                 _safe(sink.finish, seq.result())
 
+        admitted: list[Sequence] = []
+
+        def on_tokens(_index: int, ids: list[int]) -> None:
+            logprobs = admitted[0].logprobs if admitted else None
+            if logprobs is None:
+                _safe(sink.tokens, ids)
+            else:  # the request asked for logprobs: the entries of these tokens, the last ones recorded
+                _safe(sink.tokens, ids, logprobs[len(logprobs) - len(ids):])
+
         try:
-            self.scheduler.submit(job.request, on_tokens=lambda _i, ids: _safe(sink.tokens, ids),
-                                  is_cancelled=lambda _i: (self._stopping.is_set() or self._cancelling.is_set()
-                                                           or _cancelled(sink)),
-                                  on_finish=finished)
+            admitted.append(self.scheduler.submit(
+                job.request, on_tokens=on_tokens, on_finish=finished,
+                is_cancelled=lambda _i: self._stopping.is_set() or self._cancelling.is_set() or _cancelled(sink)))
         except RequestError as exc:
             _safe(sink.fail, str(exc))
         except Exception as exc:  # a request the scheduler could not take: it alone fails

@@ -46,6 +46,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -57,7 +58,7 @@ from ..errors import CapacityError, RequestError
 from ..modes.base import RowPlan
 from ..modes.factory import make_mode
 from ..modes.sequence import CancelCheck, Sequence, TokenCallback
-from ..request import AUTO, Request, extra_positions, widest_row
+from ..request import AUTO, GenerationConfig, Request, extra_positions, widest_row
 from ..sampler import decide, make_generator
 
 LOG = logging.getLogger("trimode.scheduler")
@@ -136,10 +137,14 @@ class Scheduler:
 
             on_round = stats_for(self.engine).recorder(config.mode, config.temperature > 0)
         mode = make_mode(self.engine.config, config, block, self.engine.has_lora, on_round)
+        constraint = None
+        if config.structured is not None:
+            constraint = request_constraint(self.engine, config)
         arrival = next(self._arrivals)
         seq = Sequence(arrival if index is None else index, list(request.prompt), config,
                        self.engine.config.eos_token_id, make_generator(config.seed, self.engine.device), mode,
-                       on_tokens, is_cancelled, arrival=arrival, submitted_step=self.steps, block_length=block)
+                       on_tokens, is_cancelled, arrival=arrival, submitted_step=self.steps, block_length=block,
+                       constraint=constraint)
         if on_finish is not None:
             self._on_finish[id(seq)] = on_finish
         self._enqueue(seq)
@@ -399,7 +404,9 @@ class Scheduler:
         limit = len(target) - 1 if seq.first_prefill else len(target)
         found: list[int] = []
         hashes: list[int] = []
-        if self.pages.prefix_caching and limit >= self.page_size:
+        # a prompt whose logprobs are asked for computes every position (cached K/V give no logits)
+        scoring = seq.first_prefill and seq.config.prompt_logprobs is not None
+        if self.pages.prefix_caching and limit >= self.page_size and not scoring:
             hashes = page_hashes(target, self.page_size, self.pages.root, limit // self.page_size)
             found = self.pages.match(hashes)
         self.pages.stats.queried_tokens += max(limit, 0)
@@ -468,6 +475,19 @@ class Scheduler:
         callback = self._on_finish.pop(id(seq), None)
         if callback is not None:
             callback(seq)
+
+
+def request_constraint(engine: StepEngine, config: GenerationConfig) -> Any:
+    """The grammar state of a structured-output request (runtime/structured.py, compiled once per grammar);
+    RequestError for a bad spec or an engine without a tokenizer."""
+    from ..structured import compile_constraint
+
+    path = getattr(engine, "tokenizer_path", None)
+    if path is None:
+        raise RequestError("structured output needs the engine's tokenizer (tokenizer.json), and it has none")
+    kind, spec = config.structured
+    model = engine.config
+    return compile_constraint(path, model.vocab_size, model.eos_token_id, kind, spec)
 
 
 def run_scratch(engine: StepEngine, cache: KVCache, rows: list[ChunkRow], prefix: int) -> float:

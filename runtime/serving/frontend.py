@@ -20,9 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OverloadedError, RequestError
-from ..modes.sequence import tokens_per_forward
-from ..request import GenerationConfig, Request, RequestDefaults, make_config, new_request, with_seed_offset
+from ..modes.sequence import TokenLogprob, tokens_per_forward
+from ..request import (
+    GenerationConfig,
+    Request,
+    RequestDefaults,
+    generation_defaults,
+    make_config,
+    new_request,
+    with_seed_offset,
+)
 from ..scheduler.loop import EngineLoop, Job
+from ..scheduler.scheduler import request_constraint
 from .chat_template import ChatTemplate, ChatTemplateError, chat_prompt_ids, end_think_token_id
 from .openai.metrics import ServerMetrics
 from .text import TextAssembler, load_tokenizer
@@ -46,6 +55,9 @@ class Completion:
     stop_string: str | None = None
     cached_tokens: int = 0   # prompt tokens read from the prefix cache
     block_length: int = 0    # the block length the request ran with ("auto" resolved)
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids (when asked for)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token, the first None
+    prompt_token_ids: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_forward(self) -> float:
@@ -71,9 +83,9 @@ class Settings:
     """A request's settings in the terms of the engine (what SamplingParams and the OpenAI bodies map to)."""
 
     max_tokens: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
+    temperature: float | None = None  # None: the checkpoint's default (generation_config.json), else greedy
+    top_p: float | None = None        # None: the checkpoint's default, else 1.0
+    top_k: int | None = None          # None: the checkpoint's default, else 0 (off)
     seed: int = 0
     stop: tuple[str, ...] = ()
     mode: str | None = None
@@ -82,18 +94,29 @@ class Settings:
     max_thinking_tokens: int | None = None
     suffix: str | None = None
     use_lora: bool | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None  # None: the checkpoint's default, else 1.0 (off)
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: tuple[int, ...] | None = None
+    structured: tuple[str, str] | None = None  # (kind, spec), kind in runtime/request.py's STRUCTURED_KINDS
+    logprobs: int | None = None         # None: none reported; k: each token's logprob and the top k
+    prompt_logprobs: int | None = None  # None: none; k: each prompt token's logprob and the top k (echo)
     extra: dict = field(default_factory=dict)
 
 
 class TextSink:
     """The ResponseSink of one job: text assembly, stop strings, cancellation, metrics; never raises."""
 
-    def __init__(self, assembler: TextAssembler, on_event: EventCallback, mode: str, prompt_tokens: int,
+    def __init__(self, assembler: TextAssembler, on_event: EventCallback, mode: str, prompt_ids: Sequence[int],
                  metrics: ServerMetrics | None) -> None:
         self.assembler = assembler
         self.on_event = on_event
         self.mode = mode
-        self.prompt_tokens = prompt_tokens
+        self.prompt_ids = prompt_ids
+        self.prompt_tokens = len(prompt_ids)
         self.metrics = metrics
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
@@ -115,7 +138,7 @@ class TextSink:
         """finish() or fail() has been called."""
         return self._done
 
-    def tokens(self, ids: list[int]) -> None:
+    def tokens(self, ids: list[int], logprobs: list[TokenLogprob] | None = None) -> None:
         try:
             with self._lock:
                 if self._done or self.assembler.finished:
@@ -136,6 +159,8 @@ class TextSink:
                         self._cancel.set()  # a stop string: the scheduler drops the job at its next step
                         break
                 piece = "".join(pieces)
+            if logprobs is not None:  # the tokens this call used (none after a stop string), before their text
+                self.on_event(("logprobs", list(logprobs[: len(pieces)])))
             if piece:
                 self.on_event(("text", piece))
         except Exception as exc:  # a sink must not raise into the scheduler; this request alone fails
@@ -161,9 +186,11 @@ class TextSink:
                 else:
                     token_ids = list(result.tokens)
                     reason = {"eos": "stop", "length": "length"}.get(result.finish_reason, result.finish_reason)
+                logprobs = None if result.logprobs is None else list(result.logprobs[: len(token_ids)])
                 completion = Completion(self.assembler.final_text, token_ids, self.prompt_tokens,
                                         int(result.forwards), reason, result.finish_reason,
-                                        self.assembler.stopped_by, result.cached_tokens, result.block_length)
+                                        self.assembler.stopped_by, result.cached_tokens, result.block_length,
+                                        logprobs, result.prompt_logprobs, list(self.prompt_ids))
                 if self.metrics is not None:
                     self.metrics.done(self.mode, self.first_token_at is not None, reason, completion.forwards,
                                       len(token_ids), time.monotonic() - self.submitted)
@@ -208,13 +235,20 @@ class Frontend:
 
     def __init__(self, engine: Any, *, default_mode: str = "spec", default_max_tokens: int = 64,
                  use_lora: bool = True, metrics: ServerMetrics | None = None, max_step_tokens: int | None = None,
-                 max_batch_size: int | None = None, policy: str = "decode-first", limits: ServingLimits | None = None
-                 ) -> None:
+                 max_batch_size: int | None = None, policy: str = "decode-first", limits: ServingLimits | None = None,
+                 generation_config: str = "auto") -> None:
+        """`generation_config`: "auto" takes the sampling defaults of the engine's generation_config.json
+        (temperature, top_p, top_k, repetition_penalty) for fields a request leaves out; "none" ignores it."""
+        if generation_config not in ("auto", "none"):
+            raise ValueError(f"generation_config must be 'auto' or 'none', got {generation_config!r}")
         self.engine = engine
         self.limits = limits or ServingLimits()
-        self.defaults = RequestDefaults(default_mode, default_max_tokens, use_lora)
-        self.metrics = metrics
         tokenizer_path = getattr(engine, "tokenizer_path", None)
+        sampling = ()
+        if generation_config == "auto" and tokenizer_path is not None:
+            sampling = generation_defaults(Path(tokenizer_path).parent)
+        self.defaults = RequestDefaults(default_mode, default_max_tokens, use_lora, sampling)
+        self.metrics = metrics
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.template: ChatTemplate | None = None
         if tokenizer_path is not None:
@@ -262,14 +296,16 @@ class Frontend:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
-    def encode_chat(self, messages: list[dict], enable_thinking: bool | None = None) -> list[int]:
-        """A conversation's prompt tokens through the model's chat template (`trimode generate --chat` too)."""
+    def encode_chat(self, messages: list[dict], enable_thinking: bool | None = None,
+                    tools: list[dict] | None = None) -> list[int]:
+        """A conversation's prompt tokens through the model's chat template (`trimode generate --chat` too);
+        `tools`: OpenAI tool objects for the template (see chat_template.py)."""
         tokenizer = self._need_tokenizer("chat")
         if self.template is None:
             raise RequestError("this model has no chat template (no chat_template in tokenizer_config.json); "
                                "use /v1/completions")
         try:
-            return chat_prompt_ids(self.template, tokenizer, messages, enable_thinking)
+            return chat_prompt_ids(self.template, tokenizer, messages, enable_thinking, tools=tools)
         except ChatTemplateError as exc:
             raise RequestError(f"chat template: {exc}") from None
 
@@ -294,7 +330,14 @@ class Frontend:
                                  threshold=settings.threshold, temperature=settings.temperature,
                                  top_p=settings.top_p, top_k=settings.top_k, seed=settings.seed,
                                  use_lora=settings.use_lora, max_thinking_tokens=settings.max_thinking_tokens,
-                                 end_think_token_id=end_think, suffix=suffix, **settings.extra)
+                                 end_think_token_id=end_think, suffix=suffix,
+                                 presence_penalty=settings.presence_penalty,
+                                 frequency_penalty=settings.frequency_penalty,
+                                 repetition_penalty=settings.repetition_penalty, logit_bias=settings.logit_bias,
+                                 min_tokens=settings.min_tokens, ignore_eos=settings.ignore_eos,
+                                 stop_token_ids=settings.stop_token_ids, structured=settings.structured,
+                                 logprobs=settings.logprobs, prompt_logprobs=settings.prompt_logprobs,
+                                 **settings.extra)
         except TypeError as exc:
             raise RequestError(f"invalid settings: {exc}") from None
         return with_seed_offset(config, choice)
@@ -307,9 +350,12 @@ class Frontend:
                                f"most {self.limits.max_jobs_per_request} per request on this server "
                                "(--max-jobs-per-request)")
         what = "prompt" if len(prompts) == 1 else "prompt {}"
-        return [Prepared(new_request(self.engine, prompt, self.config(settings, choice), what.format(number)),
-                         settings.stop)
-                for number, prompt in enumerate(prompts) for choice in range(n)]
+        prepared = [Prepared(new_request(self.engine, prompt, self.config(settings, choice), what.format(number)),
+                             settings.stop)
+                    for number, prompt in enumerate(prompts) for choice in range(n)]
+        if prepared and prepared[0].config.structured is not None:
+            request_constraint(self.engine, prepared[0].config)  # a bad grammar is refused now (compiled once)
+        return prepared
 
     def submit(self, item: Prepared, on_event: EventCallback) -> TextSink:
         """Submit one choice; a full queue is reported through its events (see `submit_all`)."""
@@ -344,7 +390,7 @@ class Frontend:
                     self._live.discard(sink)
             on_event(event)
 
-        sink = TextSink(TextAssembler(self.decode, item.stop), forget, item.config.mode, len(item.prompt),
+        sink = TextSink(TextAssembler(self.decode, item.stop), forget, item.config.mode, item.request.prompt,
                         self.metrics)
         with self._lock:
             self._live.add(sink)
