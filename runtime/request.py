@@ -294,6 +294,9 @@ def check_processing(config: GenerationConfig, vocab: int) -> None:
         if config.mode not in STRUCTURED_MODES:
             raise RequestError(f"structured output is supported in modes {', '.join(STRUCTURED_MODES)}, "
                                f"not {config.mode}")
+        if config.max_thinking_tokens is not None:
+            raise RequestError("structured output cannot be combined with a thinking budget (max_thinking_tokens): "
+                               "the forced end-of-thinking token is outside the grammar")
 
 
 def check_token_ids(ids: list[int] | tuple[int, ...], vocab: int, what: str = "prompt") -> None:

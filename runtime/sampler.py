@@ -223,7 +223,8 @@ def decide(logits: torch.Tensor, plans: Sequence[Picking], sequences: Sequence[S
     for row, (a, b) in enumerate(spans):
         error = raised.get(row)
         if error is None and table[2, a:b].any():
-            error = "the model's output for this request is not finite (NaN or infinite logits or probabilities)"
+            error = ("the model's output for this request is not finite (NaN or infinite logits or probabilities), "
+                     "or its options allow no token (a grammar that only allows EOS while min_tokens bars it)")
         item = Decided(table[0, a:b].astype(np.int64), table[1, a:b].astype(np.float32), error)
         if row in wanted:
             at, k = wanted[row]

@@ -232,3 +232,43 @@ def test_generation_config_written_by_transformers_supplies_defaults(tmp_path, t
     (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": "hot"}))
     assert generation_defaults(tmp_path) == ()
     assert math.isfinite(made.temperature)
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "size": {"type": "integer"}, "tags": {"type": "array",
+                                           "items": {"enum": ["io", "os", "re"]}, "maxItems": 3}},
+          "required": ["name", "size", "tags"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("kind,spec", [("json_schema", json.dumps(SCHEMA)), ("regex", r"def [a-z_]{1,12}\(self\):")])
+def test_structured_output_in_spec_and_quad_equals_ar_and_follows_the_grammar(demo_engine, prompts, kind, spec):
+    tokenizer = load_tokenizer(demo_model_path() / "tokenizer.json")
+    results = {mode: run(demo_engine, prompts, mode=mode, block_length=8 if mode == "spec" else 4,
+                         max_new_tokens=60, structured=(kind, spec))
+               for mode in ("ar", "spec", "quad")}
+    assert [r.tokens for r in results["spec"]] == [r.tokens for r in results["ar"]]
+    assert [r.tokens for r in results["quad"]] == [r.tokens for r in results["ar"]]
+    for r in results["ar"]:
+        assert r.finish_reason == "eos", "the grammar ended and only EOS was allowed"
+        text = tokenizer.decode(r.tokens[:-1])
+        if kind == "json_schema":
+            value = json.loads(text)
+            assert set(value) == {"name", "size", "tags"} and isinstance(value["size"], int)
+            assert len(value["name"]) <= 12 and set(value["tags"]) <= {"io", "os", "re"}
+        else:
+            import re
+
+            assert re.fullmatch(spec, text), text
+    plain = run(demo_engine, prompts, mode="ar", max_new_tokens=60)
+    assert [r.tokens for r in plain] != [r.tokens for r in results["ar"]]
+
+
+def test_structured_output_refuses_a_thinking_budget_and_bad_grammars(demo_engine, prompts):
+    from trimode.runtime.request import new_request
+    from trimode.runtime.scheduler.scheduler import request_constraint
+
+    with pytest.raises(RequestError, match="thinking"):
+        new_request(demo_engine, prompts[0], GenerationConfig(mode="ar", structured=("regex", "a+"),
+                                                              max_thinking_tokens=4, end_think_token_id=5))
+    with pytest.raises(RequestError, match="regex"):
+        request_constraint(demo_engine, GenerationConfig(mode="ar", structured=("regex", "[a-")))

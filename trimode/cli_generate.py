@@ -19,7 +19,15 @@ from .cli_options import (
     parse_block_length,
     parse_ids,
 )
-from .runtime.request import MODES, GenerationConfig, RequestDefaults, RequestError, make_config, new_request
+from .runtime.request import (
+    MODES,
+    GenerationConfig,
+    RequestDefaults,
+    RequestError,
+    generation_defaults,
+    make_config,
+    new_request,
+)
 
 # -- `--chat` and the thinking budget: the OpenAI server's chat path (runtime/serving/chat_template.py) --
 
@@ -91,9 +99,27 @@ def with_thinking_budget(config: GenerationConfig, tokenizer, max_thinking_token
                    "acceptance, kept across runs (default: the model's block_size).")
 @click.option("--threshold", type=float, default=None,
               help="Confidence threshold in [0, 1] (diffusion commits / draft passes).")
-@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
-@click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass (1: off).")
-@click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k likeliest (0: off).")
+@click.option("--temperature", type=float, default=None,
+              help="0 = greedy. Default: the model's generation_config.json, else 0.")
+@click.option("--top-p", type=float, default=None,
+              help="Nucleus sampling mass (1: off). Default: generation_config.json, else 1.")
+@click.option("--top-k", type=int, default=None,
+              help="Sample among the k likeliest (0: off). Default: generation_config.json, else 0.")
+@click.option("--repetition-penalty", type=float, default=None,
+              help="Divide (multiply) the positive (negative) logits of tokens already in the prompt or output "
+                   "(1: off). Default: generation_config.json, else 1.")
+@click.option("--presence-penalty", type=float, default=0.0, show_default=True,
+              help="Subtract from the logits of tokens already generated (OpenAI's), within [-2, 2].")
+@click.option("--frequency-penalty", type=float, default=0.0, show_default=True,
+              help="Subtract this times each token's count in the output so far (OpenAI's), within [-2, 2].")
+@click.option("--min-tokens", type=click.IntRange(min=0), default=0, show_default=True,
+              help="EOS (and --stop-token-ids) are barred before this many tokens.")
+@click.option("--ignore-eos", is_flag=True, help="Do not stop at EOS (generate exactly --max-new-tokens).")
+@click.option("--stop-token-ids", default=None, help="Token ids that end the output (kept in it), e.g. 13,27.")
+@click.option("--logprobs", type=click.IntRange(0, 20), default=None,
+              help="With --json: each token's log-probability (raw model logits) and the N likeliest there.")
+@click.option("--generation-config", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+              help="auto: sampling defaults from the model's generation_config.json; none: ignore that file.")
 @click.option("--ar-mix-weight", type=float, default=None,
               help="Quad mode: blend the AR logit into the first draft slot (tokens may then differ from AR).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling (temperature > 0).")
@@ -110,8 +136,11 @@ def with_thinking_budget(config: GenerationConfig, tokenizer, max_thinking_token
 @cache_options
 def generate_command(model_path: Path | None, mode: str, prompts: tuple[str, ...], prompt_ids: tuple[str, ...],
                      suffix: str | None, suffix_ids: str | None, max_new_tokens: int, block_length: str | None,
-                     threshold: float | None, temperature: float, top_p: float, top_k: int,
-                     ar_mix_weight: float | None, seed: int, lora: bool, dtype: str, verify: bool, as_json: bool,
+                     threshold: float | None, temperature: float | None, top_p: float | None,
+                     top_k: int | None, repetition_penalty: float | None, presence_penalty: float,
+                     frequency_penalty: float, min_tokens: int, ignore_eos: bool, stop_token_ids: str | None,
+                     logprobs: int | None, generation_config: str, ar_mix_weight: float | None, seed: int,
+                     lora: bool, dtype: str, verify: bool, as_json: bool,
                      device: str, threads: int, chat: bool, system: str | None, enable_thinking: bool | None,
                      max_thinking_tokens: int | None, kv_cache_memory: str | None, page_size: int | None,
                      prefix_cache: bool) -> None:
@@ -144,10 +173,20 @@ def generate_command(model_path: Path | None, mode: str, prompts: tuple[str, ...
         raise click.UsageError(f"--suffix needs a tokenizer.json, and {model_path} has none (use --suffix-ids)")
     suffix_tokens = tokenizer.encode(suffix).ids if suffix is not None else []
     suffix_tokens += parse_ids(suffix_ids) if suffix_ids else []
-    config = make_config(engine.config, RequestDefaults(mode, max_new_tokens, lora), mode=mode,
+    sampling = ()
+    if generation_config == "auto" and engine.tokenizer_path is not None:
+        try:
+            sampling = generation_defaults(Path(engine.tokenizer_path).parent)
+        except RequestError as exc:
+            raise click.UsageError(str(exc)) from None
+    config = make_config(engine.config, RequestDefaults(mode, max_new_tokens, lora, sampling), mode=mode,
                          max_new_tokens=max_new_tokens, block_length=parse_block_length(block_length),
                          threshold=threshold, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                         suffix=tuple(suffix_tokens) or None, ar_mix_weight=ar_mix_weight)
+                         suffix=tuple(suffix_tokens) or None, ar_mix_weight=ar_mix_weight,
+                         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                         frequency_penalty=frequency_penalty, min_tokens=min_tokens, ignore_eos=ignore_eos,
+                         stop_token_ids=tuple(parse_ids(stop_token_ids)) if stop_token_ids else None,
+                         logprobs=logprobs)
     config = with_thinking_budget(config, tokenizer, max_thinking_tokens)
     try:
         for number, prompt in enumerate(batch):
@@ -170,6 +209,9 @@ def generate_command(model_path: Path | None, mode: str, prompts: tuple[str, ...
     outputs = []
     for result in results:
         entry = {**result.to_dict(), "text": tokenizer.decode(result.tokens) if tokenizer else None}
+        if result.logprobs is not None:
+            entry["logprobs"] = [{"token": e.token, "logprob": e.logprob, "top": [list(t) for t in e.top]}
+                                 for e in result.logprobs]
         outputs.append(entry)
     if as_json:
         click.echo(json.dumps({"mode": mode, "outputs": outputs, "elapsed_s": round(elapsed, 4)}))
