@@ -411,15 +411,15 @@ def bad_requests(model: str) -> list[tuple[str, str, bytes | dict]]:
         ("empty stop string", c, {**good, "stop": [""]}),
         ("stop not strings", c, {**good, "stop": [1, 2]}),
         ("n zero", c, {**good, "n": 0}),
-        ("logprobs", c, {**good, "logprobs": 3}),
-        ("presence_penalty", c, {**good, "presence_penalty": 0.5}),
+        ("logprobs", c, {**good, "logprobs": 21}),
+        ("presence_penalty", c, {**good, "presence_penalty": 2.5}),
         ("suffix outside infill", c, {**good, "mode": "ar", "suffix": "x"}),
         ("seed negative", c, {**good, "seed": -1}),
         ("stream a string", c, {**good, "stream": "yes"}),
         ("chat without messages", ch, {"model": model, "messages": []}),
         ("chat unknown role", ch, {**chat, "messages": [{"role": "wizard", "content": "hi"}]}),
         ("chat content a number", ch, {**chat, "messages": [{"role": "user", "content": 5}]}),
-        ("chat tools", ch, {**chat, "tools": [{"type": "function"}]}),
+        ("chat tools", ch, {**chat, "tools": [{"type": "function"}]}),  # a function without its name
         ("chat both token limits", ch, {**chat, "max_completion_tokens": 4}),
         ("chat enable_thinking a string", ch, {**chat, "enable_thinking": "yes"}),
         ("chat max_thinking_tokens negative", ch, {**chat, "max_thinking_tokens": -1}),
@@ -619,7 +619,7 @@ def test_protocol_refuses_unknown_and_mistyped_fields() -> None:
         parse_body(b'{"model": ', CompletionRequest)
     request = parse_body(b'{"model": "m", "prompt": [1, 2], "top_k": -1, "stop": "x"}', CompletionRequest)
     sampling = check_completion(request)
-    assert sampling.top_k == 0 and sampling.stop == ("x",) and sampling.temperature == 0.0
+    assert sampling.top_k == 0 and sampling.stop == ("x",) and sampling.temperature is None
 
 
 def test_text_assembler_holds_back_stop_prefixes_and_split_characters() -> None:
