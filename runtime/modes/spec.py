@@ -67,11 +67,15 @@ class SpecMode(ModeState):
             self.block = [seq.tokens[-1]] + [self.mask_id] * (self.length - 1)
             self.passes = 0
         offsets = list(range(self.length))
-        if self._drafting():
-            row = ChunkRow(list(self.block), BIDIRECTIONAL, lora=self.lora, logit_offsets=offsets)
-            return RowPlan(row, Pick(ARGMAX, confidence=bool(self.threshold)))
-        # verify position i follows the drafts block[1..i]: the context logits processing sees there
         done = len(seq.tokens)
+        if self._drafting():
+            # a masked slot i guesses block[i]: processed with the slots before it (exact for the first mask;
+            # after a mask still undecided, a grammar allows anything there: drafts are only guesses)
+            contexts = [Context(tuple(self.block[1:i]), done - 1 + i) if token == self.mask_id and i else None
+                        for i, token in enumerate(self.block)]
+            row = ChunkRow(list(self.block), BIDIRECTIONAL, lora=self.lora, logit_offsets=offsets)
+            return RowPlan(row, Pick(ARGMAX, confidence=bool(self.threshold), contexts=contexts))
+        # verify position i follows the drafts block[1..i]: the context logits processing sees there
         contexts = [Context(tuple(self.block[1 : i + 1]), done + i) for i in range(self.length)]
         return RowPlan(ChunkRow(list(self.block), CAUSAL, write=True, logit_offsets=offsets), Pick(contexts=contexts))
 
