@@ -32,6 +32,7 @@ import numpy as np
 from ...backends.engine_loader import open_engine
 from ...errors import OverloadedError, RequestError
 from ...modes.sequence import SequenceResult
+from ...request import generation_defaults
 from ...scheduler.loop import EngineLoop, Job
 from ...scheduler.scheduler import StepRecord
 from ..text import TextAssembler, load_tokenizer
@@ -162,6 +163,9 @@ class TritonPythonModel:
                                   page_size=self.settings.page_size or None,
                                   prefix_caching=self.settings.prefix_caching, **limits)
         self.tokenizer = load_tokenizer(self.engine.tokenizer_path)
+        self.sampling = ()
+        if self.settings.generation_config == "auto" and self.engine.tokenizer_path is not None:
+            self.sampling = generation_defaults(Path(self.engine.tokenizer_path).parent)
         self._last_mix: tuple = ()
         self.loop = EngineLoop(self.engine, max_batch_size=self.settings.max_batch_size or None,
                                max_step_tokens=self.settings.max_step_tokens or None, on_step=self._on_step,
@@ -231,7 +235,8 @@ class TritonPythonModel:
                 parsed = parse_request(inputs, self.engine, default_mode=self.settings.default_mode,
                                        default_max_tokens=self.settings.default_max_tokens,
                                        use_lora=self.settings.use_lora, allow_stream=self.decoupled,
-                                       encode=self._encode if self.tokenizer is not None else None)
+                                       encode=self._encode if self.tokenizer is not None else None,
+                                       sampling=self.sampling)
             except (RequestError, ValueError) as exc:
                 sender.send(self.pb.InferenceResponse(error=_error(self.pb, str(exc))),
                             flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

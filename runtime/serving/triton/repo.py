@@ -88,6 +88,7 @@ class ServingSettings:
     max_row_tokens: int = 0   # 0: the step size
     max_queued_jobs: int = 0  # 0: no limit
     drain_dir: str = ""       # set by `trimode serve`: where it asks the model to drain (see model.py)
+    generation_config: str = "auto"  # auto: generation_config.json's sampling defaults; none: ignore it
     trimode_version: str = ""
 
     def to_parameters(self) -> dict[str, str]:

@@ -88,8 +88,9 @@ def _tokens(inputs: Mapping[str, np.ndarray | None], encode: Callable[[str], lis
 
 def parse_request(inputs: Mapping[str, np.ndarray | None], engine: StepEngine, *, default_mode: str = "spec",
                   default_max_tokens: int = 64, use_lora: bool = True, allow_stream: bool = True,
-                  encode: Callable[[str], list[int]] | None = None) -> ParsedRequest:
-    """Read and validate one request; every problem is a `RequestError` whose message the client sees."""
+                  encode: Callable[[str], list[int]] | None = None, sampling: tuple = ()) -> ParsedRequest:
+    """Read and validate one request; every problem is a `RequestError` whose message the client sees.
+    `sampling`: the checkpoint's defaults for what the request leaves out (`generation_defaults`)."""
     prompt = _tokens(inputs, encode)
     suffix = _tokens(inputs, encode, "suffix_text", "suffix_ids", required=False)
     mode = _scalar(inputs, "mode", "str")
@@ -107,7 +108,7 @@ def parse_request(inputs: Mapping[str, np.ndarray | None], engine: StepEngine, *
     if stream and not allow_stream:
         raise RequestError("stream=true needs the decoupled model (this one answers with a single response)")
     config = make_config(
-        engine.config, RequestDefaults(default_mode, default_max_tokens, use_lora),
+        engine.config, RequestDefaults(default_mode, default_max_tokens, use_lora, sampling),
         mode=str(mode).strip().lower() if mode is not None else None,
         max_new_tokens=max_tokens,
         block_length=AUTO if block_length == 0 else block_length,
