@@ -61,6 +61,10 @@ def repo_options(function: Any) -> Any:
                      help="max_tokens of requests that do not say."),
         click.option("--threads", "--torch-threads", "torch_threads", type=click.IntRange(min=0), default=0,
                      help="torch CPU threads per model instance (0: torch's default; see README, Threads)."),
+        click.option("--generation-config", type=click.Choice(["auto", "none"]), default="auto", show_default=True,
+                     help="auto: the checkpoint's generation_config.json supplies temperature, top_p, top_k and "
+                          "repetition_penalty where a request leaves them out (as vLLM's --generation-config "
+                          "auto); none: ignore it (requests that leave them out are greedy, unpenalised)."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -80,7 +84,7 @@ def _write(engine_dir: Path, repo: Path, force: bool, **kw: Any) -> list[Path]:
                 "kv_cache_memory": kw["kv_cache_memory"] or "", "page_size": kw["page_size"] or 0,
                 "prefix_caching": kw["prefix_cache"], "schedule_policy": kw["schedule_policy"],
                 "max_row_tokens": kw["max_row_tokens"], "max_queued_jobs": kw["max_queued_jobs"],
-                "drain_dir": str(kw.get("drain_dir") or "")}
+                "drain_dir": str(kw.get("drain_dir") or ""), "generation_config": kw["generation_config"]}
     try:
         return write_triton_repo(engine_dir, repo, model_name=kw["model_name"], sync_model=kw["sync_model"],
                                  instance_count=kw["instance_count"], force=force, **settings)
@@ -126,9 +130,10 @@ class _Stop(Exception):
                    "(each still gets a final response with finish reason \"cancelled\").")
 @click.option("--max-jobs-per-request", type=click.IntRange(min=0), default=256, show_default=True,
               help="[openai] Most generations (prompts x n) one request may ask for (0: no limit).")
-@click.option("--max-body-size", default="16MiB", show_default=True,
-              help="Largest HTTP request body (bytes, or 512KiB, 16MiB, ...); larger ones get 413 as soon as they "
-                   "pass it.")
+@click.option("--max-request-bytes", "--max-body-size", "max_body_size", default="16MiB", show_default=True,
+              help="Largest HTTP request body (bytes, or 512KiB, 16MiB, ...); a larger one gets 413 at once (before "
+                   "it is read when its Content-Length says so, else as soon as it passes the limit). "
+                   "--max-body-size is the same option.")
 @click.option("--header-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
               help="Seconds a connection has to send a request's headers before it is closed (408).")
 @click.option("--body-timeout", type=click.FloatRange(min=0.1), default=60.0, show_default=True,
@@ -152,7 +157,8 @@ class _Stop(Exception):
 @click.option("--log-verbose", type=click.IntRange(min=0), default=0, show_default=True)
 @repo_options
 def serve_command(engine_dir: Path, api: str, served_model_name: str | None, shutdown_timeout: float,
-                  max_jobs_per_request: int, max_body_size: str, header_timeout: float, body_timeout: float,
+                  max_jobs_per_request: int, max_body_size: str, header_timeout: float,
+                  body_timeout: float,
                   http_guard: bool, repo: Path | None, host: str, http_port: int, grpc_port: int, metrics_port: int,
                   startup_timeout: float, log_file: Path | None, log_verbose: int, **kw: Any) -> None:
     """Serve ENGINE_DIR with Triton Inference Server (or, with --api openai, an OpenAI-compatible server) until
@@ -163,7 +169,7 @@ def serve_command(engine_dir: Path, api: str, served_model_name: str | None, shu
     try:
         limits = HttpLimits(parse_size(max_body_size), header_timeout, body_timeout)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--max-body-size") from None
+        raise click.BadParameter(str(exc), param_hint="--max-request-bytes") from None
     if api == "openai":
         _serve_openai(engine_dir, host, http_port, served_model_name, shutdown_timeout, log_verbose,
                       limits=limits, max_jobs_per_request=max_jobs_per_request, **kw)
@@ -218,7 +224,7 @@ def serve_command(engine_dir: Path, api: str, served_model_name: str | None, shu
 
 def _serve_openai(engine_dir: Path, host: str, http_port: int, served_model_name: str | None,
                   shutdown_timeout: float, log_verbose: int, limits: Any, max_jobs_per_request: int,
-                  **kw: Any) -> None:
+                  generation_config: str = "auto", **kw: Any) -> None:
     """`--api openai`: load the engine in this process and serve it with uvicorn until SIGTERM / Ctrl-C."""
     from .cli_options import engine_cache_kwargs
     from .runtime.backends.devices import resolve_device
@@ -242,7 +248,8 @@ def _serve_openai(engine_dir: Path, host: str, http_port: int, served_model_name
                         use_lora=kw["lora"], metrics=ServerMetrics(), max_step_tokens=kw["max_step_tokens"],
                         max_batch_size=kw["max_batch_size"] or None, policy=kw["schedule_policy"],
                         limits=ServingLimits(kw["max_row_tokens"] or None, max_jobs_per_request or None,
-                                             kw["max_queued_jobs"] or None))
+                                             kw["max_queued_jobs"] or None),
+                        generation_config=generation_config)
     name = served_model_name or Path(engine_dir).resolve().name
     server = OpenAIServer(frontend, name, shutdown_timeout_s=shutdown_timeout, http_limits=limits)
     port = sock.getsockname()[1]

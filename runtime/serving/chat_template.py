@@ -7,6 +7,16 @@ used) or from a `chat_template.jinja` file beside it. Rendering uses jinja2's im
 `documents`, the special tokens of the config (`bos_token`, `eos_token`, ...) and extra keywords such as
 `enable_thinking`: the same inputs transformers gives a template, so one template renders the same text in
 both (tested against transformers).
+
+Tools: `tools` is the list of OpenAI tool objects (`{"type": "function", "function": {...}}`), passed to the
+template as transformers passes them, and assistant messages carry `tool_calls` (arguments as objects) and
+tool messages `tool_call_id`, for the template to render. A template that never mentions `tools` cannot: then
+the tools are written as a default system block (`DEFAULT_TOOLS_PROMPT`: the functions as JSON lines between
+`<tools>` tags and the instruction to answer with `<tool_call>{"name": ..., "arguments": ...}</tool_call>`,
+the Hermes/Qwen format openai/tools.py parses), appended to the first system message or sent as a new one
+before the others; assistant tool calls become `<tool_call>` blocks in the assistant's content and each run of
+tool messages one user message of `<tool_response>` blocks. Without tools the messages go to the template as
+they are (a template that knows no tool role refuses them).
 """
 
 from __future__ import annotations
@@ -21,6 +31,14 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
 END_THINK = "</think>"
+
+DEFAULT_TOOLS_PROMPT = (
+    "# Tools\n\n"
+    "You can call functions to help with the request. Their signatures, one JSON object per line, are between "
+    "<tools> and </tools>:\n<tools>\n{tools}\n</tools>\n\n"
+    "To call a function, answer with a JSON object holding its name and its arguments between <tool_call> and "
+    "</tool_call>, one block per call:\n"
+    "<tool_call>\n{{\"name\": <function name>, \"arguments\": <arguments as a JSON object>}}\n</tool_call>")
 
 
 class ChatTemplateError(ValueError):
@@ -62,6 +80,54 @@ def _compile(source: str):
         raise ChatTemplateError(f"the chat template does not compile: {exc}") from None
 
 
+@lru_cache(maxsize=16)
+def _variables(source: str) -> frozenset[str]:
+    """The variables a template reads from its context."""
+    import jinja2
+    from jinja2 import meta
+    from jinja2.ext import loopcontrols
+
+    return frozenset(meta.find_undeclared_variables(jinja2.Environment(extensions=[loopcontrols]).parse(source)))
+
+
+def default_tool_messages(messages: list[dict], tools: list[dict] | None) -> list[dict]:
+    """The messages with the tools and tool turns written as text, for a template without tools support (see
+    the module docstring)."""
+    out: list[dict] = []
+    responses = False  # the last message of out is the user message of a run of tool messages
+    for message in messages:
+        role = message.get("role")
+        if role == "tool":
+            block = f"<tool_response>\n{message.get('content') or ''}\n</tool_response>"
+            if responses:
+                out[-1]["content"] += "\n" + block
+            else:
+                out.append({"role": "user", "content": block})
+            responses = True
+            continue
+        responses = False
+        item = {k: v for k, v in message.items() if k not in ("tool_calls", "tool_call_id")}
+        if message.get("tool_calls"):
+            blocks = []
+            for call in message["tool_calls"]:
+                function = call.get("function", call)
+                text = json.dumps({"name": function.get("name"), "arguments": function.get("arguments")},
+                                  ensure_ascii=False)
+                blocks.append(f"<tool_call>\n{text}\n</tool_call>")
+            content = item.get("content") or ""
+            item["content"] = (content + "\n" if content else "") + "\n".join(blocks)
+        out.append(item)
+    if tools:
+        lines = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
+        block = DEFAULT_TOOLS_PROMPT.format(tools=lines)
+        if out and out[0].get("role") in ("system", "developer"):
+            content = out[0].get("content") or ""
+            out[0] = {**out[0], "content": (content + "\n\n" if content else "") + block}
+        else:
+            out.insert(0, {"role": "system", "content": block})
+    return out
+
+
 class ChatTemplate:
     """One model's chat template and special tokens."""
 
@@ -69,6 +135,7 @@ class ChatTemplate:
         self.source = source
         self.special_tokens = dict(special_tokens or {})
         _compile(source)  # refuse a broken template at load time, not at the first request
+        self.supports_tools = "tools" in _variables(source)
 
     @classmethod
     def from_dir(cls, directory: str | Path) -> ChatTemplate | None:
@@ -92,12 +159,16 @@ class ChatTemplate:
         specials = {key: text for key in SPECIAL_TOKEN_KEYS if (text := _token_text(config.get(key))) is not None}
         return cls(source, specials)
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs: Any) -> str:
-        """The prompt text for these messages (like `apply_chat_template(..., tokenize=False)`)."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None,
+               **kwargs: Any) -> str:
+        """The prompt text for these messages (like `apply_chat_template(..., tokenize=False)`); tools for a
+        template that has no tools support: see `default_tool_messages`."""
         variables = {**self.special_tokens, **{k: v for k, v in kwargs.items() if v is not None}}
+        if tools and not self.supports_tools:
+            messages, tools = default_tool_messages(messages, tools), None
         try:
             return _compile(self.source).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                tools=None, documents=None, **variables)
+                                                tools=tools or None, documents=None, **variables)
         except ChatTemplateError:
             raise
         except Exception as exc:  # a template error, or a Python error inside the template (bad message types)
@@ -113,8 +184,8 @@ def end_think_token_id(tokenizer: Any) -> int | None:
 
 
 def chat_prompt_ids(template: ChatTemplate, tokenizer: Any, messages: list[dict],
-                    enable_thinking: bool | None = None) -> list[int]:
+                    enable_thinking: bool | None = None, tools: list[dict] | None = None) -> list[int]:
     """The prompt tokens of a conversation: rendered with a generation prompt, then tokenized without adding
     special tokens (the template writes them itself), as transformers' `apply_chat_template(tokenize=True)`."""
-    text = template.render(messages, add_generation_prompt=True, enable_thinking=enable_thinking)
+    text = template.render(messages, add_generation_prompt=True, tools=tools, enable_thinking=enable_thinking)
     return list(tokenizer.encode(text, add_special_tokens=False).ids)

@@ -1,10 +1,11 @@
 """Prometheus metrics of the OpenAI server (`GET /metrics`), in a registry of its own per server.
 
-Requests by endpoint and HTTP status, prompt and generated tokens, time to first token, inter-token latency
-(the gap between two commits divided by the tokens the later one brought), forwards and tokens per forward
-per mode, finish reasons, and the queue: requests waiting for admission on the scheduler, requests waiting
-for their first token, and requests generating. The KV cache: the share of its pages in use, prefix-cache
-queried and hit tokens, and preemptions (read from the scheduler and its page allocator at every scrape).
+Requests by endpoint and HTTP status, unexpected exceptions (answered with a JSON 500) by endpoint and type,
+prompt and generated tokens, time to first token, inter-token latency (the gap between two commits divided
+by the tokens the later one brought), forwards and tokens per forward per mode, finish reasons, and the
+queue: requests waiting for admission on the scheduler, requests waiting for their first token, and requests
+generating. The KV cache: the share of its pages in use, prefix-cache queried and hit tokens, and preemptions
+(read from the scheduler and its page allocator at every scrape).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ class ServerMetrics:
         r = self.registry
         self.http_requests = Counter("trimode_http_requests", "HTTP requests answered, by endpoint and status",
                                      ["endpoint", "status"], registry=r)
+        self.server_errors = Counter("trimode_server_errors", "Unexpected exceptions answered with a JSON 500, by "
+                                     "endpoint and exception type", ["endpoint", "exception"], registry=r)
         self.requests = Counter("trimode_requests", "Generation requests submitted to the scheduler, by mode",
                                 ["mode"], registry=r)
         self.finished = Counter("trimode_requests_finished", "Generation requests finished, by mode and reason",
@@ -72,6 +75,9 @@ class ServerMetrics:
 
     def http(self, endpoint: str, status: int) -> None:
         self.http_requests.labels(endpoint, str(status)).inc()
+
+    def server_error(self, endpoint: str, exception: str) -> None:
+        self.server_errors.labels(endpoint, exception).inc()
 
     def submitted(self, mode: str, prompt_tokens: int) -> None:
         self.requests.labels(mode).inc()
