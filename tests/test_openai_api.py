@@ -560,6 +560,8 @@ def test_tokenize_detokenize_and_version(live: Live) -> None:
     from trimode import __version__
 
     assert httpx.get(live.base + "/version", timeout=10).json() == {"version": __version__}
+    for probe in ("/health", "/metrics"):  # load balancers and benchmark tools probe with HEAD
+        assert httpx.head(live.base + probe, timeout=10).status_code == 200, probe
 
 
 # -- hardening ---------------------------------------------------------------------------------------------------------

@@ -198,11 +198,11 @@ class OpenAIServer:
         async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
             return error_response(APIError(f"invalid request: {exc.errors()[0].get('msg')}"), request.url.path)
 
-        @app.get("/health")
+        @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers and benchmarks probe with HEAD
         async def health() -> dict:
             return {"status": "ok"}
 
-        @app.get("/metrics")
+        @app.api_route("/metrics", methods=["GET", "HEAD"])
         async def metrics() -> Response:
             return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
