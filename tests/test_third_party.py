@@ -180,8 +180,8 @@ def test_lm_eval_remote_tokenizer(lm_eval_run: Path, demo_server, tmp_path: Path
     /tokenizer_info, /tokenize and /detokenize (vLLM's), and scores exactly what the local tokenizer scored."""
     import httpx
 
-    if httpx.get(demo_server.base + "/tokenizer_info", timeout=10).status_code == 404:
-        pytest.skip("the server has no GET /tokenizer_info (vLLM's), which lm-eval's remote tokenizer needs")
+    info = httpx.get(demo_server.base + "/tokenizer_info", timeout=10)
+    assert info.status_code == 200 and info.json()["eos_token"], info.text
     out = run_lm_eval(demo_server, tmp_path, [], "trimode_code_choice")
     local = {s["doc_id"]: s["resps"] for s in read_samples(lm_eval_run, "trimode_code_choice")}
     for sample in read_samples(out, "trimode_code_choice"):

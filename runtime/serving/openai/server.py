@@ -223,6 +223,13 @@ class OpenAIServer:
 
             return {"version": __version__}
 
+        @app.get("/tokenizer_info")
+        async def tokenizer_info() -> Any:
+            """vLLM's: what a client needs to tokenize as the server does (lm-evaluation-harness's remote
+            tokenizer reads it, then tokenizes through /tokenize and /detokenize)."""
+            self.metrics.http("/tokenizer_info", 200)
+            return self._tokenizer_info()
+
         @app.post("/tokenize")
         @guarded("/tokenize")
         async def tokenize(request: Request) -> Any:
@@ -309,6 +316,22 @@ class OpenAIServer:
     def _error(self, endpoint: str, exc: APIError) -> JSONResponse:
         self.metrics.http(endpoint, exc.status)
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    def _tokenizer_info(self) -> dict:
+        frontend, model = self.frontend, self.frontend.engine.config
+        tokenizer = frontend.tokenizer
+
+        def text(token_id: int | None) -> str | None:
+            return tokenizer.id_to_token(token_id) if tokenizer is not None and token_id is not None else None
+
+        template = frontend.template
+        specials = template.special_tokens if template is not None else {}
+        return {"tokenizer_class": "PreTrainedTokenizerFast",
+                "eos_token": specials.get("eos_token") or text(model.eos_token_id),
+                "bos_token": specials.get("bos_token") or text(getattr(model, "bos_token_id", None)),
+                "pad_token": specials.get("pad_token"),
+                "chat_template": template.source if template is not None else None,
+                "model_max_length": int(frontend.engine.limits.max_seq_len)}
 
     def _model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "trimode",
