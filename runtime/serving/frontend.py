@@ -42,6 +42,18 @@ Event = tuple[str, Any]
 EventCallback = Callable[[Event], None]
 
 
+class TextPiece(str):
+    """The text of a ("text", piece) event, and `tokens`: how many tokens the choice had committed when it was
+    sent (usage on every chunk: stream_options.continuous_usage_stats)."""
+
+    tokens: int = 0
+
+    def __new__(cls, text: str, tokens: int) -> TextPiece:
+        piece = super().__new__(cls, text)
+        piece.tokens = tokens
+        return piece
+
+
 @dataclass
 class Completion:
     """One finished choice."""
@@ -158,7 +170,7 @@ class TextSink:
                     if self.assembler.finished:
                         self._cancel.set()  # a stop string: the scheduler drops the job at its next step
                         break
-                piece = "".join(pieces)
+                piece = TextPiece("".join(pieces), len(self.assembler.ids))
             if logprobs is not None:  # the tokens this call used (none after a stop string), before their text
                 self.on_event(("logprobs", list(logprobs[: len(pieces)])))
             if piece:
@@ -195,7 +207,7 @@ class TextSink:
                     self.metrics.done(self.mode, self.first_token_at is not None, reason, completion.forwards,
                                       len(token_ids), time.monotonic() - self.submitted)
             if rest:
-                self.on_event(("text", rest))
+                self.on_event(("text", TextPiece(rest, len(token_ids))))
             self.on_event(("done", completion))
         except Exception:
             LOG.exception("finishing a response failed")

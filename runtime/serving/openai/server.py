@@ -79,13 +79,6 @@ def _chat_fields(body: ChatRequest) -> dict[str, str]:
     return {"max_new_tokens": "max_completion_tokens"} if body.max_completion_tokens is not None else {}
 
 
-class Piece(str):
-    """A ("text", piece) event's text with `tokens`: how many tokens the choice had committed when it was sent
-    (read in the engine thread, for stream_options.continuous_usage_stats)."""
-
-    tokens: int | None = None
-
-
 async def wait_disconnect(receive: Any) -> None:
     """Returns when the client of an ASGI request whose body has been read disconnects (uvicorn's receive()
     blocks until then, or until the response is complete)."""
@@ -118,11 +111,6 @@ class Choices:
 
     def _callback(self, index: int):
         def deliver(event: tuple[str, Any]) -> None:
-            if event[0] == "text":  # in the engine thread, the sink holds exactly the tokens of this piece
-                sinks = getattr(self, "sinks", None)
-                piece = Piece(event[1])
-                piece.tokens = len(sinks[index].assembler.ids) if sinks is not None else None
-                event = ("text", piece)
             try:
                 self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, *event))
             except RuntimeError:  # the event loop is closed: the server is gone, nobody listens
@@ -581,8 +569,7 @@ class OpenAIServer:
                     pending[index].extend(value)
                     continue
                 if event == "text":
-                    count = getattr(value, "tokens", None)
-                    tokens_so_far[index] = max(tokens_so_far[index], count or 0)
+                    tokens_so_far[index] = max(tokens_so_far[index], value.tokens)  # a TextPiece
                     value = str(value)
                 elif event == "done":
                     tokens_so_far[index] = len(value.token_ids)
