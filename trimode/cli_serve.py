@@ -119,12 +119,28 @@ class _Stop(Exception):
 
 @click.command("serve")
 @click.argument("engine_dir", type=click.Path(path_type=Path))
-@click.option("--api", type=click.Choice(["triton", "openai"]), default="triton", show_default=True,
+@click.option("--api", type=click.Choice(["triton", "openai", "dynamo"]), default="triton", show_default=True,
               help="triton: Triton Inference Server (HTTP, gRPC, metrics ports); openai: an OpenAI-compatible HTTP "
                    "server on --host:--http-port (/v1/completions, /v1/chat/completions, /v1/models, /health, "
-                   "/metrics), see examples/openai/.")
+                   "/metrics), see examples/openai/; dynamo: an NVIDIA Dynamo worker behind `python -m "
+                   "dynamo.frontend` (models NAME, NAME:ar, NAME:spec, NAME:quad, NAME:diffusion; `make dynamo`, "
+                   "docs/scale-out.md).")
 @click.option("--served-model-name", default=None,
-              help="[openai] The model name clients use (default: the engine directory's name).")
+              help="[openai, dynamo] The model name clients use (default: the engine directory's name).")
+@click.option("--discovery-backend", type=click.Choice(["file", "etcd", "kubernetes"]), default="file",
+              show_default=True,
+              help="[dynamo] How the frontend finds this worker: file (a folder shared with the frontend, "
+                   "DYN_FILE_KV), etcd (ETCD_ENDPOINTS) or kubernetes (Dynamo's operator).")
+@click.option("--event-plane", "dynamo_event_plane", type=click.Choice(["zmq", "nats"]), default=None,
+              help="[dynamo] How KV events reach the router: zmq (direct sockets) or nats (NATS_SERVER); default: "
+                   "Dynamo's choice (DYN_EVENT_PLANE, else zmq). The frontend takes the same --event-plane.")
+@click.option("--namespace", "dynamo_namespace", default="dynamo", show_default=True,
+              help="[dynamo] Dynamo namespace the worker registers in.")
+@click.option("--block-length", "dynamo_block_length", default=None,
+              help="[dynamo] Block length of every request (an integer, or auto for spec/quad; default: the "
+                   "model's block_size): the stock frontend has no field for it.")
+@click.option("--threshold", "dynamo_threshold", type=click.FloatRange(0, 1), default=None,
+              help="[dynamo] Confidence threshold of diffusion commits and draft passes for every request.")
 @click.option("--shutdown-timeout", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="On SIGTERM/Ctrl-C, seconds in-flight requests may take to finish before they are cancelled "
                    "(each still gets a final response with finish reason \"cancelled\").")
@@ -170,6 +186,9 @@ def serve_command(engine_dir: Path, api: str, served_model_name: str | None, shu
         limits = HttpLimits(parse_size(max_body_size), header_timeout, body_timeout)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--max-request-bytes") from None
+    if api == "dynamo":
+        _serve_dynamo(engine_dir, served_model_name, max_jobs_per_request, **kw)
+        return
     if api == "openai":
         _serve_openai(engine_dir, host, http_port, served_model_name, shutdown_timeout, log_verbose,
                       limits=limits, max_jobs_per_request=max_jobs_per_request, **kw)
@@ -262,6 +281,45 @@ def _serve_openai(engine_dir: Path, host: str, http_port: int, served_model_name
 
     run_server(server, sock, log_level="info" if log_verbose else "warning", on_ready=ready)
     click.echo("trimode OpenAI-compatible server stopped", err=True)
+
+
+def _serve_dynamo(engine_dir: Path, served_model_name: str | None, max_jobs_per_request: int, **kw: Any) -> None:
+    """`--api dynamo`: load the engine in this process and serve it as Dynamo workers until SIGTERM / Ctrl-C."""
+    try:
+        from .runtime.serving.dynamo.worker import open_deployment, serve
+    except ImportError as exc:
+        raise click.ClickException(f"--api dynamo needs NVIDIA Dynamo (make dynamo): {exc}") from None
+    from .cli_options import engine_cache_kwargs
+    from .runtime.serving.frontend import ServingLimits
+
+    if kw["torch_threads"]:
+        import torch
+
+        torch.set_num_threads(kw["torch_threads"])
+    block_length = kw["dynamo_block_length"]
+    if block_length is not None and block_length != "auto":
+        try:
+            block_length = int(block_length)
+        except ValueError:
+            raise click.BadParameter("an integer or auto", param_hint="--block-length") from None
+    deployment = open_deployment(
+        engine_dir, served_model_name, dtype=kw["dtype"], use_lora=kw["lora"], device=kw["device"],
+        max_batch_size=kw["max_batch_size"] or None, max_seq_len=kw["max_seq_len"] or None,
+        cache=engine_cache_kwargs(kw["kv_cache_memory"], kw["page_size"], kw["prefix_cache"]),
+        default_mode=kw["default_mode"], default_max_tokens=kw["default_max_tokens"],
+        max_step_tokens=kw["max_step_tokens"] or None, policy=kw["schedule_policy"],
+        limits=ServingLimits(kw["max_row_tokens"] or None, max_jobs_per_request or None, kw["max_queued_jobs"] or None),
+        generation_config=kw.get("generation_config", "auto"), block_length=block_length,
+        threshold=kw["dynamo_threshold"],
+        namespace=kw["dynamo_namespace"], discovery_backend=kw["discovery_backend"],
+        event_plane=kw["dynamo_event_plane"])
+    limits = deployment.engine.limits
+    names = ", ".join(name for name, _ in deployment.models)
+    click.echo(f"trimode Dynamo worker: models {names} (max batch {limits.max_batch_size}, max length "
+               f"{limits.max_seq_len}, KV cache {limits.kv_pages} pages of {limits.page_size}); discovery "
+               f"{kw['discovery_backend']}, namespace {kw['dynamo_namespace']}; SIGTERM stops it", err=True)
+    serve(deployment)
+    click.echo("trimode Dynamo worker stopped", err=True)
 
 
 COMMANDS = [triton_repo_command, serve_command]

@@ -15,6 +15,12 @@ the allocator only counts references - it never looks at K/V. Pages come in two 
 A page is published only when it is full and every position in it is committed (the sequence's cache length
 has passed its end after the step's rollback), so a published page is never written again: the positions a
 sequence writes are always at or beyond its own length.
+
+A `PageListener` (the `listener` attribute; None by default) hears every change to the set of published pages:
+`stored` when a page is published (with its parent's hash, None for a first page, and its tokens), `removed`
+when a published page is evicted or forgotten. An external router that mirrors the cache (Dynamo's KV router,
+runtime/serving/dynamo/) keeps its copy from these calls; they run on the thread that owns the allocator (the
+engine loop) and must not raise or block.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 
 class OutOfPages(RuntimeError):
@@ -53,6 +60,16 @@ def page_hashes(tokens: Sequence[int], page_size: int, root: int, count: int | N
     return hashes
 
 
+class PageListener(Protocol):
+    """Hears the published pages change (see the module docstring)."""
+
+    def stored(self, digest: int, parent: int | None, tokens: Sequence[int]) -> None:
+        """A page was published under `digest`; `parent` is its parent page's hash (None: a first page)."""
+
+    def removed(self, digests: Sequence[int]) -> None:
+        """These published pages are gone (evicted, or forgotten by clear_cache)."""
+
+
 @dataclass
 class PageStats:
     """Counters for metrics (monotonic)."""
@@ -79,6 +96,7 @@ class PageAllocator:
         self.free = list(range(num_pages - 1, -1, -1))  # a stack: low page ids first
         self.evictable: OrderedDict[int, None] = OrderedDict()  # published, unreferenced; oldest first
         self.stats = PageStats()
+        self.listener: PageListener | None = None
 
     # -- counts ---------------------------------------------------------------------------------------------
     @property
@@ -110,8 +128,7 @@ class PageAllocator:
                 page = self.free.pop()
             else:
                 page, _ = self.evictable.popitem(last=False)
-                del self.by_hash[self.hash_of[page]]
-                self.hash_of[page] = None
+                self._unpublish(page)
                 self.stats.evicted_pages += 1
             self.refs[page] = 1
             pages.append(page)
@@ -135,16 +152,22 @@ class PageAllocator:
         if digest is not None:
             del self.by_hash[digest]
             self.hash_of[page] = None
+            if self.listener is not None:
+                self.listener.removed([digest])
 
     # -- the prefix cache -----------------------------------------------------------------------------------
-    def publish(self, page: int, digest: int) -> bool:
-        """Make a full, committed page findable by its chain hash; False if another page already has it."""
+    def publish(self, page: int, digest: int, parent: int | None = None, tokens: Sequence[int] = ()) -> bool:
+        """Make a full, committed page findable by its chain hash; False if another page already has it.
+        `parent` (the parent page's hash; the root or None for a first page) and `tokens` (the page's token ids)
+        are only passed on to the listener."""
         if not self.prefix_caching or digest in self.by_hash:
             return False
         if self.hash_of[page] is not None:
             return self.hash_of[page] == digest
         self.by_hash[digest] = page
         self.hash_of[page] = digest
+        if self.listener is not None:
+            self.listener.stored(digest, None if parent is None or parent == self.root else parent, tokens)
         return True
 
     def match(self, hashes: Sequence[int]) -> list[int]:

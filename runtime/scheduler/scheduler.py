@@ -440,9 +440,11 @@ class Scheduler:
             known = seq.known  # the cache holds a prefix of prompt + tokens
             parent = seq.hashes[-1] if seq.hashes else self.pages.root
             for page in range(len(seq.hashes), full):
-                parent = chain_hash(parent, known[page * self.page_size : (page + 1) * self.page_size])
-                self.pages.publish(seq.pages[page], parent)
-                seq.hashes.append(parent)
+                tokens = known[page * self.page_size : (page + 1) * self.page_size]
+                digest = chain_hash(parent, tokens)
+                self.pages.publish(seq.pages[page], digest, parent, tokens)
+                seq.hashes.append(digest)
+                parent = digest
 
     def _preempt(self, seq: Sequence, plans: dict[Sequence, RowPlan]) -> None:
         """Give all of a running request's pages back; it waits again and is recomputed on readmission."""
