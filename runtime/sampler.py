@@ -50,13 +50,16 @@ class Pick:
     logit (row-local logit indices) by w * slot0 + (1 - w) * slot1 before picking (quad's ar_mix_weight).
     `contexts`: per logit, what it follows for the request's logits processing (runtime/logits.py), None for
     a logit that is not processed; when not given, every logit that is not ARGMAX (a draft) follows the
-    request's generated tokens and nothing more."""
+    request's generated tokens and nothing more. `chains` (drafts that follow each other): groups of logit
+    indices in which each logit follows the group's first context plus the argmax picks of the logits before
+    it in the group."""
 
     kind: str = SAMPLE
     kinds: list[str] | None = None
     confidence: bool = False
     mix: tuple[float, list[tuple[int, int]]] | None = None
     contexts: list[Context | None] | None = None
+    chains: list[list[int]] | None = None
 
 
 @dataclass
@@ -281,13 +284,33 @@ def _process_row(raw: torch.Tensor, work: torch.Tensor, bad: torch.Tensor, plan:
     index = [i for i, c in enumerate(contexts) if c is not None]
     if not index:
         return work
-    where = torch.tensor([first + i for i in index], device=raw.device)
-    processed = process_logits(raw[where], seq, [contexts[i] for i in index])
     if work is raw:
         work = raw.float().clone()
+    chained: set[int] = set()
+    for group in plan.pick.chains or ():
+        _process_chain(raw, work, bad, seq, [first + i for i in group], [contexts[i] for i in group])
+        chained.update(group)
+    index = [i for i in index if i not in chained]
+    if not index:
+        return work
+    where = torch.tensor([first + i for i in index], device=raw.device)
+    processed = process_logits(raw[where], seq, [contexts[i] for i in index])
     work[where] = processed
     bad[where] |= ~torch.isfinite(processed.max(-1).values)
     return work
+
+
+def _process_chain(raw: torch.Tensor, work: torch.Tensor, bad: torch.Tensor, seq: Sampling, where: list[int],
+                   contexts: list[Context]) -> None:
+    """Drafts that follow each other (a `Pick.chains` group): logit k is processed after the argmax picks of
+    the logits before it, one at a time (a host read per logit: only drafts of requests with options)."""
+    picked: list[int] = []
+    start = contexts[0].after
+    for at, context in zip(where, contexts, strict=True):
+        row = process_logits(raw[at : at + 1], seq, [Context(start + tuple(picked), context.index)])
+        work[at] = row[0]
+        bad[at] |= ~torch.isfinite(row[0].max())
+        picked.append(int(row[0].argmax()))
 
 
 def _pick_row(logits: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor, bad: torch.Tensor,

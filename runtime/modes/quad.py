@@ -75,13 +75,19 @@ class QuadMode(ModeState):
         if mixing:
             mix = (self.mix, [(j * per_block, j * per_block + 1) for j in range(self.length)])
         # slot 0 of sub-block j (and its blend in slot 1) follows the drafts d_1..d_j; mask slots are drafts
+        # the mask slots of sub-block j draft the tokens after slot 0's: chained behind its (argmax) pick, so
+        # they obey the request's options as AR would after it; they are guesses, slot 0 alone is exact
         done = len(seq.tokens)
         contexts: list[Context | None] = []
+        chains: list[list[int]] = []
         for j in range(self.length):
             context = Context(tuple(self.drafts[1 : j + 1]), done + j)
-            contexts += [context] + ([context] if mixing else []) + [None] * (per_block - 1 - mixing)
+            start = len(contexts)
+            contexts += [context] + ([context] if mixing else [])
+            contexts += [Context((), done + j + s) for s in range(1, per_block - mixing)]
+            chains.append([start] + list(range(start + 1 + mixing, start + per_block)))
         row = ChunkRow(tokens, QUAD, mask_param=self.length, write=True, logit_offsets=offsets, positions=positions)
-        return RowPlan(row, Pick(SAMPLE, kinds=kinds, mix=mix, contexts=contexts))
+        return RowPlan(row, Pick(SAMPLE, kinds=kinds, mix=mix, contexts=contexts, chains=chains))
 
     def consume_decode(self, seq: Sequence, plan: RowPlan, decided: Decided) -> int:
         length = self.length

@@ -69,12 +69,15 @@ class SpecMode(ModeState):
         offsets = list(range(self.length))
         done = len(seq.tokens)
         if self._drafting():
-            # a masked slot i guesses block[i]: processed with the slots before it (exact for the first mask;
-            # after a mask still undecided, a grammar allows anything there: drafts are only guesses)
+            # a masked slot i guesses block[i]: processed with the slots before it. A one-pass draft (every slot
+            # masked) chains them: slot i follows the picks of slots 1..i-1, so its draft obeys the grammar and
+            # the penalties as AR would after them. Multi-pass drafts (a threshold) see the slots committed so
+            # far; behind a slot still masked a grammar allows anything. Drafts are only guesses either way.
             contexts = [Context(tuple(self.block[1:i]), done - 1 + i) if token == self.mask_id and i else None
                         for i, token in enumerate(self.block)]
+            chains = [list(range(1, self.length))] if self.passes == 0 and not self.threshold else None
             row = ChunkRow(list(self.block), BIDIRECTIONAL, lora=self.lora, logit_offsets=offsets)
-            return RowPlan(row, Pick(ARGMAX, confidence=bool(self.threshold), contexts=contexts))
+            return RowPlan(row, Pick(ARGMAX, confidence=bool(self.threshold), contexts=contexts, chains=chains))
         # verify position i follows the drafts block[1..i]: the context logits processing sees there
         contexts = [Context(tuple(self.block[1 : i + 1]), done + i) for i in range(self.length)]
         return RowPlan(ChunkRow(list(self.block), CAUSAL, write=True, logit_offsets=offsets), Pick(contexts=contexts))
