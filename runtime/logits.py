@@ -87,9 +87,8 @@ def process_logits(logits: torch.Tensor, seq: Any, contexts: Seq[Context]) -> to
         if early and barred:
             rows = torch.tensor(early, dtype=torch.long, device=device)
             out[rows[:, None], torch.tensor(barred, dtype=torch.long, device=device)[None, :]] = float("-inf")
-    constraint = getattr(seq, "constraint", None)
-    if constraint is not None:
-        allowed = constraint.masks([list(c.after) for c in contexts]).to(device)
+    if seq.constraint is not None:
+        allowed = seq.constraint.masks([list(c.after) for c in contexts]).to(device)
         out = out.masked_fill(~allowed[:, :vocab], float("-inf"))
     return out
 

@@ -160,6 +160,17 @@ def generation_defaults(directory: str | Path | None) -> tuple[tuple[str, Any], 
     return tuple(found)
 
 
+def engine_generation_defaults(engine: Any, generation_config: str = "auto") -> tuple[tuple[str, Any], ...]:
+    """What `--generation-config` gives every front end: "auto", the sampling defaults of the
+    generation_config.json beside the engine's tokenizer (`generation_defaults`); "none", nothing."""
+    if generation_config not in ("auto", "none"):
+        raise ValueError(f"generation_config must be 'auto' or 'none', got {generation_config!r}")
+    path = getattr(engine, "tokenizer_path", None)
+    if generation_config == "none" or path is None:
+        return ()
+    return generation_defaults(Path(path).parent)
+
+
 @dataclass(frozen=True)
 class Request:
     """A validated request: one prompt and its settings. Made only by `new_request`."""
@@ -269,9 +280,10 @@ def check_processing(config: GenerationConfig, vocab: int) -> None:
             raise RequestError(f"{name} must be within [-2, 2], got {value!r}")
     if not _is_number(config.repetition_penalty) or not 0.0 < config.repetition_penalty <= 100.0:
         raise RequestError(f"repetition_penalty must be within (0, 100], got {config.repetition_penalty!r}")
+    if any(len(pair) != 2 for pair in config.logit_bias):
+        raise RequestError("logit_bias must be (token id, bias) pairs")
+    check_token_ids([token for token, _ in config.logit_bias], vocab, "logit_bias")
     for pair in config.logit_bias:
-        if len(pair) != 2 or not _is_int(pair[0]) or not 0 <= pair[0] < vocab:
-            raise RequestError(f"logit_bias names token {pair[0]!r}, outside the vocabulary [0, {vocab})")
         if not _is_number(pair[1]) or not -100.0 <= pair[1] <= 100.0:
             raise RequestError(f"logit_bias values must be within [-100, 100], got {pair[1]!r} for token {pair[0]}")
     if not _is_int(config.min_tokens) or config.min_tokens < 0:
@@ -280,9 +292,7 @@ def check_processing(config: GenerationConfig, vocab: int) -> None:
         raise RequestError(f"min_tokens ({config.min_tokens}) must not exceed max_tokens ({config.max_new_tokens})")
     if not isinstance(config.ignore_eos, bool):
         raise RequestError(f"ignore_eos must be true or false, got {config.ignore_eos!r}")
-    bad = [t for t in config.stop_token_ids if not _is_int(t) or not 0 <= t < vocab]
-    if bad:
-        raise RequestError(f"stop_token_ids has token id {bad[0]!r} outside the vocabulary [0, {vocab})")
+    check_token_ids(config.stop_token_ids, vocab, "stop_token_ids")
     for name in ("logprobs", "prompt_logprobs"):
         value = getattr(config, name)
         if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):

@@ -73,18 +73,14 @@ class Decided:
     logprob: np.ndarray | None = None  # float64 [n]
     top: list[tuple[tuple[int, float], ...]] | None = None
 
-    def entry(self, i: int, token: int | None = None) -> TokenLogprob | None:
-        """The logprob record of pick i (None when none were computed). A token other than the pick (a
-        forced end-of-thinking token) is reported with probability 1, the rule that chose it."""
-        if self.logprob is None:
-            return None
-        top = self.top[i] if self.top is not None else ()
-        if token is not None and token != int(self.tokens[i]):
-            return TokenLogprob(int(token), 0.0, top)
-        return TokenLogprob(int(self.tokens[i]), float(self.logprob[i]), top)
+    def entry(self, i: int) -> TokenLogprob | None:
+        """The logprob record of pick i (None when none were computed; a token emitted in place of the pick,
+        forced by a rule, is recorded by `Sequence.emit`)."""
+        return None if self.logprob is None else self.scored(i, int(self.tokens[i]))
 
     def scored(self, i: int, token: int) -> TokenLogprob:
-        """The logprob record of logit i for a given token (a prompt token it scores)."""
+        """The logprob record of logit i for `token` (its pick, or the prompt token a scoring logit scores:
+        `logprob` holds the target's log-probability either way)."""
         return TokenLogprob(int(token), float(self.logprob[i]), self.top[i] if self.top is not None else ())
 
     def tail(self, start: int) -> Decided:
@@ -185,6 +181,7 @@ class Sampling(Protocol):
 
     config: Any
     generator: torch.Generator
+    constraint: Any
 
 
 def decide(logits: torch.Tensor, plans: Sequence[Picking], sequences: Sequence[Sampling]) -> list[Decided]:
@@ -243,7 +240,7 @@ def decide(logits: torch.Tensor, plans: Sequence[Picking], sequences: Sequence[S
 def logprob_width(plan: Picking, config: Any) -> int | None:
     """How many top logprobs a row reports (None: no logprobs for it)."""
     generated = config.logprobs
-    prompt = getattr(config, "prompt_logprobs", None) if plan.scores else None
+    prompt = config.prompt_logprobs if plan.scores else None
     if generated is None and prompt is None:
         return None
     return max(generated or 0, prompt or 0)
@@ -289,7 +286,7 @@ def _process_row(raw: torch.Tensor, work: torch.Tensor, bad: torch.Tensor, plan:
     chained: set[int] = set()
     # chains pay a host read and a processing call per logit: worth it where a grammar decides what a draft may
     # be (measured: under penalties alone quad lost more time than its extra accepted drafts gained)
-    for group in (plan.pick.chains or ()) if getattr(seq, "constraint", None) is not None else ():
+    for group in (plan.pick.chains or ()) if seq.constraint is not None else ():
         _process_chain(raw, work, bad, seq, [first + i for i in group], [contexts[i] for i in group])
         chained.update(group)
     index = [i for i in index if i not in chained]

@@ -24,7 +24,7 @@ from .runtime.request import (
     GenerationConfig,
     RequestDefaults,
     RequestError,
-    generation_defaults,
+    engine_generation_defaults,
     make_config,
     new_request,
 )
@@ -173,12 +173,10 @@ def generate_command(model_path: Path | None, mode: str, prompts: tuple[str, ...
         raise click.UsageError(f"--suffix needs a tokenizer.json, and {model_path} has none (use --suffix-ids)")
     suffix_tokens = tokenizer.encode(suffix).ids if suffix is not None else []
     suffix_tokens += parse_ids(suffix_ids) if suffix_ids else []
-    sampling = ()
-    if generation_config == "auto" and engine.tokenizer_path is not None:
-        try:
-            sampling = generation_defaults(Path(engine.tokenizer_path).parent)
-        except RequestError as exc:
-            raise click.UsageError(str(exc)) from None
+    try:
+        sampling = engine_generation_defaults(engine, generation_config)
+    except RequestError as exc:
+        raise click.UsageError(str(exc)) from None
     config = make_config(engine.config, RequestDefaults(mode, max_new_tokens, lora, sampling), mode=mode,
                          max_new_tokens=max_new_tokens, block_length=parse_block_length(block_length),
                          threshold=threshold, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,

@@ -25,7 +25,7 @@ from ..request import (
     GenerationConfig,
     Request,
     RequestDefaults,
-    generation_defaults,
+    engine_generation_defaults,
     make_config,
     new_request,
     with_seed_offset,
@@ -251,15 +251,11 @@ class Frontend:
                  generation_config: str = "auto") -> None:
         """`generation_config`: "auto" takes the sampling defaults of the engine's generation_config.json
         (temperature, top_p, top_k, repetition_penalty) for fields a request leaves out; "none" ignores it."""
-        if generation_config not in ("auto", "none"):
-            raise ValueError(f"generation_config must be 'auto' or 'none', got {generation_config!r}")
         self.engine = engine
         self.limits = limits or ServingLimits()
         tokenizer_path = getattr(engine, "tokenizer_path", None)
-        sampling = ()
-        if generation_config == "auto" and tokenizer_path is not None:
-            sampling = generation_defaults(Path(tokenizer_path).parent)
-        self.defaults = RequestDefaults(default_mode, default_max_tokens, use_lora, sampling)
+        self.defaults = RequestDefaults(default_mode, default_max_tokens, use_lora,
+                                        engine_generation_defaults(engine, generation_config))
         self.metrics = metrics
         self.tokenizer = load_tokenizer(tokenizer_path)
         self.template: ChatTemplate | None = None

@@ -32,7 +32,7 @@ import numpy as np
 from ...backends.engine_loader import open_engine
 from ...errors import OverloadedError, RequestError
 from ...modes.sequence import SequenceResult
-from ...request import generation_defaults
+from ...request import engine_generation_defaults
 from ...scheduler.loop import EngineLoop, Job
 from ...scheduler.scheduler import StepRecord
 from ..text import TextAssembler, load_tokenizer
@@ -163,9 +163,7 @@ class TritonPythonModel:
                                   page_size=self.settings.page_size or None,
                                   prefix_caching=self.settings.prefix_caching, **limits)
         self.tokenizer = load_tokenizer(self.engine.tokenizer_path)
-        self.sampling = ()
-        if self.settings.generation_config == "auto" and self.engine.tokenizer_path is not None:
-            self.sampling = generation_defaults(Path(self.engine.tokenizer_path).parent)
+        self.sampling = engine_generation_defaults(self.engine, self.settings.generation_config)
         self._last_mix: tuple = ()
         self.loop = EngineLoop(self.engine, max_batch_size=self.settings.max_batch_size or None,
                                max_step_tokens=self.settings.max_step_tokens or None, on_step=self._on_step,
