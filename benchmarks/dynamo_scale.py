@@ -24,7 +24,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,25 +34,11 @@ from pathlib import Path
 
 import httpx
 
-HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ("river stone lantern meadow copper whisper harbor ember violet canyon orchard thunder marble falcon "
-         "glacier saffron willow beacon quartz tundra").split()
+sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def document(seed: int, words: int = 120) -> str:
-    state = seed * 7919 + 1
-    out = []
-    for _ in range(words):
-        state = (state * 1103515245 + 12345) % (1 << 31)
-        out.append(WORDS[state % len(WORDS)])
-    return f"Document {seed}. " + " ".join(out) + "."
+# the documents and the loopback helpers are the integration tests' own, so both measure the same workload
+from tests.test_dynamo import HOST, document, free_port  # noqa: E402
 
 
 def environment(store: Path, threads: int) -> dict[str, str]:
