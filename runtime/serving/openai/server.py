@@ -155,10 +155,6 @@ class OpenAIServer:
         app = FastAPI(title="trimode OpenAI-compatible server", lifespan=lifespan, docs_url=None, redoc_url=None,
                       openapi_url=None)
 
-        def error_response(exc: APIError, endpoint: str) -> JSONResponse:
-            self.metrics.http(endpoint, exc.status)
-            return JSONResponse(exc.body(), status_code=exc.status)
-
         def guarded(endpoint: str):
             """Every exception a handler did not expect is OpenAI's error object with a 500 (and counted)."""
             def wrap(handler):
@@ -167,7 +163,7 @@ class OpenAIServer:
                     try:
                         return await handler(*args, **kw)
                     except APIError as exc:
-                        return error_response(exc, endpoint)
+                        return self._error(endpoint, exc)
                     except Exception as exc:  # noqa: BLE001 - the point: nothing escapes as a plain-text 500
                         return self._internal_error(endpoint, exc)
                 return run
@@ -180,11 +176,11 @@ class OpenAIServer:
         @app.exception_handler(HTTPException)
         async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
             kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-            return error_response(APIError(str(exc.detail), exc.status_code, kind=kind), request.url.path)
+            return self._error(request.url.path, APIError(str(exc.detail), exc.status_code, kind=kind))
 
         @app.exception_handler(RequestValidationError)
         async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-            return error_response(APIError(f"invalid request: {exc.errors()[0].get('msg')}"), request.url.path)
+            return self._error(request.url.path, APIError(f"invalid request: {exc.errors()[0].get('msg')}"))
 
         @app.api_route("/health", methods=["GET", "HEAD"])  # load balancers and benchmarks probe with HEAD
         async def health() -> dict:
@@ -202,7 +198,7 @@ class OpenAIServer:
         @app.get("/v1/models/{name:path}")
         async def model(name: str) -> Any:
             if name != self.model_name:
-                return error_response(self._no_model(name), "/v1/models")
+                return self._error("/v1/models", self._no_model(name))
             return self._model_card()
 
         @app.get("/version")
@@ -268,9 +264,9 @@ class OpenAIServer:
                         self._check_token_count(len(prompt), sampling, "prompt")
                 prepared, prompt_texts = await asyncio.to_thread(self._prepare_completion, body, sampling)
             except APIError as exc:
-                return error_response(exc, endpoint)
+                return self._error(endpoint, exc)
             except RequestError as exc:
-                return error_response(api_error(str(exc)), endpoint)
+                return self._error(endpoint, api_error(str(exc)))
             return await self._respond(request, endpoint, prepared, sampling.n, body.stream,
                                        body.stream_options, chat=False, echo=prompt_texts if body.echo else None)
 
@@ -285,9 +281,9 @@ class OpenAIServer:
                 self._check_text_size(sum(len(m.text()) for m in body.messages), sampling, "messages")
                 prepared, tools = await asyncio.to_thread(self._prepare_chat, body, sampling)
             except APIError as exc:
-                return error_response(exc, endpoint)
+                return self._error(endpoint, exc)
             except RequestError as exc:
-                return error_response(api_error(str(exc), fields=_chat_fields(body)), endpoint)
+                return self._error(endpoint, api_error(str(exc), fields=_chat_fields(body)))
             return await self._respond(request, endpoint, prepared, sampling.n, body.stream,
                                        body.stream_options, chat=True, tools=tools)
 
